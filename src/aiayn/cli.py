@@ -1,0 +1,150 @@
+"""The `aiayn` command: a thin argument parser over the pipeline's stages.
+
+Each subcommand parses its options here and hands them to the module that owns the stage:
+
+    prepare   -> aiayn.data       (corpora, subword vocabulary, encoded splits)
+    train     -> aiayn.train      (the paper's recipe; torchrun for several processes)
+    average   -> aiayn.train      (checkpoint averaging)
+    plot      -> aiayn.train      (loss and BLEU curves from a run's metrics log)
+    translate -> aiayn.decode     (greedy and beam search)
+    evaluate  -> aiayn.evaluate   (sacreBLEU, chrF, paper-comparable BLEU)
+    attention -> aiayn.inspect    (attention weights as heatmaps and JSON)
+    demo      -> aiayn.demo       (the first run: all of the above on a real corpus)
+
+Errors a user can fix are raised as `UserError` and printed as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+
+def _handler(target: str):
+    """'module:function' -> a callable, imported only when the subcommand runs (fast --help)."""
+
+    def run(args):
+        module, func = target.split(":")
+        return getattr(importlib.import_module(f"aiayn.{module}"), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiayn", description="The Transformer of 'Attention Is All You Need'."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # -- prepare -------------------------------------------------------------------------------
+    p = sub.add_parser("prepare", help="build a dataset directory from parallel text")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    src = p.add_argument_group("source (choose one)")
+    src.add_argument("--src", help="source-side text file, one sentence per line")
+    src.add_argument("--tgt", help="target-side text file, line-aligned with --src")
+    src.add_argument("--tsv", help="tab-separated file: source<TAB>target per line")
+    src.add_argument(
+        "--corpus", choices=["libreoffice-help", "multi30k", "copy", "reverse"],
+        help="a built-in corpus",
+    )
+    p.add_argument("--lang", default="de", help="libreoffice-help: target language (default de)")
+    p.add_argument("--path", help="multi30k: directory with train/val/test2016 files")
+    p.add_argument("--pair", default="en-de", help="multi30k: language pair SRC-TGT (default en-de)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size")
+    p.add_argument("--valid-size", type=int, default=1000, help="held-out pairs for validation")
+    p.add_argument("--test-size", type=int, default=1000, help="held-out pairs for test")
+    p.add_argument("--max-len", type=int, default=256, help="drop training pairs longer (subwords)")
+    p.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a larger length ratio")
+    p.add_argument("--seed", type=int, default=1, help="seed for splits and synthetic data")
+    p.add_argument("--cache-dir", help="where downloaded packages are unpacked (~/.cache/aiayn)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_handler("data:prepare_main"))
+
+    # -- train ---------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train a model (run under torchrun for several processes)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--data", required=True, help="dataset directory written by 'aiayn prepare'")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and logs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_updates=1000")
+    p.set_defaults(func=_handler("train:train_main"))
+
+    p = sub.add_parser("average", help="average checkpoints (the paper averages the last 5 or 20)")
+    p.add_argument("--out", required=True, help="directory for the averaged checkpoint")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories, or a run directory")
+    p.add_argument("--last", type=int, help="with a run directory: average its last K checkpoints")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_handler("train:average_main"))
+
+    p = sub.add_parser("plot", help="draw loss and BLEU curves of a run as a PNG")
+    p.add_argument("run_dir", help="run directory with metrics.jsonl")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_handler("train:plot_main"))
+
+    # -- translate / evaluate ------------------------------------------------------------------
+    p = sub.add_parser("translate", help="translate text with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--input", help="input file (default: stdin; interactive on a terminal)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    _search_options(p)
+    p.add_argument("--nbest", type=int, default=1, help="print the N best with scores")
+    p.set_defaults(func=_handler("decode:translate_main"))
+
+    p = sub.add_parser("evaluate", help="score translations with sacreBLEU and chrF")
+    p.add_argument("--checkpoint", help="checkpoint to translate --src with")
+    p.add_argument("--src", help="source file (with --checkpoint)")
+    p.add_argument("--hyp", help="ready translations (instead of --checkpoint/--src)")
+    p.add_argument("--ref", required=True, help="reference translations")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _search_options(p)
+    p.set_defaults(func=_handler("evaluate:evaluate_main"))
+
+    # -- attention -----------------------------------------------------------------------------
+    p = sub.add_parser("attention", help="export attention weights as heatmaps and JSON")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--src", required=True, help="source sentence")
+    p.add_argument("--tgt", help="target sentence (default: the model's own translation)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_handler("inspect:attention_main"))
+
+    # -- demo ----------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="the first run: prepare, train, average, evaluate, draw")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes (default runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+    p.set_defaults(func=_handler("demo:demo_main"))
+    return parser
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search (paper defaults: beam 4, alpha 0.6, max length |x|+50)")
+    g.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search")
+    g.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty exponent")
+    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b")
+    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    g.add_argument("--batch-tokens", type=int, help="source tokens per batch (instead)")
+    g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"aiayn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aiayn: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
