@@ -1,0 +1,185 @@
+"""Seeing inside: the attention probabilities of every layer and head, as heatmaps and JSON.
+
+Three kinds of attention, as in the paper's Figures 3-5:
+
+    encoder  encoder self-attention        rows: source tokens,  columns: source tokens
+    decoder  masked decoder self-attention rows: target tokens,  columns: decoder inputs
+    cross    encoder-decoder attention     rows: target tokens,  columns: source tokens
+
+Row i belongs to decoder position i, which reads the input <s> y_1 ... y_{i-1} and predicts
+y_i; rows are labelled with the token they predict (y_1 ... y_n, </s>), so the cross-attention
+picture reads as an alignment of each output token with the source. The probabilities come from
+the model's explicit attention path (`Transformer.attention_weights`), which equals the fused
+path used for training and translation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint, replace_dir
+from .errors import UserError
+
+KINDS = {
+    "encoder": "Encoder self-attention",
+    "decoder": "Decoder self-attention (masked)",
+    "cross": "Encoder-decoder attention",
+}
+
+
+@dataclass
+class AttentionMaps:
+    src_tokens: list[str]  # subword pieces of the source, then </s>
+    tgt_tokens: list[str]  # the tokens each decoder position predicts: y_1 ... y_n, </s>
+    tgt_inputs: list[str]  # what each decoder position reads: <s>, y_1 ... y_n
+    weights: dict[str, torch.Tensor]  # kind -> (layers, heads, rows, columns)
+
+
+@torch.no_grad()
+def attention_maps(ckpt: Checkpoint, src_text: str, tgt_text: str | None = None, *, beam: int = 4) -> AttentionMaps:
+    """Attention of ``ckpt``'s model on one sentence pair; without ``tgt_text`` the target is
+    the model's own translation (beam search, paper defaults)."""
+    model, tok = ckpt.model, ckpt.tokenizer
+    device = next(model.parameters()).device
+    src_ids = tok.encode(src_text) + [tok.eos_id]
+    src = torch.tensor([src_ids], device=device)
+    if tgt_text is None:
+        from .decode import beam_search
+
+        tgt_ids = beam_search(model, src, beam=beam)[0][0].tokens
+    else:
+        tgt_ids = tok.encode(tgt_text)
+    tgt_in = torch.tensor([[tok.bos_id] + list(tgt_ids)], device=device)
+    maps = model.attention_weights(src, tgt_in)
+    weights = {kind: torch.stack([w[0] for w in maps[kind]]).float().cpu() for kind in KINDS}
+    return AttentionMaps(
+        src_tokens=tok.pieces(src_ids[:-1]) + ["</s>"],
+        tgt_tokens=tok.pieces(list(tgt_ids)) + ["</s>"],
+        tgt_inputs=["<s>"] + tok.pieces(list(tgt_ids)),
+        weights=weights,
+    )
+
+
+def axis_labels(maps: AttentionMaps, kind: str) -> tuple[list[str], list[str]]:
+    """(row labels, column labels) of one kind of attention."""
+    if kind == "encoder":
+        return maps.src_tokens, maps.src_tokens
+    if kind == "decoder":
+        return maps.tgt_tokens, maps.tgt_inputs
+    return maps.tgt_tokens, maps.src_tokens
+
+
+def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path) -> None:
+    """One heatmap per (layer, head): layers down, heads across; tokens on the outer axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers, n_heads = weights.shape[:2]
+    cell = 0.16 * max(len(rows), len(cols)) + 0.6
+    fig, axes = plt.subplots(
+        n_layers, n_heads, figsize=(cell * n_heads + 1.0, cell * n_layers + 1.0), squeeze=False
+    )
+    fontsize = max(4, min(8, 220 // max(len(rows), len(cols), 1)))
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            ax.imshow(weights[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_xticks(range(len(cols)))
+            ax.set_yticks(range(len(rows)))
+            ax.set_xticklabels(cols if layer == n_layers - 1 else [], rotation=90, fontsize=fontsize)
+            ax.set_yticklabels(rows if head == 0 else [], fontsize=fontsize)
+            ax.tick_params(length=0)
+            if layer == 0:
+                ax.set_title(f"head {head + 1}", fontsize=9)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer + 1}", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mean_per_layer(weights: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path) -> None:
+    """One heatmap per layer, averaged over its heads: the easiest picture to read an alignment from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers = weights.shape[0]
+    cell = 0.22 * max(len(rows), len(cols)) + 1.0
+    fig, axes = plt.subplots(1, n_layers, figsize=(cell * n_layers + 1.0, cell + 1.2), squeeze=False)
+    for layer in range(n_layers):
+        ax = axes[0][layer]
+        ax.imshow(weights[layer].mean(0).numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows if layer == 0 else [], fontsize=8)
+        ax.set_title(f"layer {layer + 1}, mean of heads", fontsize=9)
+        ax.tick_params(length=0)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export(maps: AttentionMaps, out: Path) -> list[Path]:
+    """Write <kind>.png grids, cross_mean.png and attention.json into ``out``."""
+    written = []
+    for kind, title in KINDS.items():
+        rows, cols = axis_labels(maps, kind)
+        path = out / f"{kind}.png"
+        plot_grid(maps.weights[kind], rows, cols, title, path)
+        written.append(path)
+    rows, cols = axis_labels(maps, "cross")
+    plot_mean_per_layer(maps.weights["cross"], rows, cols, KINDS["cross"], out / "cross_mean.png")
+    written.append(out / "cross_mean.png")
+    doc = {
+        "src_tokens": maps.src_tokens,
+        "tgt_tokens": maps.tgt_tokens,
+        "tgt_inputs": maps.tgt_inputs,
+        "layout": "weights[kind][layer][head][row][column]; rows and columns as axis_labels in aiayn.inspect",
+        "rows": {kind: axis_labels(maps, kind)[0] for kind in KINDS},
+        "columns": {kind: axis_labels(maps, kind)[1] for kind in KINDS},
+        "weights": {kind: [[[[round(float(p), 6) for p in row] for row in head] for head in layer]
+                           for layer in maps.weights[kind]] for kind in KINDS},
+    }
+    (out / "attention.json").write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
+    written.append(out / "attention.json")
+    return written
+
+
+def export_attention(checkpoint: str | Path | Checkpoint, src: str, out: str | Path, tgt: str | None = None, *, force: bool = False) -> list[Path]:
+    """Python entry point of `aiayn attention`: returns the files written."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError("already exists; pass --force to replace it", path=out)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if not src.strip():
+        raise UserError("--src is empty: give a sentence to look at")
+    maps = attention_maps(ckpt, src, tgt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        names = [p.name for p in export(maps, tmp)]
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / name for name in names]
+
+
+def attention_main(args) -> int:
+    paths = export_attention(args.checkpoint, args.src, args.out, args.tgt, force=args.force)
+    for path in paths:
+        print(path)
+    return 0
