@@ -1,0 +1,375 @@
+"""Greedy and beam search, and the `Translator` behind ``aiayn translate`` (paper §6.1).
+
+The paper (§6.1): "we used beam search with a beam size of 4 and length penalty α = 0.6 ...
+We set the maximum output length during inference to input length + 50, but terminate early
+when possible." Both searches here decode incrementally with the model's cache (one new
+position per step, logits of the last position only) under ``torch.inference_mode()``.
+
+Scoring (GNMT length penalty, Wu et al. 2016, eq. 14). A finished hypothesis Y of source X is
+ranked by
+
+    score(Y) = log P(Y | X) / lp(Y),        lp(Y) = ((5 + |Y|) / 6) ** α
+
+where log P(Y | X) = Σ_t log p(y_t | y_<t, X) sums over the output tokens *and* the final EOS,
+and |Y| counts those same tokens (output tokens + EOS), as tensor2tensor does. α = 0 ranks by
+the raw log-probability, which favours short outputs; α > 0 compensates.
+
+Maximum length. A hypothesis has at most ``floor(a·|x| + b)`` tokens before its EOS, with |x|
+the number of source subwords (without the source EOS); the paper's |x| + 50 is a=1, b=50.
+At that length EOS is forced, so every hypothesis ends with a real model probability. The
+length is also capped at ``config.max_positions - 1``: learned positions stop there, and it
+keeps sinusoidal tables from growing inside inference mode.
+
+Early stopping. Log-probabilities are ≤ 0, so a live hypothesis with cumulative log-probability
+s and L tokens can at best finish with score s / max(lp(L+1), lp(max_len+1)). A sentence is
+done as soon as its n-th best finished score (n = ``nbest``) is at least that bound for its best
+live hypothesis: no continuation could change the result. Done sentences leave the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+# Project-wide special ids (aiayn.data.tokenizer): pad=0, unk=1, bos=2, eos=3.
+BOS_ID, EOS_ID = 2, 3
+
+
+@dataclass
+class Hypothesis:
+    """One search result: output tokens (no bos/eos), the length-penalised score used for
+    ranking, and the raw log-probability log P(Y | X) (tokens + EOS)."""
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6) ** α, |Y| = output tokens + EOS."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of both searches
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while searching; the caller's mode (e.g. the trainer's) is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def max_output_lengths(model: Transformer, src_mask: Tensor, a: float, b: float) -> Tensor:
+    """(B,) the most output tokens (before EOS) per sentence: floor(a·|x| + b), |x| without EOS."""
+    src_len = (src_mask.sum(1) - 1).clamp(min=0).double()
+    limit = torch.floor(a * src_len + b).long()
+    return limit.clamp(min=0, max=model.config.max_positions - 1)
+
+
+def _next_log_probs(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
+    """log p(· | prefix, X) for the last position of each row of ``tokens`` (N, t) -> (N, V).
+
+    With a cache only the newest token is fed; without one the whole prefix is recomputed
+    (the reference the tests compare the cache against). pad and bos are never outputs.
+    """
+    inp = tokens[:, -1:] if cache is not None else tokens
+    logits = model.decode(inp, memory, src_mask, cache=cache, last_only=True)[:, -1]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs[:, [model.config.pad_id, BOS_ID]] = -math.inf
+    return log_probs
+
+
+def _force_eos(log_probs: Tensor, force: Tensor) -> Tensor:
+    """Rows with ``force`` may only emit EOS (with its true log-probability)."""
+    if force.any():
+        eos_only = torch.full_like(log_probs[0], -math.inf)
+        eos_only[EOS_ID] = 0.0
+        log_probs = torch.where(force[:, None], log_probs + eos_only, log_probs)
+    return log_probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy search
+# ---------------------------------------------------------------------------------------------
+
+
+def greedy_search(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: float = 50,
+                  use_cache: bool = True) -> list[list[int]]:
+    """The most probable next token at every step. src: (B, S) padded ids (tokens + EOS).
+    Returns the output tokens of each sentence, without bos/eos."""
+    return [tokens for tokens, _ in greedy_search_scored(model, src, max_len_a, max_len_b, use_cache)]
+
+
+@torch.inference_mode()
+def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: float = 50,
+                         use_cache: bool = True) -> list[tuple[list[int], float]]:
+    """Greedy search that also returns each output's log P(Y | X) (tokens + EOS)."""
+    with _eval_mode(model):
+        src_mask = model.source_mask(src)
+        memory = model.encode(src, src_mask)
+        max_len = max_output_lengths(model, src_mask, max_len_a, max_len_b)
+        batch = src.size(0)
+        alive = torch.arange(batch, device=src.device)  # original index of each decoding row
+        tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
+        total = torch.zeros(batch, device=src.device)
+        cache = model.new_cache() if use_cache else None
+        results: list[tuple[list[int], float]] = [([], 0.0)] * batch
+        for step in range(int(max_len.max()) + 1 if batch else 0):
+            log_probs = _force_eos(_next_log_probs(model, tokens, memory, src_mask, cache), max_len == step)
+            best, token = log_probs.max(dim=-1)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            total = total + best
+            done = token == EOS_ID
+            if not done.any():
+                continue
+            for row in done.nonzero().squeeze(1).tolist():
+                results[int(alive[row])] = (tokens[row, 1:-1].tolist(), float(total[row]))
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            alive, tokens, total, max_len = alive[keep], tokens[keep], total[keep], max_len[keep]
+            memory, src_mask = memory[keep], src_mask[keep]
+            if cache is not None:  # finished sentences leave the batch
+                cache.select_sentences(keep)
+                cache.reorder(keep)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0.6, max_len_a: float = 1.0,
+                max_len_b: float = 50, nbest: int = 1, use_cache: bool = True) -> list[list[Hypothesis]]:
+    """Beam search with the GNMT length penalty (module docstring). src: (B, S) padded ids
+    (tokens + EOS). Returns, per sentence, the ``nbest`` best hypotheses, best first.
+
+    Layout: the K beams of sentence i are decoder rows i·K ... i·K+K-1. The encoder output and
+    the encoder-decoder keys/values stay one per sentence; the model's attention groups the K
+    rows onto them, so nothing is copied per beam.
+
+    Each step takes the 2K best (beam, token) extensions. EOS candidates among the first K
+    finish (as in fairseq, so beam 1 with α = 0 is exactly greedy search); the K best non-EOS
+    candidates are the next live beams.
+    """
+    if beam < 1 or not 1 <= nbest <= beam:
+        raise UserError(f"need beam >= 1 and 1 <= nbest <= beam (beam {beam}, nbest {nbest})")
+    k = beam
+    with _eval_mode(model):
+        device = src.device
+        src_mask = model.source_mask(src)
+        memory = model.encode(src, src_mask)
+        max_len = max_output_lengths(model, src_mask, max_len_a, max_len_b)
+        batch = src.size(0)
+        alive = torch.arange(batch, device=device)
+        tokens = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)
+        # The K beams start identical: only the first is live, or each output would appear K times.
+        scores = torch.full((batch, k), -math.inf, device=device)
+        scores[:, 0] = 0.0
+        cache = model.new_cache() if use_cache else None
+        finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+        nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
+        beam_range = torch.arange(k, device=device)
+        for step in range(int(max_len.max()) + 1 if batch else 0):
+            n = alive.numel()
+            log_probs = _next_log_probs(model, tokens, memory, src_mask, cache)
+            log_probs = _force_eos(log_probs, (max_len == step).repeat_interleave(k))
+            vocab = log_probs.size(-1)
+            candidates = (scores[:, :, None] + log_probs.view(n, k, vocab)).view(n, k * vocab)
+            top_scores, top_index = candidates.topk(2 * k, dim=1)  # sorted, best first
+            top_beam, top_token = top_index // vocab, top_index % vocab
+            is_eos = top_token == EOS_ID
+
+            # EOS among the K best: that hypothesis is finished (|Y| = step + 1 with its EOS).
+            ends = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
+            if ends:
+                penalty = length_penalty(step + 1, alpha)
+                alive_l, beams_l, scores_l = alive.tolist(), top_beam.tolist(), top_scores.tolist()
+                for i, j in ends:
+                    sentence, log_prob = alive_l[i], scores_l[i][j]
+                    words = tokens[i * k + beams_l[i][j], 1:].tolist()
+                    finished[sentence].append(Hypothesis(words, log_prob / penalty, log_prob))
+                    if len(finished[sentence]) >= nbest:
+                        nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[nbest - 1]
+
+            # The K best non-EOS candidates continue (EOS ones ranked after all others).
+            rank = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)
+            pick = rank.topk(k, dim=1, largest=False).indices  # ascending rank: best first
+            scores = top_scores.gather(1, pick)
+            rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+            tokens = torch.cat([tokens[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
+            if cache is not None:
+                cache.reorder(rows)
+
+            # Done: the nbest-th finished score beats anything a live beam could still reach.
+            best_possible = scores[:, 0] / torch.maximum(
+                length_penalty(torch.full_like(scores[:, 0], step + 2), alpha),
+                length_penalty((max_len + 1).float(), alpha),
+            )
+            threshold = torch.tensor([nth_best[s] for s in alive.tolist()], device=device)
+            done = (threshold >= best_possible) | (max_len <= step)
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                keep_rows = (keep[:, None] * k + beam_range).view(-1)
+                alive, scores, max_len = alive[keep], scores[keep], max_len[keep]
+                tokens, memory, src_mask = tokens[keep_rows], memory[keep], src_mask[keep]
+                if cache is not None:  # finished sentences leave the batch
+                    cache.select_sentences(keep)
+                    cache.reorder(keep_rows)
+        return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 quantisation (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_int8(model: Transformer) -> nn.Module:
+    """A copy of ``model`` with every nn.Linear dynamically quantised to int8 (CPU only).
+
+    Weights are stored as int8 with one scale per output channel; activations are quantised
+    on the fly per batch. Embeddings stay fp32 (with tied embeddings the output projection
+    gets its own int8 copy). torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic``
+    and its fbgemm/x86 kernels, but warns that the module is deprecated in favour of torchao
+    (not a dependency here); the conversion runs with exactly those warnings silenced. The
+    quantised model itself runs without warnings.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as e:  # a future torch without torch.ao.quantization
+        raise UserError(f"--quantize int8 needs torch.ao.quantization, absent from torch {torch.__version__} ({e})") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Translator: text in, text out
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Translation:
+    text: str
+    tokens: list[int]
+    score: float  # log_prob / lp(|Y|); 0 for an empty input line
+    log_prob: float
+
+
+class Translator:
+    """Translate lines of text with a checkpoint.
+
+    Inputs are cleaned (NFC, single spaces) and encoded, sorted longest first and batched by
+    ``batch_size`` sentences or, if given, ``batch_tokens`` padded source tokens; outputs come
+    back in input order. An empty line translates to an empty line. A source longer than
+    ``max_src_len`` subwords (default ``config.max_positions - 1``, room for the EOS) is
+    truncated with a warning. ``beam=1`` is greedy search.
+    """
+
+    def __init__(self, checkpoint, device: str | torch.device | None = None, beam: int = 4, alpha: float = 0.6,
+                 max_len_a: float = 1.0, max_len_b: float = 50, batch_size: int = 64, batch_tokens: int | None = None,
+                 quantize: str | None = None, max_src_len: int | None = None):
+        from .checkpoint import Checkpoint, load_checkpoint
+
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device="cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and quantize is None else "cpu"
+        self.device = torch.device(device)
+        if beam < 1:
+            raise UserError(f"--beam must be at least 1 (got {beam})")
+        if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
+            raise UserError("--batch-size and --batch-tokens must be positive")
+        model = ckpt.model.to(self.device).eval()
+        if quantize is not None:
+            if quantize != "int8":
+                raise UserError(f"unknown --quantize {quantize!r}; known: int8")
+            if self.device.type != "cpu":
+                raise UserError(f"--quantize int8 runs on the CPU only (device {self.device})")
+            model = quantize_int8(model)
+        self.model, self.tokenizer, self.config = model, ckpt.tokenizer, ckpt.model.config
+        self.beam, self.alpha, self.max_len_a, self.max_len_b = beam, alpha, max_len_a, max_len_b
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.max_src_len = max_src_len or self.config.max_positions - 1
+
+    def translate(self, lines: Sequence[str], progress: bool = False) -> list[str]:
+        return [n[0].text for n in self.translate_nbest(lines, nbest=1, progress=progress)]
+
+    def translate_nbest(self, lines: Sequence[str], nbest: int = 1, progress: bool = False) -> list[list[Translation]]:
+        """The ``nbest`` best translations of each line, best first, in input order."""
+        from tqdm import tqdm
+
+        from .data.text import clean
+
+        if not 1 <= nbest <= self.beam:
+            raise UserError(f"--nbest must be between 1 and the beam size {self.beam} (got {nbest})")
+        texts = [clean(line) for line in lines]
+        ids = self.tokenizer.encode_batch(texts) if texts else []
+        for number, sentence in enumerate(ids, start=1):
+            if len(sentence) > self.max_src_len:
+                log.warning("aiayn: warning: input line %d has %d subwords; translating only the first %d",
+                            number, len(sentence), self.max_src_len)
+                ids[number - 1] = sentence[: self.max_src_len]
+        results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in texts]
+        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        with tqdm(total=len(order), disable=not progress, file=sys.stderr, unit="sent", desc="translate") as bar:
+            for batch in self._batches(order, ids):
+                for i, hyps in zip(batch, self._search([ids[i] for i in batch], nbest)):
+                    results[i] = [Translation(self.tokenizer.decode(h.tokens), h.tokens, h.score, h.log_prob) for h in hyps]
+                bar.update(len(batch))
+        return results
+
+    def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
+        """Consecutive runs of ``order`` (longest first) within the sentence or token budget."""
+        batch: list[int] = []
+        for i in order:
+            longest = len(ids[batch[0]]) + 1 if batch else len(ids[i]) + 1  # + EOS
+            over_tokens = self.batch_tokens is not None and (len(batch) + 1) * longest > self.batch_tokens
+            if batch and (len(batch) >= self.batch_size or over_tokens):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _search(self, sentences: list[list[int]], nbest: int) -> list[list[Hypothesis]]:
+        src = torch.full((len(sentences), max(map(len, sentences)) + 1), self.config.pad_id, dtype=torch.long)
+        for row, sentence in enumerate(sentences):
+            src[row, : len(sentence) + 1] = torch.tensor(sentence + [EOS_ID])
+        src = src.to(self.device)
+        if self.beam == 1:
+            return [[Hypothesis(tokens, log_prob / length_penalty(len(tokens) + 1, self.alpha), log_prob)]
+                    for tokens, log_prob in greedy_search_scored(self.model, src, self.max_len_a, self.max_len_b)]
+        return beam_search(self.model, src, self.beam, self.alpha, self.max_len_a, self.max_len_b, nbest)
+
+
+def translator_from_args(args) -> Translator:
+    """A Translator from the search options of ``aiayn translate`` / ``aiayn evaluate``."""
+    return Translator(args.checkpoint, device=args.device, beam=args.beam, alpha=args.alpha,
+                      max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
+                      batch_tokens=args.batch_tokens, quantize=args.quantize)
