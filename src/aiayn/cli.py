@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=256, help="drop training pairs longer (subwords)")
     p.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a larger length ratio")
     p.add_argument("--seed", type=int, default=1, help="seed for splits and synthetic data")
+    p.add_argument("--train-size", type=int, default=20000,
+                   help="copy/reverse: training pairs to generate (default 20000)")
     p.add_argument("--cache-dir", help="where downloaded packages are unpacked (~/.cache/aiayn)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_handler("data:prepare_main"))

@@ -1,0 +1,315 @@
+"""The data stage: validation of user files, LibreOffice alignment, the tokenizer, batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aiayn.cli import main
+from aiayn.data import TokenBatchSampler, Tokenizer, collate, load_dataset
+from aiayn.data.libreoffice import align_trees, paragraphs
+from aiayn.data.text import read_parallel
+from aiayn.data.tokenizer import train_bpe
+from aiayn.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MULTI30K = SHARED / "data" / "multi30k"
+
+
+# -- validating user files ----------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _prepare(tmp_path: Path, *extra: str) -> int:
+    return main(["prepare", "--out", str(tmp_path / "out"), "--valid-size", "1",
+                 "--test-size", "1", *extra])
+
+
+GOOD = b"one\ntwo\nthree\nfour\nfive\nsix\n"
+GOOD_DE = b"eins\nzwei\ndrei\nvier\nf\xc3\xbcnf\nsechs\n"
+
+
+@pytest.mark.parametrize("src,tgt,bad,line,words", [
+    (GOOD, b"eins\nzwei\n", "src", 3, "no counterpart"),
+    (GOOD, GOOD_DE + b"sieben\n", "tgt", 7, "no counterpart"),
+    (b"one\ntw\xffo\n", b"eins\nzwei\n", "src", 2, "invalid UTF-8"),
+    (b"one\ntwo\n", b"eins\nzw\x00ei\n", "tgt", 2, "NUL byte"),
+    (b"one\n\nthree\n", b"eins\nzwei\ndrei\n", "src", 2, "empty"),
+    (b"one\ntwo\nthree\n", b"eins\nzwei\n  \n", "tgt", 3, "empty"),
+])
+def test_malformed_parallel_files(tmp_path, capsys, src, tgt, bad, line, words):
+    paths = {"src": _write(tmp_path / "a.en", src), "tgt": _write(tmp_path / "b.de", tgt)}
+    assert _prepare(tmp_path, "--src", paths["src"], "--tgt", paths["tgt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"aiayn: error: {paths[bad]}:{line}: "), err
+    assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # validated before any work
+
+
+def test_empty_and_missing_files(tmp_path, capsys):
+    empty = _write(tmp_path / "empty.en", b"\xef\xbb\xbf\r\n")
+    good = _write(tmp_path / "good.de", GOOD_DE)
+    assert _prepare(tmp_path, "--src", empty, "--tgt", good) == 2
+    assert f"{empty}: file is empty" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.en")
+    assert _prepare(tmp_path, "--src", missing, "--tgt", good) == 2
+    assert f"{missing}: file not found" in capsys.readouterr().err
+
+
+def test_tsv_needs_one_tab(tmp_path, capsys):
+    tsv = _write(tmp_path / "p.tsv", b"a\tb\nc d\n")
+    assert _prepare(tmp_path, "--tsv", tsv) == 2
+    assert f"{tsv}:2: expected exactly one TAB" in capsys.readouterr().err
+
+
+def test_crlf_and_bom_are_accepted(tmp_path):
+    src = _write(tmp_path / "a.en", b"\xef\xbb\xbf" + GOOD.replace(b"\n", b"\r\n"))
+    tgt = _write(tmp_path / "b.de", GOOD_DE.replace(b"\n", b"\r\n"))
+    s, t, lines = read_parallel(src, tgt)
+    assert s[0] == "one" and t[4] == "fünf" and lines == [1, 2, 3, 4, 5, 6]
+
+
+def test_blank_on_both_sides_is_skipped(tmp_path):
+    src = _write(tmp_path / "a.en", b"one\n\nthree\n")
+    tgt = _write(tmp_path / "b.de", b"eins\n\ndrei\n")
+    assert read_parallel(src, tgt) == (["one", "three"], ["eins", "drei"], [1, 3])
+
+
+# -- LibreOffice help alignment -----------------------------------------------------------------
+
+PAGE_EN = """<html><body><div id="DisplayArea">
+<h1 id="hd_id1" dir="auto">Page <span class="emph">Title</span></h1>
+<p id="par_id2" class="paragraph">Choose <span id="swln1" class="switchinline"><span hidden="true"
+ id="MACtextshared1" class="MAC"><span class="emph">Preferences</span></span><span hidden="true"
+ id="defaulttextshared1"><span class="emph">Tools - Options</span></span></span>.<br>Done.</p>
+<p id="par_id3">Only in English.</p>
+<img src="x.png" alt="an image"><p id="par_id4">Line one
+   and   line two &amp; more.</p>
+<p id="par_id2">An embedded copy of paragraph two.</p>
+<p class="noid">Not a paragraph with an id.</p>
+</div></body></html>"""
+
+PAGE_DE = """<html><body><div id="DisplayArea">
+<h1 id="hd_id1" dir="auto">Seite <span class="emph">Titel</span></h1>
+<p id="par_id2" class="paragraph">Wählen Sie <span id="swln1" class="switchinline"><span
+ hidden="true" id="MACtextshared1" class="MAC">Einstellungen</span><span hidden="true"
+ id="defaulttextshared1">Extras - Optionen</span></span>.<br>Fertig.</p>
+<p id="par_id4">Zeile eins und Zeile zwei &amp; mehr.</p>
+<p id="par_id5">Nur auf Deutsch.</p>
+</div></body></html>"""
+
+
+def test_paragraphs_keep_default_variant_and_visible_text():
+    pars = paragraphs(PAGE_EN)
+    assert pars == {"hd_id1": "Page Title", "par_id2": "Choose Tools - Options.Done.",
+                    "par_id3": "Only in English.", "par_id4": "Line one and line two & more."}
+
+
+def test_align_trees_by_page_and_element_id(tmp_path):
+    en, de = tmp_path / "en-US", tmp_path / "de"
+    for root, page in ((en, PAGE_EN), (de, PAGE_DE)):
+        (root / "text" / "shared").mkdir(parents=True)
+        (root / "text" / "shared" / "page.html").write_text(page, encoding="utf-8")
+    # A page only in English and a page with the same ids but a different path do not align.
+    (en / "text" / "shared" / "only_en.html").write_text(PAGE_EN, encoding="utf-8")
+    (de / "text" / "other.html").parent.mkdir(exist_ok=True)
+    (de / "text" / "other.html").write_text(PAGE_DE, encoding="utf-8")
+    pairs = align_trees(en, de)
+    assert [(p.page, p.element_id, p.src, p.tgt) for p in pairs] == [
+        ("text/shared/page.html", "hd_id1", "Page Title", "Seite Titel"),
+        ("text/shared/page.html", "par_id2", "Choose Tools - Options.Done.",
+         "Wählen Sie Extras - Optionen.Fertig."),
+        ("text/shared/page.html", "par_id4", "Line one and line two & more.",
+         "Zeile eins und Zeile zwei & mehr."),
+    ]
+
+
+def test_libreoffice_without_apt_points_to_src_tgt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    code = main(["prepare", "--out", str(tmp_path / "out"), "--corpus", "libreoffice-help",
+                 "--lang", "fr", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "apt-get" in err and "--src FILE --tgt FILE" in err
+
+
+# -- the tokenizer ------------------------------------------------------------------------------
+
+SENTENCES = ["Wählen Sie Extras - Optionen.", "Choose Tools - Options.",
+             "Die Größe der Seite ändern.", "Change the size of the page 42 times."] * 50
+
+
+def test_tokenizer_round_trip_and_special_ids(tmp_path):
+    train_bpe(SENTENCES, tmp_path / "spm", vocab_size=1000)
+    tok = Tokenizer.load(tmp_path / "spm.model")
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    # Unseen characters (byte fallback) and digits round-trip exactly too.
+    for text in SENTENCES[:4] + ["Straße → 東京 2024 ✓"]:
+        ids = tok.encode(text)
+        assert min(ids) > 3 and tok.decode(ids) == text
+        assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == text
+        assert "".join(tok.pieces(ids)).replace("▁", " ").strip() != ""
+    assert tok.vocab_size <= 1000
+
+
+def test_tokenizer_load_rejects_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Tokenizer.load(tmp_path / "nope.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(UserError):
+        Tokenizer.load(bad)
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def _lengths(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(1, 60, n)
+    tgt = np.clip(src + rng.integers(-5, 6, n), 1, None)
+    src[7] = 500  # one pair longer than the whole budget
+    return src, tgt
+
+
+def test_token_budget_and_each_pair_once_per_epoch():
+    src, tgt = _lengths()
+    sampler = TokenBatchSampler(src, tgt, max_tokens=400, seed=3)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch in sampler:
+            cost = len(batch) * max((src[batch] + 1).max(), (tgt[batch] + 1).max())
+            assert cost <= 400 or len(batch) == 1
+            seen.extend(batch)
+        assert sorted(seen) == list(range(len(src)))  # nothing lost or duplicated
+    assert [7] in sampler.batches()
+    assert sampler.padding_efficiency() > 0.9
+
+
+def test_batches_are_deterministic_and_reshuffled_per_epoch():
+    src, tgt = _lengths()
+    a = TokenBatchSampler(src, tgt, 400, seed=3)
+    b = TokenBatchSampler(src, tgt, 400, seed=3)
+    assert a.batches(0) == b.batches(0)
+    assert a.batches(0) != a.batches(1)
+    assert a.batches(0) != TokenBatchSampler(src, tgt, 400, seed=4).batches(0)
+    plain = TokenBatchSampler(src, tgt, 400, shuffle=False)
+    assert plain.batches(0) == plain.batches(1)
+
+
+def test_resume_mid_epoch_continues_exactly():
+    src, tgt = _lengths()
+    full = TokenBatchSampler(src, tgt, 400, seed=5)
+    full.set_epoch(2)
+    expected = list(full)
+    run = TokenBatchSampler(src, tgt, 400, seed=5)
+    run.set_epoch(2)
+    it = iter(run)
+    first = [next(it) for _ in range(10)]
+    state = run.state_dict()
+    resumed = TokenBatchSampler(src, tgt, 400, seed=5)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # the same epoch keeps the position
+    assert first + list(resumed) == expected
+
+
+def test_shards_partition_the_batches():
+    src, tgt = _lengths()
+    whole = TokenBatchSampler(src, tgt, 400, seed=1).batches(0)
+    shards = [TokenBatchSampler(src, tgt, 400, seed=1, num_shards=3, shard_id=k) for k in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    assert len(shards[0]) == len(whole) // 3
+    assert [s.batches(0) for s in shards] == [whole[k:len(whole) // 3 * 3:3] for k in range(3)]
+
+
+def test_collate_layout():
+    batch = collate([[5, 6, 7], [8]], [[9], [10, 11]])
+    assert batch.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0]]
+    assert batch.tgt_in.tolist() == [[2, 9, 0], [2, 10, 11]]
+    assert batch.tgt_out.tolist() == [[9, 3, 0], [10, 11, 3]]
+    assert (batch.n_src_tokens, batch.n_tgt_tokens) == (6, 5)
+    assert batch.to("cpu").src.dtype == batch.tgt_out.dtype == torch.int64
+
+
+# -- prepare end to end -------------------------------------------------------------------------
+
+
+def test_prepare_copy_task_load_and_reuse(tmp_path, capsys):
+    out = tmp_path / "copy"
+    args = ["prepare", "--out", str(out), "--corpus", "reverse", "--train-size", "600",
+            "--valid-size", "50", "--test-size", "50", "--seed", "7"]
+    assert main(args) == 0
+    data = load_dataset(out)
+    m = data.manifest
+    assert m["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert m["counts"]["valid"] == 50 and m["counts"]["test"] == 50
+    train = data.split("train")
+    assert len(train) == m["counts"]["train"] and len(train.src) == len(train.tgt)
+    raw_src, raw_tgt = data.raw("test", "src"), data.raw("test", "tgt")
+    test = data.split("test")
+    for i in range(len(test)):
+        assert data.tokenizer.decode(test.src[i]) == raw_src[i]
+        assert raw_tgt[i].split() == raw_src[i].split()[::-1]
+    batch = train.collate(next(iter(train.sampler(200, seed=0))))
+    assert batch.src.shape[0] == batch.tgt_in.shape[0]
+    capsys.readouterr()
+
+    stamp = (out / "train.npz").stat().st_mtime_ns
+    assert main(args) == 0  # identical settings: a no-op that says so
+    assert "reusing" in capsys.readouterr().out
+    assert (out / "train.npz").stat().st_mtime_ns == stamp
+    changed = args[:-1] + ["8"]
+    assert main(changed) == 2  # different settings: never overwrite without --force
+    assert "--force" in capsys.readouterr().err
+    assert main(changed + ["--force"]) == 0
+    assert load_dataset(out).manifest["settings"]["seed"] == 8
+
+
+def test_same_seed_same_dataset(tmp_path):
+    for name in ("a", "b"):
+        assert main(["prepare", "--out", str(tmp_path / name), "--corpus", "copy",
+                     "--train-size", "300", "--valid-size", "20", "--test-size", "20"]) == 0
+    for f in ("train.src", "valid.tgt", "test.origin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    a, b = load_dataset(tmp_path / "a").split("train"), load_dataset(tmp_path / "b").split("train")
+    assert all(np.array_equal(x, y) for x, y in zip(a.src, b.src))
+
+
+def test_load_dataset_rejects_missing_or_corrupt(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_dataset(tmp_path / "nothing")
+    with pytest.raises(UserError, match="no manifest.json"):
+        load_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt manifest"):
+        load_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "aiayn-dataset", "version": 1}))
+    with pytest.raises(UserError, match="spm.model is missing"):
+        load_dataset(tmp_path)
+
+
+def test_never_overwrites_a_foreign_directory(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert main(["prepare", "--out", str(out), "--corpus", "copy", "--train-size", "100",
+                 "--valid-size", "5", "--test-size", "5"]) == 2
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="Multi30k not available (../shared/data)")
+def test_prepare_multi30k(tmp_path):
+    out = tmp_path / "m30k"
+    assert main(["prepare", "--out", str(out), "--corpus", "multi30k", "--path", str(MULTI30K),
+                 "--pair", "en-de", "--vocab-size", "2000"]) == 0
+    m = load_dataset(out).manifest
+    assert m["counts"]["valid"] == 1014 and m["counts"]["test"] == 1000
+    assert m["roundtrip_failures_valid_test"] == 0
