@@ -184,6 +184,7 @@ def test_token_budget_and_each_pair_once_per_epoch():
     sampler = TokenBatchSampler(src, tgt, max_tokens=400, seed=3)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
+        assert sampler.epoch == epoch
         seen = []
         for batch in sampler:
             cost = len(batch) * max((src[batch] + 1).max(), (tgt[batch] + 1).max())
@@ -219,6 +220,9 @@ def test_resume_mid_epoch_continues_exactly():
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the same epoch keeps the position
     assert first + list(resumed) == expected
+    # A finished epoch moves on by itself: its state resumes at the next epoch, not a replay.
+    assert resumed.state_dict()["epoch"] == 3 and resumed.state_dict()["position"] == 0
+    assert list(resumed) == full.batches(3)
 
 
 def test_shards_partition_the_batches():
@@ -313,3 +317,46 @@ def test_prepare_multi30k(tmp_path):
     m = load_dataset(out).manifest
     assert m["counts"]["valid"] == 1014 and m["counts"]["test"] == 1000
     assert m["roundtrip_failures_valid_test"] == 0
+
+
+def test_split_keeps_groups_together_and_is_deterministic():
+    from aiayn.data.corpora import Pairs
+    from aiayn.data.prepare import split_pool
+
+    n = 400
+    pairs = Pairs([f"s{i}" for i in range(n)], [f"t{i}" for i in range(n)],
+                  [f"o{i}" for i in range(n)], [f"page{i // 3}" for i in range(n)])
+    a = split_pool(pairs, 30, 21, seed=1)
+    assert a["valid"].src == split_pool(pairs, 30, 21, seed=1)["valid"].src
+    assert a["valid"].src != split_pool(pairs, 30, 21, seed=2)["valid"].src
+    assert (len(a["valid"]), len(a["test"])) == (30, 21)  # whole groups of 3 that fit
+    assert sorted(a["train"].src + a["valid"].src + a["test"].src) == sorted(pairs.src)
+    groups = {name: set(p.group) for name, p in a.items()}
+    assert not (groups["train"] & groups["valid"]) and not (groups["train"] & groups["test"])
+
+
+def test_training_filters_report_what_they_drop(tmp_path, capsys):
+    src = [f"sentence number {i} here" for i in range(40)]
+    tgt = [f"Satz Nummer {i} hier" for i in range(40)]
+    src[1], tgt[1] = src[0], tgt[0]  # duplicate pair
+    tgt[2] = src[2]  # untranslated
+    src[3], tgt[3] = "word " * 30, "Wort " * 30  # too long for --max-len 20
+    src[4], tgt[4] = "a", "ein sehr langer Satz mit vielen Wörtern"  # length ratio
+    paths = [tmp_path / "x.en", tmp_path / "x.de"]
+    for path, lines in zip(paths, (src, tgt)):
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--src", str(paths[0]),
+                 "--tgt", str(paths[1]), "--valid-size", "2", "--test-size", "2",
+                 "--max-len", "20", "--vocab-size", "100", "--seed", "3"]) == 0
+    m = load_dataset(tmp_path / "out").manifest
+    out = capsys.readouterr().out
+    assert m["filters"]["duplicates"] == 1 and m["filters"]["identical"] == 1
+    assert "1 duplicates" in out and "longer than 20 subwords" in out
+    data = load_dataset(tmp_path / "out")
+    held = data.raw("valid", "src") + data.raw("test", "src")
+    assert m["counts"]["train"] + len(held) + sum(m["filters"].values()) == 40
+    assert m["languages"] == {"src": "en", "tgt": "de"}
+    # Filters apply to training pairs only; a held-out pair is kept whole.
+    assert m["filters"]["too_long"] + (src[3].strip() in held) == 1
+    assert m["filters"]["length_ratio"] + (src[4] in held) == 1
+    assert src[3].strip() not in data.raw("train", "src")

@@ -57,7 +57,8 @@ class TokenBatchSampler:
     """Yields lists of pair indices, each list a batch of about ``max_tokens`` tokens per side.
 
     - ``shuffle=False`` (evaluation): pairs sorted by length, batches in that order.
-    - ``set_epoch(e)`` reshuffles (calling it with the current epoch keeps a resumed position).
+    - ``set_epoch(e)`` reshuffles (calling it with the current epoch keeps a resumed position);
+      a pass that runs to the end of an epoch advances to the next epoch by itself.
     - ``state_dict()`` / ``load_state_dict()``: epoch and batches consumed this epoch, for an
       exact resume in the middle of an epoch.
     - ``num_shards``/``shard_id``: shard k takes batches k, k+N, ...; the tail that does not
@@ -118,7 +119,10 @@ class TokenBatchSampler:
             batch = batches[self.position]
             self.position += 1
             yield batch
-        self.position = 0  # epoch finished; the next pass repeats it unless set_epoch is called
+        # Epoch finished: move on, so a checkpoint saved now resumes in the next epoch (not a
+        # replay of this one), and a plain second pass gets a fresh order.
+        self.epoch += 1
+        self.position = 0
 
     # -- epochs and resuming -----------------------------------------------------------------
 

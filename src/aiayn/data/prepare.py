@@ -170,8 +170,9 @@ def _subset(pairs: Pairs, keep: list[int]) -> Pairs:
 def split_pool(pairs: Pairs, valid_size: int, test_size: int, seed: int) -> dict[str, Pairs]:
     """Deterministic split: shuffle the groups with ``seed``, fill test, then valid, rest train.
 
-    Whole groups go to one split, so held-out sizes may exceed the request by part of a group
-    (the manifest records the actual counts).
+    Whole groups go to one split. A group is held out only if it still fits the requested
+    size, so with many small groups (help pages) the sizes come out exact or nearly so; the
+    manifest records the actual counts.
     """
     groups = pairs.group or [str(i) for i in range(len(pairs))]
     members: dict[str, list[int]] = {}
@@ -186,7 +187,9 @@ def split_pool(pairs: Pairs, valid_size: int, test_size: int, seed: int) -> dict
     chosen: dict[str, list[int]] = {"test": [], "valid": [], "train": []}
     target = {"test": test_size, "valid": valid_size}
     for name in order:
-        split = next((s for s in ("test", "valid") if len(chosen[s]) < target[s]), "train")
+        size = len(members[name])
+        split = next((s for s in ("test", "valid") if len(chosen[s]) + size <= target[s]),
+                     "train")
         chosen[split].extend(members[name])
     return {s: _subset(pairs, sorted(idx)) for s, idx in chosen.items()}
 
@@ -251,12 +254,20 @@ def _length_stats(ids: list[list[int]]) -> dict:
             "max": int(lens.max())}
 
 
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    from ..cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["prepare", "--out", str(args.out)]))
+    return argparse.Namespace(**{**defaults, **vars(args)})
+
+
 def prepare_main(args: argparse.Namespace) -> int:
+    """``aiayn prepare``; also callable with a partial Namespace (missing options take the
+    command line's defaults), e.g. ``prepare_main(Namespace(out=..., corpus="copy"))``."""
     started = time.time()
+    args = _with_defaults(args)
     kind = _source_kind(args)
     _check_numbers(args)
-    if not hasattr(args, "train_size"):
-        args.train_size = 20000
     out = Path(args.out)
     settings = _settings(args, kind)
 
