@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--input", help="input file (default: stdin; interactive on a terminal)")
     p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file")
     _search_options(p)
-    p.add_argument("--nbest", type=int, default=1, help="print the N best with scores")
+    p.add_argument("--nbest", type=int, default=1,
+                   help="print the N best per line as INDEX<TAB>SCORE<TAB>LOG_PROB<TAB>TEXT")
     p.set_defaults(func=_handler("decode:translate_main"))
 
     p = sub.add_parser("evaluate", help="score translations with sacreBLEU and chrF")

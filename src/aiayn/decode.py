@@ -373,3 +373,93 @@ def translator_from_args(args) -> Translator:
     return Translator(args.checkpoint, device=args.device, beam=args.beam, alpha=args.alpha,
                       max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
                       batch_tokens=args.batch_tokens, quantize=args.quantize)
+
+
+# ---------------------------------------------------------------------------------------------
+# aiayn translate
+# ---------------------------------------------------------------------------------------------
+
+
+def read_input_lines(path: str | None) -> list[str]:
+    """Lines of --input (validated by aiayn.data.text.read_lines), or of stdin. An empty
+    file is zero lines, not an error: translating nothing gives nothing."""
+    from .data.text import read_lines
+
+    if path is not None:
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            return []
+        return read_lines(path)
+    data = sys.stdin.buffer.read()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    out = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            out.append(raw.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                            path="<stdin>", line=number) from None
+    return out
+
+
+def check_output_path(path: str | None, force: bool) -> None:
+    """Refuse to overwrite an existing --output file unless --force."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError("is a directory, not a file", path=p)
+    if p.exists() and not force:
+        raise UserError("already exists; pass --force to overwrite it", path=p)
+    if not p.parent.is_dir():
+        raise UserError("no such directory", path=p.parent)
+
+
+def format_nbest(index: int, hyps: list[Translation]) -> list[str]:
+    """Moses-style n-best lines: sentence index (0-based), score, log-probability, text."""
+    return [f"{index}\t{h.score:.4f}\t{h.log_prob:.4f}\t{h.text}" for h in hyps]
+
+
+def _interactive(translator: Translator, nbest: int, out) -> None:
+    """Translate each line as it is typed; prompts go to stderr so stdout stays clean."""
+    print("aiayn: type a sentence and press Enter; Ctrl-D quits.", file=sys.stderr)
+    index = 0
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            print(file=sys.stderr)
+            return
+        hyps = translator.translate_nbest([line.rstrip("\r\n")], nbest=nbest)[0]
+        text = "\n".join(format_nbest(index, hyps)) if nbest > 1 else hyps[0].text
+        print(text, file=out, flush=True)
+        index += 1
+
+
+def translate_main(args) -> int:
+    """``aiayn translate``: stdin or --input -> stdout or --output, in input order."""
+    check_output_path(args.output, args.force)
+    interactive = args.input is None and sys.stdin.isatty()
+    lines = None if interactive else read_input_lines(args.input)
+    translator = translator_from_args(args)
+    if interactive:
+        if args.output is None:
+            _interactive(translator, args.nbest, sys.stdout)
+        else:
+            with open(args.output, "w", encoding="utf-8") as out:
+                _interactive(translator, args.nbest, out)
+        return 0
+    # A progress bar for files of many lines (tqdm, on stderr).
+    results = translator.translate_nbest(lines, nbest=args.nbest, progress=len(lines) >= 100)
+    if args.nbest > 1:
+        output = [row for i, hyps in enumerate(results) for row in format_nbest(i, hyps)]
+    else:
+        output = [hyps[0].text for hyps in results]
+    text = "".join(line + "\n" for line in output)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
