@@ -109,7 +109,7 @@ PAGE_DE = """<html><body><div id="DisplayArea">
 
 def test_paragraphs_keep_default_variant_and_visible_text():
     pars = paragraphs(PAGE_EN)
-    assert pars == {"hd_id1": "Page Title", "par_id2": "Choose Tools - Options.Done.",
+    assert pars == {"hd_id1": "Page Title", "par_id2": "Choose Tools - Options. Done.",
                     "par_id3": "Only in English.", "par_id4": "Line one and line two & more."}
 
 
@@ -125,8 +125,8 @@ def test_align_trees_by_page_and_element_id(tmp_path):
     pairs = align_trees(en, de)
     assert [(p.page, p.element_id, p.src, p.tgt) for p in pairs] == [
         ("text/shared/page.html", "hd_id1", "Page Title", "Seite Titel"),
-        ("text/shared/page.html", "par_id2", "Choose Tools - Options.Done.",
-         "Wählen Sie Extras - Optionen.Fertig."),
+        ("text/shared/page.html", "par_id2", "Choose Tools - Options. Done.",
+         "Wählen Sie Extras - Optionen. Fertig."),
         ("text/shared/page.html", "par_id4", "Line one and line two & more.",
          "Zeile eins und Zeile zwei & mehr."),
     ]

@@ -62,6 +62,8 @@ class _ParagraphParser(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in VOID_TAGS:
+            if tag == "br":  # a line break separates words, as on screen
+                self.handle_data(" ")
             return
         a = dict(attrs)
         element_id = a.get("id") or ""
@@ -75,7 +77,8 @@ class _ParagraphParser(HTMLParser):
         self._stack.append((tag, hidden, pid))
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        pass  # <br/>, <img/>: no text
+        if tag == "br":
+            self.handle_data(" ")
 
     def handle_endtag(self, tag: str) -> None:
         # Pop to the matching open tag (tolerates an unclosed inline element).
