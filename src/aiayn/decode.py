@@ -381,26 +381,36 @@ def translator_from_args(args) -> Translator:
 
 
 def read_input_lines(path: str | None) -> list[str]:
-    """Lines of --input (validated by aiayn.data.text.read_lines), or of stdin. An empty
-    file is zero lines, not an error: translating nothing gives nothing."""
-    from .data.text import read_lines
+    """Lines of a UTF-8 file, or of stdin when ``path`` is None, split on ``\\n`` only.
 
-    if path is not None:
-        if Path(path).is_file() and Path(path).stat().st_size == 0:
-            return []
-        return read_lines(path)
-    data = sys.stdin.buffer.read()
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    out = []
-    for number, raw in enumerate(lines, start=1):
+    Unlike `aiayn.data.text.read_lines` (training data, where an empty file is a mistake), a
+    file that is empty or all blank lines is valid here: it has that many empty sentences.
+    CRLF endings and a UTF-8 byte-order mark are accepted; invalid UTF-8 or a NUL byte is a
+    UserError naming the line.
+    """
+    name = "<stdin>" if path is None else path
+    if path is None:
+        data = sys.stdin.buffer.read()
+    else:
+        if not Path(path).is_file():
+            raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
+        data = Path(path).read_bytes()
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    raw_lines = data.split(b"\n")
+    if raw_lines[-1] == b"":  # a final newline ends the last line; it does not start another
+        raw_lines.pop()
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        raw = raw.removesuffix(b"\r")
+        if b"\x00" in raw:
+            column = raw.index(b"\x00") + 1
+            raise UserError(f"NUL byte at column {column} (a binary or UTF-16 file?)", path=name, line=number)
         try:
-            out.append(raw.removesuffix(b"\r").decode("utf-8"))
+            lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UserError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                            path="<stdin>", line=number) from None
-    return out
+                            path=name, line=number) from None
+    return lines
 
 
 def check_output_path(path: str | None, force: bool) -> None:

@@ -1,0 +1,115 @@
+"""``aiayn evaluate``: sacreBLEU, chrF, and the paper-comparable tokenized BLEU.
+
+Three scores of detokenized hypotheses against one reference per line:
+
+* **BLEU (sacreBLEU)**: cased, detokenized text, sacreBLEU's own 13a tokenization, with its
+  signature (Post, 2018). This is the number to compare across papers and toolkits today.
+* **chrF2 (sacreBLEU)**: character n-gram F-score, with its signature.
+* **Tokenized BLEU, paper-comparable**: the paper's 28.4 / 41.8 (§6.1) were computed the way
+  tensor2tensor's ``get_ende_bleu.sh`` does: tokenize both sides, split hyphenated compounds
+  with the Perl substitution ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g`` (``a-b`` ->
+  ``a ##AT##-##AT## b``), then ``multi-bleu.perl`` (cased, no smoothing). Splitting compounds
+  turns one wrong German compound into several n-gram chances, which raises the score; it is
+  not comparable with sacreBLEU. Here the tokenizer is sacreBLEU's 13a (mteval-v13a) rather
+  than Moses' ``tokenizer.perl`` (not a dependency); the two differ in details such as
+  apostrophes, so this figure approximates the paper's procedure, it does not reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Sequence
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from .errors import UserError
+
+# Perl's s///g scans left to right without overlap, as re.sub does: "a-b-c" -> "a ##AT##-##AT## b-c".
+_COMPOUND = re.compile(r"(\S)-(\S)")
+TOKENIZED_BLEU_METHOD = (
+    "paper-comparable tokenized BLEU: 13a tokenization, compound splitting a-b -> a ##AT##-##AT## b "
+    "(tensor2tensor get_ende_bleu.sh), multi-bleu style (cased, no smoothing); NOT comparable with sacreBLEU"
+)
+
+
+def split_compounds(text: str) -> str:
+    """tensor2tensor's compound splitting: ``a-b`` -> ``a ##AT##-##AT## b``."""
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", text)
+
+
+def tokenized_bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """BLEU on tokenized, compound-split text, as multi-bleu.perl computes it."""
+    tokenize = Tokenizer13a()
+    prepare = lambda lines: [split_compounds(tokenize(line)) for line in lines]  # noqa: E731
+    bleu = BLEU(tokenize="none", smooth_method="none", force=True)
+    return bleu.corpus_score(prepare(hyps), [prepare(refs)]).score
+
+
+def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
+    """All three scores of ``hyps`` against ``refs`` (one reference per line)."""
+    if len(hyps) != len(refs):
+        raise UserError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    hyps, refs = list(hyps), list(refs)
+    bleu, chrf = BLEU(), CHRF()
+    bleu_result = bleu.corpus_score(hyps, [refs])
+    chrf_result = chrf.corpus_score(hyps, [refs])
+    return {
+        "sentences": len(hyps),
+        "bleu": bleu_result.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "bleu_detail": str(bleu_result),
+        "chrf": chrf_result.score,
+        "chrf_signature": str(chrf.get_signature()),
+        "tokenized_bleu": tokenized_bleu(hyps, refs),
+        "tokenized_bleu_method": TOKENIZED_BLEU_METHOD,
+    }
+
+
+def format_report(result: dict) -> str:
+    return "\n".join([
+        f"{result['bleu_detail']}",
+        f"  sacreBLEU (cased, detokenized) signature: {result['bleu_signature']}",
+        f"chrF2 = {result['chrf']:.2f}",
+        f"  sacreBLEU chrF signature: {result['chrf_signature']}",
+        f"Tokenized BLEU (paper-comparable) = {result['tokenized_bleu']:.2f}",
+        f"  {result['tokenized_bleu_method']}",
+        f"sentences: {result['sentences']}",
+    ])
+
+
+def evaluate_main(args) -> int:
+    """``aiayn evaluate``: --hyp FILE --ref FILE, or --checkpoint DIR --src FILE --ref FILE."""
+    from .decode import read_input_lines, translator_from_args
+
+    if args.hyp is not None and (args.checkpoint is not None or args.src is not None):
+        raise UserError("give either --hyp, or --checkpoint with --src, not both")
+    if args.hyp is None and (args.checkpoint is None or args.src is None):
+        raise UserError("give --hyp FILE, or both --checkpoint DIR and --src FILE")
+    refs = read_input_lines(args.ref)
+    info: dict = {}
+    if args.hyp is not None:
+        hyps = read_input_lines(args.hyp)
+        if len(hyps) != len(refs):
+            raise UserError(f"{len(hyps)} lines, but {args.ref} has {len(refs)}", path=args.hyp)
+        info["hyp"] = args.hyp
+    else:
+        src = read_input_lines(args.src)
+        if len(src) != len(refs):
+            raise UserError(f"{len(src)} lines, but {args.ref} has {len(refs)}", path=args.src)
+        translator = translator_from_args(args)
+        start = time.perf_counter()
+        hyps = translator.translate(src, progress=len(src) >= 100)
+        info.update(checkpoint=args.checkpoint, src=args.src, beam=args.beam, alpha=args.alpha,
+                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, quantize=args.quantize,
+                    device=str(translator.device), translate_seconds=round(time.perf_counter() - start, 3))
+    result = {**score(hyps, refs), "ref": args.ref, **info}
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(result))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,108 @@
+"""`aiayn evaluate` and `aiayn.evaluate.score` against sacreBLEU's own command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiayn.cli import main
+from aiayn.decode import Translator
+from aiayn.evaluate import score, split_compounds, tokenized_bleu
+from test_decode import random_checkpoint  # noqa: F401  (a fixture: checkpoint of a random model)
+
+REFS = [
+    "Ein Mann fährt mit dem Fahrrad über die Brücke.",
+    "Zwei Kinder spielen im Park Fußball-Weltmeisterschaft.",
+    "Eine Frau liest ein Buch, während es regnet.",
+    "Der Hund läuft am Strand entlang.",
+    "Menschen warten an der Bushaltestelle in der Stadt-Mitte.",
+]
+HYPS = [
+    "Ein Mann fährt Fahrrad über die Brücke.",
+    "Zwei Kinder spielen im Park Fußball.",
+    "Eine Frau liest ein Buch während es regnet .",
+    "",
+    "Leute warten an der Bushaltestelle in der Stadt-Mitte.",
+]
+
+
+def sacrebleu_cli(*args: str) -> float:
+    exe = Path(sys.executable).with_name("sacrebleu")
+    out = subprocess.run([str(exe), *args, "-b", "-w", "4"], capture_output=True, text=True, check=True, timeout=60)
+    return float(out.stdout.strip())
+
+
+@pytest.fixture
+def files(tmp_path):
+    hyp, ref = tmp_path / "hyp.de", tmp_path / "ref.de"
+    hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    return hyp, ref
+
+
+def test_bleu_and_chrf_equal_the_sacrebleu_command_line(files, capsys):
+    hyp, ref = files
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bleu"] == pytest.approx(sacrebleu_cli(str(ref), "-i", str(hyp), "-m", "bleu"), abs=1e-4)
+    assert result["chrf"] == pytest.approx(sacrebleu_cli(str(ref), "-i", str(hyp), "-m", "chrf"), abs=1e-4)
+    assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+    assert "nc:6|nw:0" in result["chrf_signature"]
+    assert result == {**score(HYPS, REFS), "ref": str(ref), "hyp": str(hyp)}
+
+
+def test_text_report_is_labelled(files, capsys):
+    hyp, ref = files
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("BLEU = ")
+    assert "signature: nrefs:1|case:mixed" in out
+    assert "chrF2 = " in out
+    assert "Tokenized BLEU (paper-comparable) = " in out and "NOT comparable with sacreBLEU" in out
+
+
+def test_compound_splitting_follows_tensor2tensor():
+    assert split_compounds("die Fußball-Weltmeisterschaft - toll") == "die Fußball ##AT##-##AT## Weltmeisterschaft - toll"
+    # Perl's s///g does not rescan the consumed "b": only the first hyphen of a-b-c splits.
+    assert split_compounds("a-b-c") == "a ##AT##-##AT## b-c"
+
+
+def test_tokenized_bleu_rewards_compound_parts():
+    """One wrong half of a compound: sacreBLEU sees one wrong word, the split form one wrong piece."""
+    hyps = ["Das ist eine Fußball-Meisterschaft in der Stadt heute ."]
+    refs = ["Das ist eine Fußball-Weltmeisterschaft in der Stadt heute ."]
+    assert tokenized_bleu(hyps, refs) > score(hyps, refs)["bleu"]
+    assert tokenized_bleu(refs, refs) == pytest.approx(100.0)
+
+
+def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tmp_path, capsys):  # noqa: F811
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src_lines = ["a dog runs", "the cat", "", "two men are playing"]
+    src.write_text("\n".join(src_lines) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFS[:4]) + "\n", encoding="utf-8")
+    args = ["evaluate", "--checkpoint", str(random_checkpoint), "--src", str(src), "--ref", str(ref), "--json",
+            "--beam", "2", "--max-len-b", "4"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    hyps = Translator(random_checkpoint, beam=2, max_len_b=4).translate(src_lines)
+    assert result["bleu"] == score(hyps, REFS[:4])["bleu"]
+    assert result["beam"] == 2 and result["quantize"] is None
+
+
+def test_evaluate_user_errors(files, tmp_path, capsys):
+    hyp, ref = files
+    short = tmp_path / "short.de"
+    short.write_text("eins\nzwei\n", encoding="utf-8")
+    assert main(["evaluate", "--hyp", str(short), "--ref", str(ref)]) == 2
+    assert "2 lines, but" in capsys.readouterr().err
+    assert main(["evaluate", "--ref", str(ref)]) == 2
+    assert "give --hyp FILE" in capsys.readouterr().err
+    assert main(["evaluate", "--hyp", str(hyp), "--checkpoint", "x", "--src", "y", "--ref", str(ref)]) == 2
+    bad = tmp_path / "bad.de"
+    bad.write_bytes(b"ok\n\xff\xfe broken\n")
+    assert main(["evaluate", "--hyp", str(bad), "--ref", str(ref)]) == 2
+    assert f"{bad}:2: invalid UTF-8" in capsys.readouterr().err
