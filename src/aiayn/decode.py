@@ -87,26 +87,29 @@ def max_output_lengths(model: Transformer, src_mask: Tensor, a: float, b: float)
     return limit.clamp(min=0, max=model.config.max_positions - 1)
 
 
-def _next_log_probs(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
-    """log p(· | prefix, X) for the last position of each row of ``tokens`` (N, t) -> (N, V).
+def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache, force: Tensor,
+              width: int) -> tuple[Tensor, Tensor]:
+    """The ``width`` most probable next tokens of each row of ``tokens`` (N, t), best first:
+    (log-probabilities (N, width), token ids (N, width)).
 
     With a cache only the newest token is fed; without one the whole prefix is recomputed
-    (the reference the tests compare the cache against). pad and bos are never outputs.
+    (the reference the tests compare the cache against). pad and bos are never outputs; rows
+    with ``force`` may only emit EOS, with its true log-probability.
+
+    log p = logit - log Σ exp(logits). Taking the top ``width`` logits first and normalising
+    only those is exact and avoids writing a full (N, V) log-softmax: any of the 2K best
+    (beam, token) extensions is among the 2K best tokens of its own beam.
     """
     inp = tokens[:, -1:] if cache is not None else tokens
-    logits = model.decode(inp, memory, src_mask, cache=cache, last_only=True)[:, -1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    log_probs[:, [model.config.pad_id, BOS_ID]] = -math.inf
-    return log_probs
-
-
-def _force_eos(log_probs: Tensor, force: Tensor) -> Tensor:
-    """Rows with ``force`` may only emit EOS (with its true log-probability)."""
+    logits = model.decode(inp, memory, src_mask, cache=cache, last_only=True)[:, -1].float()
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # over the whole vocabulary
+    logits[:, [model.config.pad_id, BOS_ID]] = -math.inf
     if force.any():
-        eos_only = torch.full_like(log_probs[0], -math.inf)
+        eos_only = torch.full_like(logits[0], -math.inf)
         eos_only[EOS_ID] = 0.0
-        log_probs = torch.where(force[:, None], log_probs + eos_only, log_probs)
-    return log_probs
+        logits = torch.where(force[:, None], logits + eos_only, logits)
+    top, index = logits.topk(min(width, logits.size(-1)), dim=-1)
+    return top - log_z, index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +139,8 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
         cache = model.new_cache() if use_cache else None
         results: list[tuple[list[int], float]] = [([], 0.0)] * batch
         for step in range(int(max_len.max()) + 1 if batch else 0):
-            log_probs = _force_eos(_next_log_probs(model, tokens, memory, src_mask, cache), max_len == step)
-            best, token = log_probs.max(dim=-1)
+            best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1)
+            best, token = best[:, 0], token[:, 0]
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             total = total + best
             done = token == EOS_ID
@@ -195,12 +198,12 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         beam_range = torch.arange(k, device=device)
         for step in range(int(max_len.max()) + 1 if batch else 0):
             n = alive.numel()
-            log_probs = _next_log_probs(model, tokens, memory, src_mask, cache)
-            log_probs = _force_eos(log_probs, (max_len == step).repeat_interleave(k))
-            vocab = log_probs.size(-1)
-            candidates = (scores[:, :, None] + log_probs.view(n, k, vocab)).view(n, k * vocab)
+            force = (max_len == step).repeat_interleave(k)
+            log_probs, words = _top_next(model, tokens, memory, src_mask, cache, force, width=2 * k)
+            width = log_probs.size(-1)
+            candidates = (scores[:, :, None] + log_probs.view(n, k, width)).view(n, k * width)
             top_scores, top_index = candidates.topk(2 * k, dim=1)  # sorted, best first
-            top_beam, top_token = top_index // vocab, top_index % vocab
+            top_beam, top_token = top_index // width, words.view(n, k * width).gather(1, top_index)
             is_eos = top_token == EOS_ID
 
             # EOS among the K best: that hypothesis is finished (|Y| = step + 1 with its EOS).
