@@ -1,0 +1,160 @@
+"""Shared pieces of the benchmark suite: timing, the matmul probe, the machine description.
+
+Timing rule (the machine's speed drifts by up to 2x within minutes, and other processes share
+its cores): every comparison is made between systems timed in the same process, alternately,
+round after round. Each figure is the median over rounds, and a ratio is the median of the
+per-round ratios, so a slow minute affects both sides of the ratio alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall-clock seconds of one call (perf_counter) and its result."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one quantity (e.g. tokens/s of one system), one per round."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def spread(self) -> str:
+        """min–max, to show how noisy the figure was."""
+        if not self.values:
+            return "–"
+        return f"{min(self.values):.4g}–{max(self.values):.4g}"
+
+
+def paired_ratio(a: Series, b: Series) -> float:
+    """Median over rounds of a[i] / b[i]: both were measured in the same round."""
+    pairs = [x / y for x, y in zip(a.values, b.values) if y > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine's limit: a matmul probe
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, repeats: int, budget_s: float = 10.0) -> float:
+    """Median GFLOP/s of an n×n by n×n matmul (2n³ FLOPs) on all of torch's threads.
+
+    The best a dense kernel reaches on this machine and dtype: the denominator of model FLOPs
+    utilisation (MFU). Stops early once ``budget_s`` is spent (bf16 without native support is
+    ~100x slower than fp32 here).
+    """
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel selection
+    rates = []
+    spent = 0.0
+    for _ in range(repeats):
+        seconds, _ = timed(lambda: torch.matmul(a, b))
+        rates.append(2 * n**3 / seconds / 1e9)
+        spent += seconds
+        if spent > budget_s:
+            break
+    return statistics.median(rates)
+
+
+def bf16_supported() -> bool:
+    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX); torch runs bf16
+    matmuls either way, emulated when not."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception as e:  # an absent or broken package is reported, not fatal
+        return f"unavailable ({type(e).__name__})"
+
+
+def machine_description() -> dict[str, str]:
+    flags = ""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags]
+    info = {
+        "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "CPU": _cpu_model(),
+        "logical CPUs": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "ISA flags": ", ".join(isa) or "none of avx2/avx512/amx",
+        "memory": f"{_mem_total_gib():.1f} GiB",
+        "GPU": "none (no GPU is available to this task through the device tool)",
+        "OS": platform.platform(),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "Python": platform.python_version(),
+        "aiayn": f"{_version('aiayn')} (git {_git_commit()})",
+        "torch": f"{torch.__version__} (BLAS: {'MKL' if torch.backends.mkl.is_available() else 'other'}, "
+        f"oneDNN: {torch.backends.mkldnn.is_available()})",
+        "transformers": _version("transformers"),
+        "ctranslate2": _version("ctranslate2"),
+        "numpy": _version("numpy"),
+    }
+    return info

@@ -1,0 +1,135 @@
+"""Inference: generated tokens/s of greedy and beam-4 search at batch 1 and batch 64.
+
+Systems: aiayn (`aiayn.decode`, fp32 and dynamic int8), Hugging Face `generate` and
+CTranslate2 (float32 and int8), all running the *same* weights: the aiayn model exported to
+the Marian layout (`aiayn.export`), which CTranslate2's stock converter reads.
+
+Equal work. The model has random weights with </s> made unreachable
+(`peers.make_eos_unreachable`), so every system decodes exactly T steps per sentence:
+HF ``max_new_tokens=T``, CTranslate2 ``max_decoding_length=T``, aiayn ``max_len_a=0,
+max_len_b=T-1`` (T-1 tokens, then the forced </s> step). No min-length option is used, so
+no system pays for a logits processor the others skip. Generated tokens = decoder steps per
+sentence × sentences, counted from each system's actual output (not assumed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import peers
+from aiayn import decode
+from common import Series, paired_ratio, timed
+
+SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8"]
+
+
+@dataclass
+class InferenceResult:
+    config: str
+    steps: int  # T: decoder steps per sentence
+    tokens_per_s: dict[tuple[str, str, int], Series] = field(default_factory=dict)  # (system, search, batch)
+    greedy_agreement: dict[str, float] = field(default_factory=dict)  # vs aiayn fp32, sentence exact match
+    beam_agreement: dict[str, float] = field(default_factory=dict)
+    max_logit_diff: float = float("nan")  # aiayn vs HF Marian, teacher-forced
+    lengths_ok: dict[str, bool] = field(default_factory=dict)
+
+    def median(self, system: str, search: str, batch: int) -> float:
+        return self.tokens_per_s[(system, search, batch)].median
+
+    def ratio(self, a: str, b: str, search: str, batch: int) -> float:
+        return paired_ratio(self.tokens_per_s[(a, search, batch)], self.tokens_per_s[(b, search, batch)])
+
+
+class Runner:
+    """Each system as one callable per (search, batch): returns the output token lists."""
+
+    def __init__(self, name: str, workdir, threads: int, log):
+        cfg = peers.config(name)
+        self.v = cfg.tgt_vocab_size
+        self.model = peers.aiayn_model(cfg).eval()
+        peers.make_eos_unreachable(self.model)
+        self.int8 = decode.quantize_int8(self.model).eval()
+        self.hf_dir = peers.export_hf(self.model, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
+        self.hf = peers.load_hf(self.hf_dir)
+        ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
+        self.ct2 = {ct: peers.ct2_translator(ct2_dir, ct, threads) for ct in ("float32", "int8")}
+        self.pieces = peers.ct2_pieces(self.hf_dir)
+        self.index = {p: i for i, p in self.pieces.items()}
+        self.log = log
+
+    def run(self, system: str, search: str, src: torch.Tensor, steps: int) -> list[list[int]]:
+        beam = 1 if search == "greedy" else 4
+        if system.startswith("aiayn"):
+            model = self.model if system == "aiayn fp32" else self.int8
+            if beam == 1:
+                out = decode.greedy_search(model, src, max_len_a=0.0, max_len_b=steps - 1)
+            else:
+                out = [h[0].tokens for h in decode.beam_search(model, src, beam=4, alpha=0.6, max_len_a=0.0, max_len_b=steps - 1)]
+            return [o + [peers.EOS] for o in out]  # the forced </s> was a decoder step too
+        if system == "HF generate":
+            ids, mask = peers.hf_inputs(src, self.v)
+            options = dict(num_beams=4, early_stopping=False, length_penalty=0.6) if beam > 1 else dict(num_beams=1)
+            with torch.inference_mode():
+                gen = self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, **options)
+            return [_strip(row[1:].tolist(), pad=self.v) for row in gen]
+        translator = self.ct2["float32" if system == "CT2 float32" else "int8"]
+        results = translator.translate_batch(peers.ct2_tokens(src, self.pieces), beam_size=beam,
+                                             max_decoding_length=steps, length_penalty=0.6)
+        out = []
+        for r in results:
+            ids = [self.index[p] for p in r.hypotheses[0]]
+            out.append(ids + [peers.EOS] if len(ids) < steps else ids)  # CT2 drops the final </s>
+        return out
+
+
+def _strip(ids: list[int], pad: int) -> list[int]:
+    """HF pads finished rows after their </s>: the steps are up to and including it."""
+    if peers.EOS in ids:
+        return ids[: ids.index(peers.EOS) + 1]
+    return [i for i in ids if i != pad]
+
+
+def run_inference(name: str, batches: list[int], steps: int, rounds: int, workdir, threads: int, log) -> InferenceResult:
+    runner = Runner(name, workdir, threads, log)
+    result = InferenceResult(name, steps)
+    sources = {b: peers.random_batch(runner.v, b, 20, 30, seed=10 + b) for b in batches}
+
+    # Same weights, same function: teacher-forced logits, then greedy and beam outputs.
+    src = sources[max(batches)][:8]
+    tgt = peers.random_batch(runner.v, 8, 10, 10, seed=3)[:, :-1]
+    tgt[:, 0] = peers.BOS
+    ids, mask = peers.hf_inputs(src, runner.v)
+    dec_in = tgt.clone()
+    dec_in[:, 0] = runner.v
+    with torch.inference_mode():
+        ours = runner.model(src, tgt)
+        theirs = runner.hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in).logits[..., : runner.v]
+    result.max_logit_diff = float((ours - theirs).abs().max())
+
+    for search in ("greedy", "beam4"):
+        for b in batches:
+            for system in SYSTEMS:
+                result.tokens_per_s[(system, search, b)] = Series()
+    for search in ("greedy", "beam4"):
+        reference = runner.run("aiayn fp32", search, sources[max(batches)], steps)
+        agreement = result.greedy_agreement if search == "greedy" else result.beam_agreement
+        for system in SYSTEMS[1:]:
+            out = runner.run(system, search, sources[max(batches)], steps)
+            agreement[system] = sum(a == b for a, b in zip(out, reference)) / len(reference)
+
+    for r in range(rounds):
+        for search in ("greedy", "beam4"):
+            for b in batches:
+                order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]
+                for system in order:
+                    if r == 0:  # untimed warm-up call of each configuration
+                        runner.run(system, search, sources[b], steps)
+                    seconds, out = timed(lambda: runner.run(system, search, sources[b], steps))
+                    generated = sum(len(o) for o in out)
+                    result.lengths_ok[system] = result.lengths_ok.get(system, True) and all(len(o) == steps for o in out)
+                    result.tokens_per_s[(system, search, b)].add(generated / seconds)
+                log(f"inference {name} round {r + 1}/{rounds} {search} batch {b}: "
+                    + ", ".join(f"{s} {result.tokens_per_s[(s, search, b)].values[-1]:.0f}" for s in SYSTEMS) + " tok/s")
+    return result

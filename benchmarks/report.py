@@ -1,0 +1,218 @@
+"""RESULTS.md and the PNG plots, from the figures measured in this run (nothing is copied in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from attention import LAYERS, AttentionResult  # noqa: E402
+from common import Series  # noqa: E402
+from inference import SYSTEMS, InferenceResult  # noqa: E402
+from training import TrainingResult  # noqa: E402
+
+TRAIN_PEERS = ["nn.Transformer", "HF Marian"]
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "–" if x != x else f"{x:.{digits}g}"  # NaN -> dash
+
+
+def _verdict(value: float, target: float) -> str:
+    return f"**{_fmt(value)}×** (target ≥ {target:g}×: {'met' if value >= target else 'not met'})"
+
+
+def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool,
+          train: list[TrainingResult], infer: InferenceResult | None, attn: AttentionResult | None, quick: bool) -> None:
+    lines: list[str] = ["# aiayn benchmarks", ""]
+    if quick:
+        lines += ["> **Smoke run (`--quick`)**: tiny sizes and few repeats; the figures only show that the suite works.", ""]
+    lines += [
+        "Written by `make bench` (`python benchmarks/run.py`). Every figure below was measured in the one run",
+        "that wrote this file: the systems compared alternate round by round in one process, each figure is",
+        "the median over rounds (the min–max range shows the noise), and each ratio is the median of the",
+        "per-round ratios. Raw values: `results.json`.",
+        "",
+        "## Machine and versions",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    lines += ["", "No GPU is available to this task through the device tool, so the suite ran on the CPU only;",
+              "there is no separate GPU record.", ""]
+
+    # 1. matmul --------------------------------------------------------------------------------
+    lines += ["## 1. The machine's limit: matmul", ""]
+    if probes.get("fp32 (start)") and probes["fp32 (start)"].values:
+        lines += [
+            "Dense n×n·n×n matmul on all torch threads, 2n³ FLOPs, median GFLOP/s:",
+            "",
+            "| probe | GFLOP/s (median) | range |",
+            "|---|---|---|",
+            f"| fp32, n = 2048, start of run | {_fmt(probes['fp32 (start)'].median, 4)} | {probes['fp32 (start)'].spread()} |",
+        ]
+        for r in train:
+            lines.append(f"| fp32, n = 2048, during `{r.config}` training | {_fmt(r.peak_gflops.median, 4)} | {r.peak_gflops.spread()} |")
+        if probes.get("fp32 (end)") and probes["fp32 (end)"].values:
+            lines.append(f"| fp32, n = 2048, end of run | {_fmt(probes['fp32 (end)'].median, 4)} | {probes['fp32 (end)'].spread()} |")
+        lines += [
+            f"| bf16 (n = 2048, or 512 when under 10 GFLOP/s) | {_fmt(probes['bf16'].median, 3)} | {probes['bf16'].spread()} |",
+            "",
+            f"Native bf16 (AVX512-BF16/AMX) on this CPU: {'yes' if bf16_native else 'no'}; "
+            + "every system below runs in fp32 (or int8 where named); bf16 is reported as the machine's limit only.",
+            "",
+        ]
+
+    # 2. training -------------------------------------------------------------------------------
+    if train:
+        lines += ["## 2. Training throughput", "",
+                  "One step = forward, label-smoothed cross-entropy, backward, Adam, dropout 0.1 on; the same random",
+                  "batch for every system. MFU = model FLOPs per second (formula in `benchmarks/training.py`)",
+                  "over the fp32 matmul probe measured in the same rounds. HF Marian runs the aiayn weights",
+                  "(exported); nn.Transformer has its own initialisation and the same sizes.", ""]
+        for r in train:
+            lines += [
+                f"### `{r.config}`: {r.sentences} sentences, {r.target_tokens} target tokens per batch "
+                f"(padded {r.src_len} source × {r.tgt_len} target positions), {r.flops_per_step / 1e12:.2f} TFLOP per step",
+                "",
+                "| system | target tokens/s | range | MFU | aiayn ÷ system |",
+                "|---|---|---|---|---|",
+            ]
+            for system, series in r.tokens_per_s.items():
+                ratio = "1" if system == "aiayn" else _fmt(r.ratio("aiayn", system))
+                lines.append(f"| {system} | {_fmt(series.median, 4)} | {series.spread()} | {r.mfu(system):.2f} | {ratio} |")
+            lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), 1.25)}",
+                      f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), 1.0)}", ""]
+        _plot_training(out / "training.png", train)
+        lines += ["![training throughput](training.png)", ""]
+
+    # 3. inference ------------------------------------------------------------------------------
+    if infer:
+        batches = sorted({b for (_, _, b) in infer.tokens_per_s})
+        lines += [
+            "## 3. Inference", "",
+            f"Model `{infer.config}` with random weights, all systems on the same weights (aiayn exported to the",
+            "Marian layout; CTranslate2 converts that directory with its stock converter). </s> is made",
+            f"unreachable (`benchmarks/peers.py`), so every system decodes exactly {infer.steps} steps per sentence and",
+            "the work is equal; generated tokens are counted from each system's actual output.",
+            "Sources: 20–30 random subwords + </s>. Threads: all torch threads; CTranslate2 `intra_threads` the same.",
+            "",
+            "Same function, checked in this run:",
+            "",
+            f"- teacher-forced logits, aiayn vs HF Marian: max |difference| = {infer.max_logit_diff:.2e}",
+            "- sentences identical to aiayn fp32's output (batch of the largest size): "
+            + ", ".join(f"{s}: greedy {infer.greedy_agreement[s]:.0%}, beam-4 {infer.beam_agreement[s]:.0%}" for s in SYSTEMS[1:]),
+            "- every output had the full length: " + ", ".join(f"{s}: {'yes' if ok else 'NO'}" for s, ok in infer.lengths_ok.items()),
+            "",
+            "(int8 systems quantise differently — aiayn: torch dynamic per-channel int8 Linear layers;",
+            "CTranslate2: its int8 GEMM — so their outputs may differ from fp32 after a near tie.)",
+            "",
+            "Generated tokens/s (median over rounds; range in results.json):",
+            "",
+            "| search | batch | " + " | ".join(SYSTEMS) + " |",
+            "|---|---|" + "---|" * len(SYSTEMS),
+        ]
+        for search in ("greedy", "beam4"):
+            for b in batches:
+                lines.append(f"| {search} | {b} | " + " | ".join(_fmt(infer.median(s, search, b), 4) for s in SYSTEMS) + " |")
+        lines += ["", "Ratios (aiayn ÷ peer, median of per-round ratios):", "",
+                  "| search | batch | aiayn fp32 ÷ HF | aiayn fp32 ÷ CT2 float32 | aiayn int8 ÷ CT2 int8 | aiayn int8 ÷ aiayn fp32 |",
+                  "|---|---|---|---|---|---|"]
+        for search in ("greedy", "beam4"):
+            for b in batches:
+                lines.append(f"| {search} | {b} | {_fmt(infer.ratio('aiayn fp32', 'HF generate', search, b))} | "
+                             f"{_fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} | "
+                             f"{_fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} | "
+                             f"{_fmt(infer.ratio('aiayn int8', 'aiayn fp32', search, b))} |")
+        lines.append("")
+        for b in batches:
+            lines.append(f"- beam-4 at batch {b}, aiayn fp32 vs HF `generate`: {_verdict(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b), 3.0)}")
+        lines.append("")
+        _plot_inference(out / "inference.png", infer, batches)
+        lines += ["![inference throughput](inference.png)", ""]
+
+    # 4. attention ------------------------------------------------------------------------------
+    if attn:
+        ns = sorted({p["n"] for p in attn.points})
+        lines += [
+            "## 4. Cost of one layer as the sequence grows (Table 1, measured)", "",
+            f"Width d = {attn.d} (h = {attn.heads} for attention), batch 1, forward pass. Table 1's per-layer "
+            "complexity: self-attention O(n²·d), recurrent O(n·d²), convolutional O(k·n·d²).",
+            "Time: median of 3–25 calls after a warm-up, one fresh process per point. Peak memory: the",
+            "call's peak resident-set growth (no CPU allocator statistics exist): freed memory is returned to the",
+            "OS with `malloc_trim`, the kernel's peak-RSS counter is reset through /proc/self/clear_refs, and",
+            "VmHWM − RSS before the call is reported (`benchmarks/attention.py`).", "",
+            "| n | " + " | ".join(f"{layer} ms" for layer in LAYERS) + " | " + " | ".join(f"{layer} MiB" for layer in LAYERS) + " |",
+            "|---|" + "---|" * (2 * len(LAYERS)),
+        ]
+        by = {(p["layer"], p["n"]): p for p in attn.points}
+        for n in ns:
+            t = [_fmt(by[(layer, n)]["seconds"] * 1e3, 4) if (layer, n) in by else "–" for layer in LAYERS]
+            m = [_fmt(by[(layer, n)]["peak_mib"], 4) if (layer, n) in by else "–" for layer in LAYERS]
+            lines.append(f"| {n} | " + " | ".join(t) + " | " + " | ".join(m) + " |")
+        if attn.skipped:
+            lines += ["", "Not measured: " + "; ".join(attn.skipped) + "."]
+        lines.append("")
+        _plot_attention(out / "attention.png", attn)
+        lines += ["![attention cost](attention.png)", ""]
+
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot_training(path: Path, train: list[TrainingResult]) -> None:
+    fig, axes = plt.subplots(1, len(train), figsize=(5 * len(train), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], train):
+        systems = list(r.tokens_per_s)
+        values = [r.tokens_per_s[s].median for s in systems]
+        lows = [v - min(r.tokens_per_s[s].values) for s, v in zip(systems, values)]
+        highs = [max(r.tokens_per_s[s].values) - v for s, v in zip(systems, values)]
+        ax.bar(systems, values, yerr=[lows, highs], color=["tab:blue", "tab:gray", "tab:orange"][: len(systems)], capsize=4)
+        for i, s in enumerate(systems):
+            ax.text(i, values[i], f" MFU {r.mfu(s):.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"training, {r.config} (~{r.target_tokens} target tokens/batch)")
+        ax.set_ylabel("target tokens/s (median, min–max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_inference(path: Path, infer: InferenceResult, batches: list[int]) -> None:
+    panels = [(s, b) for s in ("greedy", "beam4") for b in batches]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    colors = ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive"]
+    for ax, (search, b) in zip(axes[0], panels):
+        values = [infer.median(s, search, b) for s in SYSTEMS]
+        ax.bar(range(len(SYSTEMS)), values, color=colors)
+        ax.set_xticks(range(len(SYSTEMS)), SYSTEMS, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{search}, batch {b}")
+        ax.set_ylabel("generated tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_attention(path: Path, attn: AttentionResult) -> None:
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for layer, marker in zip(LAYERS, "osD^"):
+        pts = sorted((p["n"], p["seconds"], p["peak_mib"]) for p in attn.points if p["layer"] == layer)
+        if not pts:
+            continue
+        n, t, m = zip(*pts)
+        ax_t.plot(n, [x * 1e3 for x in t], marker=marker, label=layer)
+        ax_m.plot(n, m, marker=marker, label=layer)
+    for ax, label in ((ax_t, "time per forward pass (ms)"), (ax_m, "peak memory growth (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    ax_t.set_title(f"one layer, d = {attn.d}, batch 1")
+    ax_m.set_title("memory (resident-set peak)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

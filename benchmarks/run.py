@@ -1,0 +1,121 @@
+"""`make bench`: measure aiayn against its peers on this machine, write RESULTS.md and plots.
+
+    python benchmarks/run.py            the full suite (about 20 minutes on 2 cores)
+    python benchmarks/run.py --quick    a smoke run with tiny sizes (about 2 minutes)
+
+Sections: (1) the machine's matmul limit, (2) training throughput and MFU, (3) greedy and
+beam-4 decoding speed, (4) the cost of one layer as the sequence grows (Table 1, measured).
+Every figure comes from this one run: systems alternate round by round in one process, the
+figures are medians over rounds, and comparisons are medians of per-round ratios (common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import Series, bf16_supported, machine_description, matmul_gflops  # noqa: E402
+
+# Sizes of the full suite and of --quick. Training batches hold about 4k target tokens
+# (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
+FULL = dict(train=[("small", 136, 26, 34, 5), ("base", 136, 26, 34, 3)], infer="base", batches=[1, 64],
+            steps=24, infer_rounds=3, lengths=[128, 256, 512, 1024, 2048, 4096, 8192], probe_repeats=10)
+QUICK = dict(train=[("tiny", 16, 6, 10, 2)], infer="tiny", batches=[1, 8], steps=8, infer_rounds=2,
+             lengths=[128, 256, 512], probe_repeats=3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke run")
+    parser.add_argument("--out", help="output directory (default: benchmarks/, or a temporary one with --quick)")
+    parser.add_argument("--sections", default="probe,training,inference,attention",
+                        help="comma-separated subset of probe,training,inference,attention")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="aiayn-bench-quick-")) if args.quick else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = set(args.sections.split(","))
+    threads = torch.get_num_threads()
+    started = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
+
+    machine = machine_description()
+    log("machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()))
+    results: dict = {"machine": machine, "quick": args.quick, "sizes": sizes}
+
+    probes = {"fp32 (start)": Series(), "bf16": Series()}
+    if "probe" in sections:
+        for _ in range(3):
+            probes["fp32 (start)"].add(matmul_gflops(2048, torch.float32, repeats=sizes["probe_repeats"]))
+        # bf16 can be ~100x slower than fp32 where it is emulated: try a small matrix first,
+        # and the probe's size only if that is fast enough to finish in seconds.
+        bf16_small = matmul_gflops(512, torch.bfloat16, repeats=3, budget_s=5.0)
+        probes["bf16"].add(bf16_small if bf16_small < 10 else
+                           matmul_gflops(2048, torch.bfloat16, repeats=sizes["probe_repeats"], budget_s=10.0))
+        log(f"matmul fp32 {probes['fp32 (start)'].median:.1f} GFLOP/s, bf16 {probes['bf16'].median:.2f} GFLOP/s")
+
+    import training  # noqa: E402  (imports aiayn, transformers)
+    import inference  # noqa: E402
+    import attention  # noqa: E402
+    import report  # noqa: E402
+
+    train_results, infer_result, attn_result = [], None, None
+    with tempfile.TemporaryDirectory(prefix="aiayn-bench-") as tmp:
+        work = Path(tmp)
+        if "training" in sections:
+            for name, sentences, lo, hi, rounds in sizes["train"]:
+                train_results.append(training.run_training(name, sentences, lo, hi, rounds, work, log))
+        if "inference" in sections:
+            infer_result = inference.run_inference(sizes["infer"], sizes["batches"], sizes["steps"],
+                                                   sizes["infer_rounds"], work, threads, log)
+    if "attention" in sections:
+        attn_result = attention.run_attention(sizes["lengths"], d=512, heads=8, budget_s=3.0, timeout_s=240.0,
+                                              max_explicit_gib=8.0, log=log)
+    if "probe" in sections:
+        probes["fp32 (end)"] = Series()
+        for _ in range(3):
+            probes["fp32 (end)"].add(matmul_gflops(2048, torch.float32, repeats=sizes["probe_repeats"]))
+    machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["suite wall time"] = f"{(time.time() - started) / 60:.1f} min"
+
+    results.update(probes={k: v.values for k, v in probes.items()},
+                   training=[_plain(r) for r in train_results],
+                   inference=_plain(infer_result) if infer_result else None,
+                   attention=_plain(attn_result) if attn_result else None)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    report.write(out, machine, probes, bf16_supported(), train_results, infer_result, attn_result, args.quick)
+    log(f"wrote {out / 'RESULTS.md'}")
+    return 0
+
+
+def _plain(obj):
+    """Dataclass -> JSON-able dict (Series -> their values; tuple keys -> strings)."""
+    def convert(x):
+        if isinstance(x, Series):
+            return x.values
+        if dataclasses.is_dataclass(x):
+            return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, dict):
+            return {(" / ".join(map(str, k)) if isinstance(k, tuple) else k): convert(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [convert(v) for v in x]
+        return x
+
+    return convert(obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

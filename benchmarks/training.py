@@ -1,0 +1,135 @@
+"""Training throughput: target tokens/s and model FLOPs utilisation (MFU).
+
+One training step = forward, label-smoothed cross-entropy (ε_ls = 0.1, §5.4), backward, Adam
+(β1 = 0.9, β2 = 0.98, ε = 1e-9, §5.3) and zeroing the gradients, with dropout 0.1 on. All three
+systems get the same batch of random sentences (about 4k target tokens) and the same loss code.
+
+Model FLOPs of one step (matmuls only, 2 FLOPs per multiply-add, on the padded shapes), with
+B sentences, S source and T target positions, N layers, width d, FFN width d_ff, vocabulary V:
+
+    encoder  N·B·S·2(4d² + 2d·d_ff)          Q,K,V,O projections and the FFN, per source position
+             N·B·2·2·S²·d                     QKᵀ and (softmax)·V
+    decoder  N·B·T·2(6d² + 2d·d_ff)          self Q,K,V,O + cross Q,O + FFN, per target position
+             N·B·S·2·2d²                      cross-attention K,V of the encoder output
+             N·B·2·2·(T² + T·S)·d             self- and cross-attention scores and sums
+    output   B·T·2·d·V                        pre-softmax projection
+
+and training costs 3× the forward pass (the backward pass computes two products per forward
+one). MFU = (model FLOPs / step time) / (the matmul probe's GFLOP/s, measured in the same run).
+The same formula serves all three systems, so their MFU ratios equal their throughput ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import peers
+from common import Series, matmul_gflops, paired_ratio, timed
+
+LABEL_SMOOTHING = 0.1
+
+
+def training_flops(cfg, batch: int, s: int, t: int) -> float:
+    """Model FLOPs of one training step (module docstring)."""
+    d, ff, v = cfg.d_model, cfg.d_ff, cfg.tgt_vocab_size
+    enc = cfg.n_encoder_layers * (batch * s * 2 * (4 * d * d + 2 * d * ff) + batch * 4 * s * s * d)
+    dec = cfg.n_decoder_layers * (
+        batch * t * 2 * (6 * d * d + 2 * d * ff) + batch * s * 4 * d * d + batch * 4 * (t * t + t * s) * d
+    )
+    out = batch * t * 2 * d * v
+    return 3.0 * (enc + dec + out)
+
+
+def _loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Label-smoothed cross-entropy over the non-pad target positions."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=peers.PAD, label_smoothing=LABEL_SMOOTHING)
+
+
+def _adam(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+
+
+def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tensor) -> Callable[[], float]:
+    opt = _adam(model)
+    model.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(forward(), target)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+@dataclass
+class TrainingResult:
+    config: str
+    sentences: int
+    src_len: int
+    tgt_len: int
+    target_tokens: int
+    flops_per_step: float
+    tokens_per_s: dict[str, Series] = field(default_factory=dict)
+    peak_gflops: Series = field(default_factory=Series)
+    loss: dict[str, float] = field(default_factory=dict)
+
+    def mfu(self, system: str) -> float:
+        step_s = self.target_tokens / self.tokens_per_s[system].median
+        return self.flops_per_step / step_s / (self.peak_gflops.median * 1e9)
+
+    def ratio(self, a: str, b: str) -> float:
+        return paired_ratio(self.tokens_per_s[a], self.tokens_per_s[b])
+
+
+def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: int, workdir, log) -> TrainingResult:
+    """Time one training step of each system per round, the systems alternating."""
+    cfg = peers.config(name)
+    v = cfg.tgt_vocab_size
+    src = peers.random_batch(v, sentences, min_len, max_len, seed=1)
+    full = peers.random_batch(v, sentences, min_len, max_len, seed=2)  # tokens + </s>
+    tgt_in = torch.cat([torch.full((sentences, 1), peers.BOS), full[:, :-1]], dim=1)  # <s> + tokens
+    tgt_in = tgt_in.masked_fill(tgt_in.eq(peers.EOS), peers.PAD)  # the </s> is not an input
+    target = full
+    n_target = int(target.ne(peers.PAD).sum())
+
+    ours = peers.aiayn_model(cfg)
+    theirs_torch = peers.TorchTransformerMT(cfg)
+    hf_dir = peers.export_hf(ours, workdir / f"hf-train-{name}", peers.tiny_sentencepiece(workdir / "spm"))
+    hf = peers.load_hf(hf_dir)
+    # Training sees the appended pad row as one more ordinary class (zero bias): the same work
+    # as a V+1 vocabulary, and no -inf logit inside the label-smoothing sum.
+    hf.final_logits_bias.zero_()
+    hf_ids, hf_mask = peers.hf_inputs(src, v)
+    hf_dec = tgt_in.clone()
+    hf_dec[:, 0] = v  # Marian starts from its zero-embedding pad row (see aiayn.export)
+
+    steps = {
+        "aiayn": _step_fn(ours, lambda: ours(src, tgt_in), target),
+        "nn.Transformer": _step_fn(theirs_torch, lambda: theirs_torch(src, tgt_in), target),
+        "HF Marian": _step_fn(hf, lambda: hf(input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=hf_dec).logits, target),
+    }
+    result = TrainingResult(name, sentences, src.size(1), tgt_in.size(1), n_target,
+                            training_flops(cfg, sentences, src.size(1), tgt_in.size(1)))
+    for system, step in steps.items():  # warm-up: Adam state, allocator, thread pool
+        result.loss[system] = step()
+        result.tokens_per_s[system] = Series()
+    order = list(steps)
+    for r in range(rounds):
+        result.peak_gflops.add(matmul_gflops(2048, torch.float32, repeats=5))
+        for system in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            seconds, loss = timed(steps[system])
+            result.tokens_per_s[system].add(n_target / seconds)
+            result.loss[system] = loss
+        log(f"training {name} round {r + 1}/{rounds}: "
+            + ", ".join(f"{s} {result.tokens_per_s[s].values[-1]:.0f} tok/s" for s in order)
+            + f"; matmul {result.peak_gflops.values[-1]:.0f} GFLOP/s")
+    del steps, ours, theirs_torch, hf
+    return result
