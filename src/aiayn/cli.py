@@ -127,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search (paper defaults: beam 4, alpha 0.6, max length |x|+50)")
     g.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search")
-    g.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty exponent")
-    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b")
+    g.add_argument("--alpha", type=float, default=0.6,
+                   help="length penalty: rank by log P(Y|X) / ((5+|Y|)/6)^alpha, |Y| incl. EOS")
+    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b subwords")
     g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
     g.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    g.add_argument("--batch-tokens", type=int, help="source tokens per batch (instead)")
+    g.add_argument("--batch-tokens", type=int, help="padded source tokens per batch (instead of --batch-size)")
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
