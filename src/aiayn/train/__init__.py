@@ -1,0 +1,58 @@
+"""The training stage (paper §5): ``aiayn train``, ``aiayn average``, ``aiayn plot``.
+
+    config.py       TrainConfig (the ``train:`` section) and config resolution
+    loss.py         label-smoothed cross-entropy (§5.4)
+    schedule.py     lr = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3)
+    step.py         one update: token-normalised gradient accumulation, DDP, clipping, skips
+    trainer.py      the loop: validation, checkpoints, exact resume, logs
+    state.py        resume state beside the weights (safetensors + JSON, no pickle)
+    distributed.py  torchrun / DistributedDataParallel (NCCL on GPU, gloo on CPU)
+    average.py      checkpoint averaging (§6.1)
+    plot.py         loss and BLEU curves
+
+Python API::
+
+    from aiayn.train import train
+    result = train("configs/copy.yaml", "data/copy", "runs/copy", overrides=["train.max_updates=300"])
+    result.last_checkpoint   # a directory aiayn.checkpoint.load_checkpoint reads
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from .average import average_checkpoints, average_main
+from .config import RunConfig, TrainConfig, load_raw_config, resolve_config
+from .loss import label_smoothed_loss
+from .plot import plot_main
+from .schedule import inverse_sqrt_lr
+from .trainer import TrainResult, run_training
+
+
+def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path, overrides: Sequence[str] = (),
+          *, resume: bool = False, force: bool = False) -> TrainResult:
+    """Train from a config file (or mapping) on a prepared dataset directory into ``out``."""
+    from .. import config as config_io
+    from ..data import load_dataset
+
+    if isinstance(config, dict):
+        raw, where = config_io.apply_overrides(config, list(overrides)), "config"
+    else:
+        raw, where = load_raw_config(config, list(overrides)), str(config)
+    dataset = load_dataset(data)
+    cfg = resolve_config(raw, dataset.tokenizer.vocab_size, where=where)
+    return run_training(cfg, dataset, out, resume=resume, force=force)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    result = train(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
+    bleu = f", best valid BLEU {result.best_bleu:.2f}" if result.best_bleu is not None else ""
+    print(f"aiayn train: stopped at update {result.step} ({result.stop_reason}){bleu}; "
+          f"checkpoints in {Path(args.out) / 'checkpoints'}")
+    return 0
+
+
+__all__ = ["train", "train_main", "average_main", "plot_main", "TrainConfig", "RunConfig", "TrainResult",
+           "resolve_config", "run_training", "average_checkpoints", "label_smoothed_loss", "inverse_sqrt_lr"]

@@ -1,0 +1,128 @@
+"""The ``train:`` section of a config file, and how a run's full config is resolved.
+
+A config file (see ``configs/``) has two sections:
+
+    model:  TransformerConfig fields (``preset: base`` allowed); the vocabulary sizes are
+            filled in from the dataset manifest, so they are left out.
+    train:  the fields of `TrainConfig` below.
+
+Any field can be overridden on the command line: ``model.d_model=256 train.max_updates=100``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .. import config as config_io
+from ..errors import UserError
+from ..model import TransformerConfig
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of the training recipe (paper §5), with the paper's values as defaults."""
+
+    seed: int = 1
+    # -- batches (§5.1): about 25,000 target tokens per update in the paper -------------------
+    # Target tokens per *update*, summed over all ranks and accumulated micro-batches. Each rank
+    # builds micro-batches of about batch_tokens / (world_size · update_freq) target tokens, so
+    # the recipe does not change with the hardware: raise update_freq when memory runs short.
+    batch_tokens: int = 25000
+    update_freq: int = 1  # micro-batches accumulated per update (gradient accumulation)
+    # -- when to stop ---------------------------------------------------------------------------
+    max_updates: int = 100000  # 100k for base, 300k for big (§5.2)
+    max_epochs: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # wall-clock budget of the training loop; 0: no limit
+    patience: int = 0  # stop after this many validations without a better BLEU; 0: never
+    # -- optimizer and schedule (§5.3) ---------------------------------------------------------
+    lr_factor: float = 1.0  # lr = lr_factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)
+    warmup: int = 4000
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0  # max global gradient norm; 0: no clipping (the paper does not clip)
+    # -- regularisation (§5.4); dropout is a model field ---------------------------------------
+    label_smoothing: float = 0.1
+    # -- precision and device -----------------------------------------------------------------
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a GradScaler
+    device: str = "auto"  # auto: cuda (the local rank's GPU) if available, else cpu
+    num_threads: int = 0  # CPU threads for torch; 0: torch's default
+    max_nonfinite: int = 5  # stop after this many consecutive updates with a non-finite loss
+    # -- checkpoints ----------------------------------------------------------------------------
+    save_every: int = 1000  # updates between checkpoints (one is always written at the end)
+    keep_last: int = 5  # checkpoints kept in OUT/checkpoints (older ones are deleted)
+    average_last: int = 5  # at the end, average the last N checkpoints into OUT/averaged; <2: off
+    # -- validation -----------------------------------------------------------------------------
+    valid_every: int = 1000  # updates between validations (and one at the end); 0: only at the end
+    valid_batch_tokens: int = 8000
+    valid_bleu_sentences: int = 0  # greedy-decode the first N valid sentences for BLEU; 0: all
+    valid_max_len_a: float = 1.0  # greedy output length limit a·|x| + b
+    valid_max_len_b: int = 50
+    # -- logging --------------------------------------------------------------------------------
+    log_every: int = 100  # updates between lines of metrics.jsonl / TensorBoard points
+    progress: bool = True  # tqdm progress bar (rank 0)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_tokens", "update_freq", "max_updates", "warmup", "save_every", "keep_last",
+                    "valid_batch_tokens", "log_every", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_epochs", "max_minutes", "patience", "clip_norm", "valid_every",
+                     "valid_bleu_sentences", "num_threads", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
+            raise ValueError("Adam betas must be in [0, 1)")
+        if self.average_last > self.keep_last:
+            raise ValueError(f"average_last ({self.average_last}) needs keep_last >= it ({self.keep_last})")
+
+
+@dataclass
+class RunConfig:
+    """The resolved config of a run, as written to OUT/config.yaml."""
+
+    model: TransformerConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": config_io.to_dict(self.train)}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") -> RunConfig:
+    """A config mapping (file + overrides) -> RunConfig, vocabulary sizes from the dataset.
+
+    The datasets of `aiayn prepare` have one joint BPE vocabulary (§5.1), so source and
+    target share ``vocab_size``; a config that names a different size is an error.
+    """
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise UserError(f"{where}: unknown section(s) {unknown}; a config has 'model:' and 'train:'")
+    model = dict(raw.get("model") or {})
+    for key in ("src_vocab_size", "tgt_vocab_size"):
+        if model.get(key) not in (None, vocab_size):
+            raise UserError(f"{where}: model.{key}={model[key]} but the dataset's vocabulary has "
+                            f"{vocab_size} entries; leave vocabulary sizes out of the config")
+        model[key] = vocab_size
+    model_cfg = TransformerConfig.from_dict(model, where=f"{where}: model")
+    train_cfg = config_io.from_dict(TrainConfig, dict(raw.get("train") or {}), where=f"{where}: train")
+    return RunConfig(model=model_cfg, train=train_cfg)
+
+
+def load_raw_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """The mapping of a config file with ``section.key=value`` overrides applied."""
+    raw = config_io.load_yaml(path)
+    for item in overrides:
+        if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in ("model", "train"):
+            raise UserError(f"override {item!r}: keys start with 'model.' or 'train.'")
+    return config_io.apply_overrides(raw, overrides)

@@ -1,0 +1,449 @@
+"""The training run: the paper's recipe (§5) from a dataset directory to checkpoints.
+
+Run directory (others rely on it)::
+
+    OUT/config.yaml                 the resolved config (model + train); usable as --config
+    OUT/metrics.jsonl               one JSON object per line: train / valid / end records
+    OUT/tb/                         TensorBoard events
+    OUT/checkpoints/step_NNNNNNN/   the last ``keep_last`` checkpoints, each a full checkpoint
+                                    (aiayn.checkpoint) plus the resume state (train/state.py)
+    OUT/last -> checkpoints/...     the newest checkpoint (symlink; OUT/last.txt names it too)
+    OUT/best/                       the checkpoint with the best valid BLEU so far
+    OUT/averaged/                   the average of the last ``average_last`` checkpoints
+
+Exact resume. Everything a run's future depends on is in its newest checkpoint: weights,
+Adam moments, the update count (which fixes the learning rate), the RNG states of every rank
+(dropout), the data position (epoch and batches consumed), the grad scaler, and the
+early-stopping bookkeeping. A run killed at any moment and resumed with ``--resume`` repeats
+the updates after that checkpoint exactly; on CPU the final weights are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_model
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import config as config_io
+from ..checkpoint import save_checkpoint
+from ..data import PreparedData, TokenBatchSampler
+from ..data.dataset import SPM_MODEL
+from ..errors import UserError
+from ..model import Transformer
+from . import distributed
+from .config import RunConfig
+from .schedule import inverse_sqrt_lr
+from .state import (RNG, list_checkpoints, local_rng_state, optimizer_from_files, optimizer_to_files,
+                    point_last, prune_checkpoints, read_training_state, set_local_rng_state, step_dir_name,
+                    write_training_checkpoint)
+from .step import StepContext, UpdateResult, train_update
+from .validation import ValidResult, validate
+
+CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    stop_reason: str
+    last_checkpoint: Path | None
+    best_bleu: float | None
+    last_valid: dict | None
+    updates_skipped: int
+
+
+@dataclass
+class Progress:
+    """Counters saved with each checkpoint (trainer_state.json)."""
+
+    step: int = 0
+    skipped_total: int = 0
+    skipped_in_row: int = 0
+    overflow_total: int = 0
+    best_bleu: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    last_valid_step: int = 0
+    last_valid: dict | None = None
+    elapsed_s: float = 0.0
+    tokens_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> str | None:
+    """Create OUT or check it may be used; returns an error message instead of raising, so
+    that rank 0 can hand it to the other ranks."""
+    if out.exists() and not out.is_dir():
+        return f"{out}: exists and is not a directory"
+    if resume:
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            return f"{out}: run directory already exists; pass --resume to continue it or --force to replace it"
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume: drop the records of updates after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if rec.get("step", 0) <= step and rec.get("kind") != "end":
+            kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard events; only rank 0 has one."""
+
+    def __init__(self, out: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
+
+        self.file = open(out / METRICS_FILE, "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step if start_step > 0 else None)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, sort_keys=False) + "\n")
+        self.file.flush()
+        kind, step = record.get("kind"), record.get("step", 0)
+        if kind in ("train", "valid"):
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def micro_batch_tokens(batch_tokens: int, world_size: int, update_freq: int) -> int:
+    """Each rank's share of the update's token budget, per micro-batch."""
+    return max(1, math.ceil(batch_tokens / (world_size * update_freq)))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data: PreparedData, out: Path, dist: distributed.DistContext):
+        self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
+        self.device = dist.device
+        self.tokenizer_file = data.path / SPM_MODEL
+        tc = self.tcfg
+        if tc.num_threads > 0:
+            torch.set_num_threads(tc.num_threads)
+        # The same initial weights on every rank (DDP also broadcasts rank 0's), then a
+        # different dropout stream per rank.
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2),
+                                          eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        scaler = None
+        if tc.precision == "fp16":
+            scaler = torch.amp.GradScaler(self.device.type)
+        self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id,
+                                    clip_norm=tc.clip_norm, precision=tc.precision, scaler=scaler, dist=dist)
+        train = data.split("train")
+        self.sampler = TokenBatchSampler(
+            train.src_lens, train.tgt_lens, micro_batch_tokens(tc.batch_tokens, dist.world_size, tc.update_freq),
+            shuffle=True, seed=tc.seed, num_shards=dist.world_size, shard_id=dist.rank)
+        if len(self.sampler) < 1:
+            raise UserError(f"the training set gives no batch for each of {dist.world_size} processes; "
+                            "use fewer processes or a larger dataset")
+        self.train_split = train
+        self.progress = Progress()
+        self.ddp: torch.nn.Module = self.model
+        self.log: MetricsLog | None = None
+
+    # -- learning rate ----------------------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        return inverse_sqrt_lr(step, self.cfg.model.d_model, self.tcfg.warmup, self.tcfg.lr_factor)
+
+    # -- data ---------------------------------------------------------------------------------
+    def batch_stream(self) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, indices) forever; the sampler's position makes it resumable."""
+        epoch = self.sampler.epoch
+        while True:
+            self.sampler.set_epoch(epoch)
+            for indices in self.sampler:
+                yield epoch, indices
+            epoch += 1
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def gather_rng(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states, named by rank (a collective: all ranks call it)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, state in sorted(local_rng_state(self.device).items()):
+            state = state.to(self.dist.comm_device)
+            if self.dist.distributed:
+                parts = [torch.empty_like(state) for _ in range(self.dist.world_size)]
+                torch.distributed.all_gather(parts, state)
+            else:
+                parts = [state]
+            for rank, part in enumerate(parts):
+                out[f"{key}.rank{rank}"] = part.cpu().contiguous()
+        return out
+
+    def save(self) -> Path | None:
+        """Write OUT/checkpoints/step_N atomically (rank 0), prune old ones, point OUT/last."""
+        rng = self.gather_rng()  # collective: before the rank check
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        p = self.progress
+        opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
+        state = {
+            "step": p.step,
+            "sampler": self.sampler.state_dict(),
+            "optimizer": opt_meta,
+            "scaler": self.step_ctx.scaler.state_dict() if self.step_ctx.scaler is not None else None,
+            "progress": {k: v for k, v in vars(p).items()},
+            "world_size": self.dist.world_size,
+            "config_digest": self.cfg.digest(),
+        }
+        path = self.out / "checkpoints" / step_dir_name(p.step)
+        write_training_checkpoint(path, self.model, self.tokenizer_file, self.meta(), opt_tensors, rng, state)
+        point_last(self.out, path)
+        prune_checkpoints(self.out, self.tcfg.keep_last)
+        self.dist.barrier()
+        return path
+
+    def meta(self) -> dict[str, Any]:
+        p = self.progress
+        return {"step": p.step, "run": str(self.out.resolve()), "data": str(self.data.path.resolve()),
+                "data_fingerprint": self.data.manifest.get("fingerprint"), "config_digest": self.cfg.digest(),
+                "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
+
+    def restore(self, path: Path) -> None:
+        """Load a training checkpoint into this trainer (every rank reads the same files)."""
+        state, opt_tensors, rng = read_training_state(path)
+        load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
+        optimizer_from_files(self.optimizer, opt_tensors, state["optimizer"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise UserError(f"cannot resume with this config: {e} (batch_tokens, update_freq, seed and the "
+                            "number of processes must stay as they were)", path=path) from None
+        if state.get("scaler") and self.step_ctx.scaler is not None:
+            self.step_ctx.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        mine = {key.split(".rank")[0]: t for key, t in rng.items() if key.endswith(f".rank{self.dist.rank}")}
+        if "cpu" not in mine:
+            raise UserError(f"{RNG} has no RNG state for rank {self.dist.rank}", path=path)
+        set_local_rng_state(mine, self.device)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate_and_track(self) -> bool:
+        """Rank 0 validates, keeps OUT/best, and counts patience; True if patience ran out."""
+        p, tc = self.progress, self.tcfg
+        stop = False
+        if self.dist.is_main:
+            res: ValidResult = validate(
+                self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
+                bleu_sentences=tc.valid_bleu_sentences, max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
+                precision=tc.precision, device=self.device)
+            p.last_valid = {"step": p.step, **res.as_dict()}
+            p.last_valid_step = p.step
+            if res.bleu is not None and (p.best_bleu is None or res.bleu > p.best_bleu):
+                p.best_bleu, p.best_step, p.bad_validations = res.bleu, p.step, 0
+                save_checkpoint(self.out / "best", self.model, self.tokenizer_file, self.meta(), force=True)
+            else:
+                p.bad_validations += 1
+            stop = tc.patience > 0 and p.bad_validations >= tc.patience
+            self.record({"kind": "valid", "step": p.step, **res.as_dict(), "best_bleu": p.best_bleu,
+                         "best_step": p.best_step})
+        # The other ranks wait here, and learn rank 0's decision.
+        return self.dist.any(stop)
+
+    def record(self, rec: dict) -> None:
+        if self.log is not None:
+            self.log.write(rec)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        tc, p, dist = self.tcfg, self.progress, self.dist
+        if dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.model.train()
+        if dist.is_main:
+            self.log = MetricsLog(self.out, p.step)
+            self.record({"kind": "start", "step": p.step, "world_size": dist.world_size, "device": str(self.device),
+                         "parameters": self.model.num_parameters(), "micro_batch_tokens": self.sampler.max_tokens,
+                         "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler)})
+        bar = self._progress_bar()
+        stream = self.batch_stream()
+        started = time.perf_counter() - p.elapsed_s
+        window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "src_tokens": 0, "correct": 0, "updates": 0,
+                  "t0": time.perf_counter()}
+        last_saved = p.step if list_checkpoints(self.out) else -1
+        stop_reason = "max_updates"
+        saved_path: Path | None = None
+        try:
+            while p.step < tc.max_updates:
+                batches, epoch = [], 0
+                for _ in range(tc.update_freq):
+                    epoch, indices = next(stream)
+                    batches.append(self.train_split.collate(indices))
+                if tc.max_epochs and epoch >= tc.max_epochs:
+                    stop_reason = "max_epochs"
+                    break
+                res = train_update(self.ddp, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
+                p.elapsed_s = time.perf_counter() - started
+                if res.skipped:
+                    self._count_skip(res)
+                    continue
+                p.skipped_in_row = 0
+                p.step += 1
+                p.tokens_seen += res.n_tokens
+                self._accumulate(window, res)
+                if bar is not None:
+                    bar.update(1)
+                if p.step % tc.log_every == 0 or p.step == tc.max_updates:
+                    self._log_train(window, bar)
+                stop = False
+                if tc.valid_every and p.step % tc.valid_every == 0:
+                    if self.validate_and_track():
+                        stop, stop_reason = True, "patience"
+                if p.step % tc.save_every == 0:
+                    saved_path, last_saved = self.save(), p.step
+                out_of_time = tc.max_minutes > 0 and p.elapsed_s >= tc.max_minutes * 60
+                if dist.any(out_of_time) and not stop:
+                    stop, stop_reason = True, "max_minutes"
+                if stop:
+                    break
+            # The end: a last validation and checkpoint unless this step already has them.
+            if p.last_valid_step != p.step and p.step > 0:
+                self.validate_and_track()
+            if last_saved != p.step:
+                saved_path = self.save()
+            elif dist.is_main:
+                saved_path = self.out / "checkpoints" / step_dir_name(p.step)
+            if dist.is_main and tc.average_last >= 2:
+                self._average_last()
+            self.record({"kind": "end", "step": p.step, "reason": stop_reason, "elapsed_s": p.elapsed_s,
+                         "best_bleu": p.best_bleu, "best_step": p.best_step, "updates_skipped": p.skipped_total,
+                         "fp16_overflows": p.overflow_total, "tokens_seen": p.tokens_seen})
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.log is not None:
+                self.log.close()
+        return TrainResult(self.out, p.step, stop_reason, saved_path, p.best_bleu, p.last_valid, p.skipped_total)
+
+    def _count_skip(self, res: UpdateResult) -> None:
+        p = self.progress
+        if res.overflow:  # fp16: the grad scaler lowers its scale and tries again
+            p.overflow_total += 1
+            return
+        p.skipped_total += 1
+        p.skipped_in_row += 1
+        self.record({"kind": "skip", "step": p.step, "loss": res.loss if math.isfinite(res.loss) else str(res.loss),
+                     "grad_norm": res.grad_norm if math.isfinite(res.grad_norm) else str(res.grad_norm)})
+        if p.skipped_in_row >= self.tcfg.max_nonfinite:
+            raise UserError(
+                f"training diverged: {p.skipped_in_row} consecutive updates with a non-finite loss or gradient "
+                f"after update {p.step} (the weights were not touched by them; the last checkpoint is intact). "
+                "Lower train.lr_factor, raise train.warmup, set train.clip_norm, or use precision fp32.")
+
+    @staticmethod
+    def _accumulate(window: dict, res: UpdateResult) -> None:
+        window["loss"] += res.loss_sum
+        window["nll"] += res.nll_sum
+        window["tokens"] += res.n_tokens
+        window["src_tokens"] += res.n_src_tokens
+        window["correct"] += res.n_correct
+        window["updates"] += 1
+
+    def _log_train(self, window: dict, bar) -> None:
+        p = self.progress
+        now = time.perf_counter()
+        seconds = max(now - window["t0"], 1e-9)
+        tokens = max(window["tokens"], 1)
+        nll = window["nll"] / tokens
+        rec = {"kind": "train", "step": p.step, "loss": window["loss"] / tokens, "nll": nll,
+               "ppl": math.exp(min(nll, 700.0)), "accuracy": window["correct"] / tokens, "lr": self.lr(p.step),
+               "tgt_tokens_per_s": window["tokens"] / seconds,
+               "src_tokens_per_s": window["src_tokens"] / seconds,
+               "tgt_tokens_per_update": window["tokens"] / max(window["updates"], 1),
+               "elapsed_s": p.elapsed_s, "updates_skipped": p.skipped_total}
+        self.record(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
+                            tok_s=f"{rec['tgt_tokens_per_s']:.0f}", refresh=False)
+        window.update(loss=0.0, nll=0.0, tokens=0, src_tokens=0, correct=0, updates=0, t0=now)
+
+    def _progress_bar(self):
+        if not (self.dist.is_main and self.tcfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", dynamic_ncols=True,
+                    file=sys.stderr, desc="train")
+
+    def _average_last(self) -> None:
+        from .average import average_checkpoints
+
+        ckpts = list_checkpoints(self.out)[-self.tcfg.average_last:]
+        if len(ckpts) >= 2:
+            average_checkpoints(ckpts, self.out / "averaged", force=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume: bool = False,
+                 force: bool = False) -> TrainResult:
+    """Train ``cfg`` on ``data`` into run directory ``out`` (see the module docstring)."""
+    out = Path(out)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
+        trainer = Trainer(cfg, data, out, dist)
+        ckpts = list_checkpoints(out) if resume else []
+        if ckpts:
+            trainer.restore(ckpts[-1])
+            if dist.is_main:
+                trim_metrics(out / METRICS_FILE, trainer.progress.step)
+                print(f"aiayn train: resuming {out} from {ckpts[-1].name} (update {trainer.progress.step})",
+                      file=sys.stderr)
+        elif resume and dist.is_main:
+            print(f"aiayn train: {out} has no checkpoint yet; starting from scratch", file=sys.stderr)
+            trim_metrics(out / METRICS_FILE, 0)
+        if dist.is_main:
+            config_io.save_yaml(cfg.to_dict(), out / CONFIG_FILE)
+        dist.barrier()
+        return trainer.fit()
+    finally:
+        distributed.teardown()
