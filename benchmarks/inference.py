@@ -4,8 +4,8 @@ Systems: aiayn (`aiayn.decode`, fp32 and dynamic int8), Hugging Face `generate` 
 CTranslate2 (float32 and int8), all running the *same* weights: the aiayn model exported to
 the Marian layout (`aiayn.export`), which CTranslate2's stock converter reads.
 
-Equal work. The model has random weights with </s> made unreachable
-(`peers.make_eos_unreachable`), so every system decodes exactly T steps per sentence:
+Equal work. The model has random weights with </s> (and <s>, pad) made unreachable
+(`peers.make_specials_unreachable`), so every system decodes exactly T steps per sentence:
 HF ``max_new_tokens=T``, CTranslate2 ``max_decoding_length=T``, aiayn ``max_len_a=0,
 max_len_b=T-1`` (T-1 tokens, then the forced </s> step). No min-length option is used, so
 no system pays for a logits processor the others skip. Generated tokens = decoder steps per
@@ -34,6 +34,7 @@ class InferenceResult:
     beam_agreement: dict[str, float] = field(default_factory=dict)
     max_logit_diff: float = float("nan")  # aiayn vs HF Marian, teacher-forced
     lengths_ok: dict[str, bool] = field(default_factory=dict)
+    hf_attention: str = ""  # the attention implementation transformers chose
 
     def median(self, system: str, search: str, batch: int) -> float:
         return self.tokens_per_s[(system, search, batch)].median
@@ -49,7 +50,7 @@ class Runner:
         cfg = peers.config(name)
         self.v = cfg.tgt_vocab_size
         self.model = peers.aiayn_model(cfg).eval()
-        peers.make_eos_unreachable(self.model)
+        peers.make_specials_unreachable(self.model)
         self.int8 = decode.quantize_int8(self.model).eval()
         self.hf_dir = peers.export_hf(self.model, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
@@ -93,7 +94,7 @@ def _strip(ids: list[int], pad: int) -> list[int]:
 
 def run_inference(name: str, batches: list[int], steps: int, rounds: int, workdir, threads: int, log) -> InferenceResult:
     runner = Runner(name, workdir, threads, log)
-    result = InferenceResult(name, steps)
+    result = InferenceResult(name, steps, hf_attention=str(getattr(runner.hf.config, "_attn_implementation", "?")))
     sources = {b: peers.random_batch(runner.v, b, 20, 30, seed=10 + b) for b in batches}
 
     # Same weights, same function: teacher-forced logits, then greedy and beam outputs.
@@ -117,7 +118,8 @@ def run_inference(name: str, batches: list[int], steps: int, rounds: int, workdi
         agreement = result.greedy_agreement if search == "greedy" else result.beam_agreement
         for system in SYSTEMS[1:]:
             out = runner.run(system, search, sources[max(batches)], steps)
-            agreement[system] = sum(a == b for a, b in zip(out, reference)) / len(reference)
+            # The first T-1 tokens: at step T aiayn emits its forced </s>, the peers a last token.
+            agreement[system] = sum(a[: steps - 1] == b[: steps - 1] for a, b in zip(out, reference)) / len(reference)
 
     for r in range(rounds):
         for search in ("greedy", "beam4"):

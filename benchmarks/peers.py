@@ -61,17 +61,20 @@ def aiayn_model(cfg: TransformerConfig, seed: int = 0) -> Transformer:
 
 
 @torch.no_grad()
-def make_eos_unreachable(model: Transformer) -> None:
-    """Random weights, fixed output length: give </s> a constant embedding row.
+def make_specials_unreachable(model: Transformer) -> None:
+    """Random weights, fixed output length: give </s>, <s> and pad constant embedding rows.
 
     The decoder's last sublayer ends in a LayerNorm (post-LN), whose output h has zero mean
-    over its d_model features while γ = 1 and β = 0 (their initial values). The </s> logit
-    h · c·1 = c·Σh_i is then 0, while the other logits spread as N(0, ~1), so with thousands
-    of candidates </s> is never among the best: every system decodes the full length, and
-    all of them do the same number of decoder steps without any min-length option.
+    over its d_model features while γ = 1 and β = 0 (their initial values). A row c·1 then
+    has the logit h · c·1 = c·Σh_i = 0, while the other logits spread as N(0, ~1), so with
+    thousands of candidates it is never among the best. For </s>: every system decodes the
+    full length, the same number of decoder steps, without any min-length option. For <s>
+    and pad: aiayn's search never outputs them, the peers have no such rule; now no system
+    picks them, so the outputs can be compared token by token.
     """
     d = model.config.d_model
-    model.src_embed.token.weight[EOS] = d**-0.5  # the same norm (1) as a N(0, 1/d) row
+    for special in (PAD, BOS, EOS):
+        model.src_embed.token.weight[special] = d**-0.5  # the same norm (1) as a N(0, 1/d) row
 
 
 def random_batch(vocab: int, sentences: int, min_len: int, max_len: int, seed: int) -> Tensor:

@@ -96,15 +96,18 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines += [
             "## 3. Inference", "",
             f"Model `{infer.config}` with random weights, all systems on the same weights (aiayn exported to the",
-            "Marian layout; CTranslate2 converts that directory with its stock converter). </s> is made",
+            "Marian layout; CTranslate2 converts that directory with its stock converter). </s>, <s> and pad are made",
             f"unreachable (`benchmarks/peers.py`), so every system decodes exactly {infer.steps} steps per sentence and",
             "the work is equal; generated tokens are counted from each system's actual output.",
             "Sources: 20–30 random subwords + </s>. Threads: all torch threads; CTranslate2 `intra_threads` the same.",
+            f"HF attention implementation: `{infer.hf_attention}`. Beam search: 4 beams, length penalty α = 0.6 in",
+            "each system's own form. All hypotheses have the same length, yet beam outputs can differ: aiayn's",
+            "end with the forced </s>, whose probability counts in the final ranking; the peers' stop at the limit.",
             "",
             "Same function, checked in this run:",
             "",
             f"- teacher-forced logits, aiayn vs HF Marian: max |difference| = {infer.max_logit_diff:.2e}",
-            "- sentences identical to aiayn fp32's output (batch of the largest size): "
+            f"- outputs whose first {infer.steps - 1} tokens equal aiayn fp32's (batch of the largest size): "
             + ", ".join(f"{s}: greedy {infer.greedy_agreement[s]:.0%}, beam-4 {infer.beam_agreement[s]:.0%}" for s in SYSTEMS[1:]),
             "- every output had the full length: " + ", ".join(f"{s}: {'yes' if ok else 'NO'}" for s, ok in infer.lengths_ok.items()),
             "",
@@ -146,14 +149,14 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             "call's peak resident-set growth (no CPU allocator statistics exist): freed memory is returned to the",
             "OS with `malloc_trim`, the kernel's peak-RSS counter is reset through /proc/self/clear_refs, and",
             "VmHWM − RSS before the call is reported (`benchmarks/attention.py`).", "",
-            "| n | " + " | ".join(f"{layer} ms" for layer in LAYERS) + " | " + " | ".join(f"{layer} MiB" for layer in LAYERS) + " |",
-            "|---|" + "---|" * (2 * len(LAYERS)),
         ]
         by = {(p["layer"], p["n"]): p for p in attn.points}
-        for n in ns:
-            t = [_fmt(by[(layer, n)]["seconds"] * 1e3, 4) if (layer, n) in by else "–" for layer in LAYERS]
-            m = [_fmt(by[(layer, n)]["peak_mib"], 4) if (layer, n) in by else "–" for layer in LAYERS]
-            lines.append(f"| {n} | " + " | ".join(t) + " | " + " | ".join(m) + " |")
+        for title, key, scale in (("Time per forward pass, ms", "seconds", 1e3), ("Peak memory growth, MiB", "peak_mib", 1.0)):
+            lines += [f"{title}:", "", "| n | " + " | ".join(LAYERS) + " |", "|---|" + "---|" * len(LAYERS)]
+            for n in ns:
+                cells = [_fmt(by[(layer, n)][key] * scale, 4) if (layer, n) in by else "–" for layer in LAYERS]
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
         if attn.skipped:
             lines += ["", "Not measured: " + "; ".join(attn.skipped) + "."]
         lines.append("")
