@@ -308,7 +308,7 @@ class Translator:
             raise UserError(f"--beam must be at least 1 (got {beam})")
         if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
             raise UserError("--batch-size and --batch-tokens must be positive")
-        model = ckpt.model.to(self.device).eval()
+        model = ckpt.model.to(self.device)  # the searches switch to eval mode (and back) themselves
         if quantize is not None:
             if quantize != "int8":
                 raise UserError(f"unknown --quantize {quantize!r}; known: int8")
