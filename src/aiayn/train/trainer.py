@@ -280,7 +280,7 @@ class Trainer:
                 p.bad_validations += 1
             stop = tc.patience > 0 and p.bad_validations >= tc.patience
             self.record({"kind": "valid", "step": p.step, **res.as_dict(), "best_bleu": p.best_bleu,
-                         "best_step": p.best_step})
+                         "best_step": p.best_step, "elapsed_s": p.elapsed_s})
         # The other ranks wait here, and learn rank 0's decision.
         return self.dist.any(stop)
 
