@@ -276,14 +276,11 @@ def test_cli_missing_or_corrupt_checkpoint(random_checkpoint, tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err
 
 
-def test_copy_model_copies_unseen_inputs(request):
-    """A model trained on the copy task (training's `copy_checkpoint` fixture) copies exactly."""
-    try:
-        checkpoint = request.getfixturevalue("copy_checkpoint")
-    except pytest.FixtureLookupError:
-        pytest.skip("the copy_checkpoint fixture (tests/conftest.py, from training) is not available")
+def test_copy_model_copies_unseen_inputs(copy_checkpoint):
+    """A model trained on the copy task (tests/conftest.py) copies unseen inputs exactly."""
     from aiayn.data.corpora import SYNTHETIC_SYMBOLS
 
+    checkpoint = copy_checkpoint
     translator = Translator(checkpoint, beam=4)
     # Random sequences of the task's symbols, 6-15 long: 20^6 or more possible inputs, so
     # practically none was among the training pairs.
