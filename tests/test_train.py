@@ -372,3 +372,26 @@ def test_mixed_precision_update_is_finite(copy_dataset, precision):
     assert any(not r.skipped for r in results)
     assert not torch.equal(before, next(model.parameters()))
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_torchrun_two_cpu_processes_train_and_resume(copy_dataset, tmp_path):
+    """The real entry point under torchrun (gloo): rank 0 alone writes; --resume continues."""
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "aiayn", "train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset),
+            "--out", str(out)]
+    opts = [*TINY, "train.save_every=2", "train.valid_every=3", "train.valid_bleu_sentences=5",
+            "train.average_last=2", "train.batch_tokens=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(base + opts + ["train.max_updates=4"], capture_output=True, text=True, env=env, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("stopped at update 4") == 1  # one report, from rank 0
+    second = subprocess.run(base + ["--resume"] + opts + ["train.max_updates=6"], capture_output=True, text=True, env=env,
+                            timeout=240)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stderr and "(update 4)" in second.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004", "step_0000006"]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "valid"] == [3, 4, 6]  # 4: the first run's final one
+    assert [r["world_size"] for r in log if r["kind"] == "start"] == [2, 2]
+    assert (out / "averaged" / "model.safetensors").is_file()

@@ -20,6 +20,7 @@ Python API::
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +49,8 @@ def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path
 
 def train_main(args: argparse.Namespace) -> int:
     result = train(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     bleu = f", best valid BLEU {result.best_bleu:.2f}" if result.best_bleu is not None else ""
     print(f"aiayn train: stopped at update {result.step} ({result.stop_reason}){bleu}; "
           f"checkpoints in {Path(args.out) / 'checkpoints'}")

@@ -266,13 +266,13 @@ class Trainer:
         """Rank 0 validates, keeps OUT/best, and counts patience; True if patience ran out."""
         p, tc = self.progress, self.tcfg
         stop = False
+        p.last_valid_step = p.step  # on every rank: it decides whether all ranks validate at the end
         if self.dist.is_main:
             res: ValidResult = validate(
                 self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
                 bleu_sentences=tc.valid_bleu_sentences, max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
                 precision=tc.precision, device=self.device)
             p.last_valid = {"step": p.step, **res.as_dict()}
-            p.last_valid_step = p.step
             if res.bleu is not None and (p.best_bleu is None or res.bleu > p.best_bleu):
                 p.best_bleu, p.best_step, p.bad_validations = res.bleu, p.step, 0
                 save_checkpoint(self.out / "best", self.model, self.tokenizer_file, self.meta(), force=True)
@@ -305,7 +305,7 @@ class Trainer:
         started = time.perf_counter() - p.elapsed_s
         window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "src_tokens": 0, "correct": 0, "updates": 0,
                   "t0": time.perf_counter()}
-        last_saved = p.step if list_checkpoints(self.out) else -1
+        last_saved = p.step if p.step > 0 else -1  # p.step > 0: restored from that checkpoint
         stop_reason = "max_updates"
         saved_path: Path | None = None
         try:
