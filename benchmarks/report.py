@@ -36,14 +36,12 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         "the median over rounds (the min–max range shows the noise), and each ratio is the median of the",
         "per-round ratios. Raw values: `results.json`.",
         "",
-        "## Machine and versions",
-        "",
-        "| | |",
-        "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    machine_head = ["## Machine and versions", "", "| | |", "|---|---|"]
+    lines += machine_head + [f"| {k} | {v} |" for k, v in machine.items()]
     lines += ["", "No GPU is available to this task through the device tool, so the suite ran on the CPU only;",
               "there is no separate GPU record.", ""]
+    lines += _summary(train, infer)
 
     # 1. matmul --------------------------------------------------------------------------------
     lines += ["## 1. The machine's limit: matmul", ""]
@@ -164,6 +162,22 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines += ["![attention cost](attention.png)", ""]
 
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _summary(train: list[TrainingResult], infer: InferenceResult | None) -> list[str]:
+    """The issue's targets, each a ratio measured in this run (aiayn ÷ peer; > 1: aiayn faster)."""
+    rows = []
+    for r in train:
+        rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ 1.25 | {_fmt(r.ratio('aiayn', 'HF Marian'))} |")
+        rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ 1.0 | {_fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
+    if infer:
+        for b in sorted({b for (_, _, b) in infer.tokens_per_s}):
+            rows.append(f"| beam-4 decoding, batch {b}, fp32 | HF `generate` | ≥ 3 | {_fmt(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b))} |")
+            rows.append(f"| beam-4 decoding, batch {b}, fp32 | CTranslate2 float32 | as close as possible | {_fmt(infer.ratio('aiayn fp32', 'CT2 float32', 'beam4', b))} |")
+            rows.append(f"| beam-4 decoding, batch {b}, int8 | CTranslate2 int8 | as close as possible | {_fmt(infer.ratio('aiayn int8', 'CT2 int8', 'beam4', b))} |")
+    if not rows:
+        return []
+    return ["## Summary: aiayn ÷ peer", "", "| measure | peer | target | measured |", "|---|---|---|---|", *rows, ""]
 
 
 def _plot_training(path: Path, train: list[TrainingResult]) -> None:
