@@ -10,7 +10,7 @@ Per layer of width d (the paper's base d = 512, h = 8), batch 1, forward pass, n
 
 Each point (layer, n) runs in a fresh subprocess: ``python benchmarks/attention.py LAYER N``.
 
-Time: median over 3 to 25 timed calls after one warm-up call: more calls while they are quick,
+Time: median over 3 to 200 timed calls after one warm-up call: more calls while they are quick,
 stopping after 3 once a per-point budget is spent. Memory: on the CPU there is no allocator accounting like torch.cuda's, so the
 point measures the process's peak resident set: after the warm-up it returns freed memory to
 the OS (glibc ``malloc_trim``), resets the kernel's peak-RSS counter (writing 5 to
@@ -70,7 +70,7 @@ def measure_point(layer: str, n: int, d: int, heads: int, budget_s: float) -> di
         call()  # warm-up
         times = []
         spent = 0.0
-        for _ in range(25):  # at least 3 calls, more while they are quick (short points are noisy)
+        for _ in range(200):  # at least 3 calls, more while they are quick (short points are noisy)
             start = time.perf_counter()
             call()
             times.append(time.perf_counter() - start)

@@ -143,7 +143,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             "## 4. Cost of one layer as the sequence grows (Table 1, measured)", "",
             f"Width d = {attn.d} (h = {attn.heads} for attention), batch 1, forward pass. Table 1's per-layer "
             "complexity: self-attention O(n²·d), recurrent O(n·d²), convolutional O(k·n·d²).",
-            "Time: median of 3–25 calls after a warm-up, one fresh process per point. Peak memory: the",
+            "Time: median of 3–200 calls (as many as fit in 3 s) after a warm-up, one fresh process per point. Peak memory: the",
             "call's peak resident-set growth (no CPU allocator statistics exist): freed memory is returned to the",
             "OS with `malloc_trim`, the kernel's peak-RSS counter is reset through /proc/self/clear_refs, and",
             "VmHWM − RSS before the call is reported (`benchmarks/attention.py`).", "",
