@@ -395,3 +395,12 @@ def test_torchrun_two_cpu_processes_train_and_resume(copy_dataset, tmp_path):
     assert [r["step"] for r in log if r["kind"] == "valid"] == [3, 4, 6]  # 4: the first run's final one
     assert [r["world_size"] for r in log if r["kind"] == "start"] == [2, 2]
     assert (out / "averaged" / "model.safetensors").is_file()
+
+
+def test_resume_refuses_a_different_model(copy_run, copy_dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(copy_run.out_dir, out, symlinks=True)
+    with pytest.raises(UserError, match="model config differs.*d_model"):
+        train(REPO / "configs/copy.yaml", copy_dataset, out, ["model.d_model=32", "train.progress=false"], resume=True)

@@ -34,7 +34,7 @@ from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_io
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_config, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.dataset import SPM_MODEL
 from ..errors import UserError
@@ -246,6 +246,11 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Load a training checkpoint into this trainer (every rank reads the same files)."""
         state, opt_tensors, rng = read_training_state(path)
+        saved = load_config(path)
+        if saved != self.cfg.model:
+            changed = sorted(k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v)
+            raise UserError(f"cannot resume: the model config differs from the checkpoint's ({', '.join(changed)})",
+                            path=path / "config.yaml")
         load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
         optimizer_from_files(self.optimizer, opt_tensors, state["optimizer"])
         try:
