@@ -1,6 +1,7 @@
 """The measured form of the paper's Table 1: cost of one layer as the sequence grows.
 
-Per layer of width d (the paper's base d = 512, h = 8), batch 1, forward pass, n positions:
+Per layer of width d (the paper's base d = 512, h = 8), batch 1, forward pass, one thread,
+n positions:
 
     self-attention      O(n²·d)   fused: F.scaled_dot_product_attention, never stores the n×n
                                   probabilities; explicit: softmax(QKᵀ/√d_k)V with them stored
@@ -48,6 +49,9 @@ def measure_point(layer: str, n: int, d: int, heads: int, budget_s: float) -> di
 
     from aiayn.model import MultiHeadAttention
 
+    # One thread: Table 1 compares amounts of work, and a single thread measures work without
+    # thread-pool synchronisation, which dominates short calls when other processes share the cores.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     if layer in ("fused", "explicit"):
         module = MultiHeadAttention(d, heads, d // heads, self_attention=True).eval()

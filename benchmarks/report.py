@@ -41,6 +41,10 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
     lines += machine_head + [f"| {k} | {v} |" for k, v in machine.items()]
     lines += ["", "No GPU is available to this task through the device tool, so the suite ran on the CPU only;",
               "there is no separate GPU record.", ""]
+    load = machine.get("load average at start", "")
+    if load and float(load.split()[0]) > 1.0:
+        lines += ["The cores were shared with other work during this run (see the load averages): single figures",
+                  "are noisy, as their min–max ranges show; the ratios pair systems measured side by side.", ""]
     lines += _summary(train, infer)
 
     # 1. matmul --------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         ns = sorted({p["n"] for p in attn.points})
         lines += [
             "## 4. Cost of one layer as the sequence grows (Table 1, measured)", "",
-            f"Width d = {attn.d} (h = {attn.heads} for attention), batch 1, forward pass. Table 1's per-layer "
+            f"Width d = {attn.d} (h = {attn.heads} for attention), batch 1, forward pass, one thread. Table 1's per-layer "
             "complexity: self-attention O(n²·d), recurrent O(n·d²), convolutional O(k·n·d²).",
             "Time: median of 3–200 calls (as many as fit in 3 s) after a warm-up, one fresh process per point. Peak memory: the",
             "call's peak resident-set growth (no CPU allocator statistics exist): freed memory is returned to the",

@@ -12,6 +12,8 @@ figures are medians over rounds, and comparisons are medians of per-round ratios
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import dataclasses
 import json
 import os
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if "inference" in sections:
             infer_result = inference.run_inference(sizes["infer"], sizes["batches"], sizes["steps"],
                                                    sizes["infer_rounds"], work, threads, log)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the models' memory back before the n² points
     if "attention" in sections:
         attn_result = attention.run_attention(sizes["lengths"], d=512, heads=8, budget_s=3.0, timeout_s=240.0,
                                               max_explicit_gib=8.0, log=log)
