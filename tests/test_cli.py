@@ -9,7 +9,7 @@ import pytest
 
 from aiayn.cli import main
 
-COMMANDS = ["prepare", "train", "average", "plot", "translate", "evaluate", "attention", "demo"]
+COMMANDS = ["prepare", "train", "average", "plot", "translate", "evaluate", "attention", "export", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ Each subcommand parses its options here and hands them to the module that owns t
     translate -> aiayn.decode     (greedy and beam search)
     evaluate  -> aiayn.evaluate   (sacreBLEU, chrF, paper-comparable BLEU)
     attention -> aiayn.inspect    (attention weights as heatmaps and JSON)
+    export    -> aiayn.export     (Hugging Face Marian layout, for CTranslate2)
     demo      -> aiayn.demo       (the first run: all of the above on a real corpus)
 
 Errors a user can fix are raised as `UserError` and printed as one line, exit status 2.
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_handler("inspect:attention_main"))
+
+    # -- export --------------------------------------------------------------------------------
+    p = sub.add_parser("export", help="export a checkpoint to the Hugging Face Marian layout (for CTranslate2)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory for the Marian model")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_handler("export:export_main"))
 
     # -- demo ----------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="the first run: prepare, train, average, evaluate, draw")

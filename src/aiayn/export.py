@@ -3,7 +3,7 @@
 A checkpoint exported here loads with ``transformers.MarianMTModel.from_pretrained`` and
 converts with CTranslate2's stock converter::
 
-    python -m aiayn.export --checkpoint runs/demo/avg --out runs/demo/marian
+    aiayn export --checkpoint runs/demo/train/averaged --out runs/demo/marian
     ct2-transformers-converter --model runs/demo/marian --output_dir runs/demo/ct2 --quantization int8
 
 Marian (Junczys-Dowmunt et al., 2018) is the paper's architecture with post-LN sublayers, ReLU
@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -272,24 +271,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = 
     return export_marian(ckpt.model, out, Path(checkpoint) / TOKENIZER, force=force)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m aiayn.export",
-        description="Export an aiayn checkpoint to the Hugging Face Marian layout "
-        "(then: ct2-transformers-converter --model OUT --output_dir CT2_DIR).",
-    )
-    parser.add_argument("--checkpoint", required=True, help="aiayn checkpoint directory")
-    parser.add_argument("--out", required=True, help="output directory for the Marian model")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, force=args.force)
-    except UserError as e:
-        print(f"aiayn: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+def export_main(args: argparse.Namespace) -> int:
+    """``aiayn export``: then ``ct2-transformers-converter --model OUT --output_dir CT2_DIR``."""
+    print(export_checkpoint(args.checkpoint, args.out, force=args.force))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
