@@ -336,11 +336,13 @@ class Trainer:
                 if p.step % tc.log_every == 0 or p.step == tc.max_updates:
                     self._log_train(window, bar)
                 stop = False
+                paused = time.perf_counter()
                 if tc.valid_every and p.step % tc.valid_every == 0:
                     if self.validate_and_track():
                         stop, stop_reason = True, "patience"
                 if p.step % tc.save_every == 0:
                     saved_path, last_saved = self.save(), p.step
+                window["t0"] += time.perf_counter() - paused  # tokens/s counts training time only
                 out_of_time = tc.max_minutes > 0 and p.elapsed_s >= tc.max_minutes * 60
                 if dist.any(out_of_time) and not stop:
                     stop, stop_reason = True, "max_minutes"
