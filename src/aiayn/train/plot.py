@@ -47,7 +47,8 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> Path:
         if bleu:
             ax_bleu.plot([s for s, _ in bleu], [b for _, b in bleu], "o-", color="tab:green", ms=3)
             best = max(bleu, key=lambda sb: sb[1])
-            ax_bleu.annotate(f"best {best[1]:.2f} @ {best[0]}", best, textcoords="offset points", xytext=(5, -12))
+            ax_bleu.annotate(f"best {best[1]:.2f} @ {best[0]}", best, textcoords="offset points", xytext=(-5, -12),
+                             ha="right")
     ax_loss.set_xlabel("update")
     ax_loss.set_ylabel("nats per target token")
     ax_loss.set_title("loss")
