@@ -405,8 +405,12 @@ class Trainer:
                "elapsed_s": p.elapsed_s, "updates_skipped": p.skipped_total}
         self.record(rec)
         if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
-                            tok_s=f"{rec['tgt_tokens_per_s']:.0f}", refresh=False)
+            postfix = dict(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
+                           tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
+            if self.tcfg.max_minutes > 0:  # the bar's own ETA counts to max_updates; this is the real end
+                left = max(self.tcfg.max_minutes * 60 - p.elapsed_s, 0.0)
+                postfix["time_left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+            bar.set_postfix(postfix, refresh=False)
         window.update(loss=0.0, nll=0.0, tokens=0, src_tokens=0, correct=0, updates=0, t0=now)
 
     def _progress_bar(self):
