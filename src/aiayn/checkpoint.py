@@ -12,9 +12,7 @@ evaluation, averaging and inspection need only the four above.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from . import config as config_io
 from .errors import UserError
+from .files import atomic_directory, refuse_to_replace
 from .model import Transformer, TransformerConfig
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "spm.model", "meta.json"
@@ -51,29 +50,10 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer_file: str | 
     """Write a checkpoint directory atomically: into a temporary sibling, then one rename.
     A crash leaves either the old directory or the new one, never half of one."""
     path = Path(path)
-    if path.exists() and not force:
-        raise UserError("already exists; pass --force to replace it", path=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    refuse_to_replace(path, force)
+    with atomic_directory(path) as tmp:
         write_checkpoint_files(tmp, model, tokenizer_file, meta)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place. An existing ``dst`` is renamed aside first and
-    removed only after the new one is in place."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_config(path: str | Path) -> TransformerConfig:

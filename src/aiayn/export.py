@@ -36,13 +36,13 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .files import atomic_directory, refuse_to_replace
 from .model import Transformer, TransformerConfig
 
 BOS_ID, EOS_ID, UNK_ID = 2, 3, 1
@@ -247,19 +247,10 @@ def export_marian(
     model: Transformer, out: str | Path, spm_file: str | Path, *, force: bool = False, max_positions: int | None = None
 ) -> Path:
     """Write the Marian export of ``model`` to the directory ``out`` (atomically)."""
-    from .checkpoint import replace_dir
-
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError("already exists; pass --force to replace it", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    refuse_to_replace(out, force)
+    with atomic_directory(out) as tmp:
         write_marian_files(tmp, model, Path(spm_file), max_positions)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

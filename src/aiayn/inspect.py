@@ -16,15 +16,14 @@ path used for training and translation.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint, replace_dir
+from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError
+from .files import atomic_directory, refuse_to_replace
 
 KINDS = {
     "encoder": "Encoder self-attention",
@@ -161,20 +160,13 @@ def export(maps: AttentionMaps, out: Path) -> list[Path]:
 def export_attention(checkpoint: str | Path | Checkpoint, src: str, out: str | Path, tgt: str | None = None, *, force: bool = False) -> list[Path]:
     """Python entry point of `aiayn attention`: returns the files written."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError("already exists; pass --force to replace it", path=out)
+    refuse_to_replace(out, force)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not src.strip():
         raise UserError("--src is empty: give a sentence to look at")
     maps = attention_maps(ckpt, src, tgt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         names = [p.name for p in export(maps, tmp)]
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out / name for name in names]
 
 

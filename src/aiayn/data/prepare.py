@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_directory
 from . import corpora
 from .corpora import Corpus, Pairs
 from .dataset import (FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest,
@@ -127,16 +125,6 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         what = "something that is not a prepared dataset"
     raise UserError(f"output directory exists and holds {what}; "
                     "use --force to replace it, or choose another --out", path=out)
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place (replacing ``out`` only here, at the very end)."""
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    os.replace(tmp, out)
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -299,14 +287,8 @@ def prepare_main(args: argparse.Namespace) -> int:
                       "requested": {"valid": args.valid_size, "test": args.test_size}}
     _drop_held_out_sources(splits, filters)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")

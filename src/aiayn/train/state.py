@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import write_checkpoint_files
 from ..errors import UserError
+from ..files import atomic_directory
 
 OPTIMIZER, RNG, TRAINER_STATE = "optimizer.safetensors", "rng.safetensors", "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -109,21 +109,11 @@ def write_training_checkpoint(
 ) -> None:
     """All files into a temporary sibling directory, then one atomic rename to ``path``:
     a process killed mid-write leaves a '.step_*' directory that is ignored and cleaned up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         write_checkpoint_files(tmp, model, tokenizer_file, meta)
         save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
         _write_json(tmp / TRAINER_STATE, trainer_state)
-        _fsync_dir(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_training_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -167,16 +157,3 @@ def point_last(run_dir: Path, checkpoint: Path) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
