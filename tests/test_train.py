@@ -191,6 +191,9 @@ def test_run_directory_layout(copy_run):
     assert load_file(str(ckpts[-1] / "rng.safetensors"))["cpu.rank0"].dtype == torch.uint8
     ckpt = load_checkpoint(out / "best")
     assert ckpt.meta["valid"]["bleu"] == copy_run.best_bleu
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and 0.5 < records[0]["padding_efficiency"] <= 1.0
+    assert records[-1]["kind"] == "end"
     # The resolved config can be given back as --config.
     raw = load_raw_config(out / "config.yaml", [])
     assert resolve_config(raw, ckpt.model.config.src_vocab_size).model == ckpt.model.config

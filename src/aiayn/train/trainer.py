@@ -304,7 +304,9 @@ class Trainer:
             self.log = MetricsLog(self.out, p.step)
             self.record({"kind": "start", "step": p.step, "world_size": dist.world_size, "device": str(self.device),
                          "parameters": self.model.num_parameters(), "micro_batch_tokens": self.sampler.max_tokens,
-                         "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler)})
+                         "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler),
+                         # real / padded tokens of this epoch's batches (§5.1's length grouping at work)
+                         "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4)})
         bar = self._progress_bar()
         stream = self.batch_stream()
         started = time.perf_counter() - p.elapsed_s
