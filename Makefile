@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# DEMO_ARGS: training overrides, e.g. make demo DEMO_ARGS="train.max_minutes=30"
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(PY) -m aiayn demo
+	$(PY) -m aiayn demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
