@@ -81,7 +81,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
         _say("2/6", f"Training: reusing the finished run in {run_dir} (delete it to train again)")
     else:
         resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-        verb = "Resuming the interrupted run" if resume else "Training"
+        verb = ("Continuing the finished run" if _finished(run_dir) else "Resuming the interrupted run") if resume else "Training"
         _say("2/6", f"{verb}: {config.name} (the paper's architecture and recipe, smaller), into {run_dir}")
         train(config, data_dir, run_dir, overrides or [], resume=resume, force=not resume)
     timings["train_s"] = time.perf_counter() - t0
