@@ -398,22 +398,9 @@ def read_input_lines(path: str | None) -> list[str]:
         if not Path(path).is_file():
             raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
         data = Path(path).read_bytes()
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    raw_lines = data.split(b"\n")
-    if raw_lines[-1] == b"":  # a final newline ends the last line; it does not start another
-        raw_lines.pop()
-    lines = []
-    for number, raw in enumerate(raw_lines, start=1):
-        raw = raw.removesuffix(b"\r")
-        if b"\x00" in raw:
-            column = raw.index(b"\x00") + 1
-            raise UserError(f"NUL byte at column {column} (a binary or UTF-16 file?)", path=name, line=number)
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                            path=name, line=number) from None
-    return lines
+    from .data.text import BOM, decode_lines
+
+    return decode_lines(data.removeprefix(BOM), name)
 
 
 def check_output_path(path: str | None, force: bool) -> None:

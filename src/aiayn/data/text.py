@@ -36,11 +36,15 @@ def read_lines(path: str | Path) -> list[str]:
         raise UserError("file not found", path=path)
     if not path.is_file():
         raise UserError("not a regular file", path=path)
-    data = path.read_bytes()
-    if data.startswith(BOM):
-        data = data[len(BOM):]
+    data = path.read_bytes().removeprefix(BOM)
     if not data.strip():
         raise UserError("file is empty", path=path)
+    return decode_lines(data, path)
+
+
+def decode_lines(data: bytes, path: str | Path) -> list[str]:
+    """Bytes (without a BOM) -> lines split on ``\\n``, CR stripped; a NUL byte or invalid
+    UTF-8 is a UserError naming ``path`` and the line."""
     raw_lines = data.split(b"\n")
     if raw_lines[-1] == b"":  # a final newline ends the last line; it does not start another
         raw_lines.pop()
