@@ -41,9 +41,12 @@ class AttentionMaps:
 
 
 @torch.no_grad()
-def attention_maps(ckpt: Checkpoint, src_text: str, tgt_text: str | None = None, *, beam: int = 4) -> AttentionMaps:
-    """Attention of ``ckpt``'s model on one sentence pair; without ``tgt_text`` the target is
-    the model's own translation (beam search, paper defaults)."""
+def attention_maps(ckpt: Checkpoint | str | Path, src_text: str, tgt_text: str | None = None, *,
+                   beam: int = 4) -> AttentionMaps:
+    """Attention of a checkpoint's model (a `Checkpoint` or its directory) on one sentence pair;
+    without ``tgt_text`` the target is the model's own translation (beam search, paper defaults)."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
     model, tok = ckpt.model, ckpt.tokenizer
     device = next(model.parameters()).device
     src_ids = tok.encode(src_text) + [tok.eos_id]
