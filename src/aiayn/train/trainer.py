@@ -457,6 +457,10 @@ def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume:
         if dist.is_main:
             config_io.save_yaml(cfg.to_dict(), out / CONFIG_FILE)
         dist.barrier()
-        return trainer.fit()
+        result = trainer.fit()
+        # All ranks leave together: rank 0 may still be validating, saving or averaging, and a
+        # peer that tears gloo down meanwhile can abort the process ("terminate called ...").
+        dist.barrier()
+        return result
     finally:
         distributed.teardown()
