@@ -50,3 +50,31 @@ def copy_checkpoint(copy_run) -> Path:
     accuracy = meta["valid"]["accuracy"]
     assert accuracy >= 0.99, f"copy-task model reached only {accuracy:.4f} token accuracy"
     return best
+
+
+# A few sentences for tokenizers and decoding tests of random models.
+TEXT = [
+    "the cat sat on the mat", "a dog runs in the park", "two men are playing football",
+    "a woman is reading a book", "children play near the water", "the sun is shining today",
+]
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A checkpoint of a small random (untrained) model with a 60-piece vocabulary."""
+    import torch
+
+    from aiayn.checkpoint import save_checkpoint
+    from aiayn.model import Transformer, TransformerConfig
+    from aiayn.data.tokenizer import Tokenizer, train_bpe
+
+    root = tmp_path_factory.mktemp("ckpt")
+    train_bpe(TEXT * 20, root / "spm", vocab_size=60)
+    tokenizer = Tokenizer.load(root / "spm.model")
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab_size=tokenizer.vocab_size, d_model=32, d_ff=64, n_heads=4,
+                            n_encoder_layers=2, n_decoder_layers=2, positions="learned", max_positions=64)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.generator.weight.mul_(2.0)  # tied: also sharpens the embeddings; fine for a random model
+    return save_checkpoint(root / "model", model, root / "spm.model", {"step": 0})

@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 
-from aiayn.checkpoint import save_checkpoint
 from aiayn.cli import main
+from conftest import TEXT
 from aiayn.decode import (
     BOS_ID,
     EOS_ID,
@@ -170,28 +170,6 @@ def test_search_restores_training_mode():
 # ---------------------------------------------------------------------------------------------
 # Translator and the command line, on a checkpoint of a random model with a real tokenizer
 # ---------------------------------------------------------------------------------------------
-
-TEXT = [
-    "the cat sat on the mat", "a dog runs in the park", "two men are playing football",
-    "a woman is reading a book", "children play near the water", "the sun is shining today",
-]
-
-
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory):
-    from aiayn.data.tokenizer import Tokenizer, train_bpe
-
-    root = tmp_path_factory.mktemp("ckpt")
-    train_bpe(TEXT * 20, root / "spm", vocab_size=60)
-    tokenizer = Tokenizer.load(root / "spm.model")
-    torch.manual_seed(0)
-    cfg = TransformerConfig(src_vocab_size=tokenizer.vocab_size, d_model=32, d_ff=64, n_heads=4,
-                            n_encoder_layers=2, n_decoder_layers=2, positions="learned", max_positions=64)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.generator.weight.mul_(2.0)  # tied: also sharpens the embeddings; fine for a random model
-    return save_checkpoint(root / "model", model, root / "spm.model", {"step": 0})
-
 
 def test_translator_restores_input_order(random_checkpoint):
     lines = ["a dog", "", "the cat sat on the mat and the dog runs in the park", "two men", "a woman is reading", "x"]

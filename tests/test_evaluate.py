@@ -12,7 +12,6 @@ import pytest
 from aiayn.cli import main
 from aiayn.decode import Translator
 from aiayn.evaluate import score, split_compounds, tokenized_bleu
-from test_decode import random_checkpoint  # noqa: F401  (a fixture: checkpoint of a random model)
 
 REFS = [
     "Ein Mann fährt mit dem Fahrrad über die Brücke.",
@@ -79,7 +78,7 @@ def test_tokenized_bleu_rewards_compound_parts():
     assert tokenized_bleu(refs, refs) == pytest.approx(100.0)
 
 
-def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tmp_path, capsys):
     src, ref = tmp_path / "src.en", tmp_path / "ref.de"
     src_lines = ["a dog runs", "the cat", "", "two men are playing"]
     src.write_text("\n".join(src_lines) + "\n", encoding="utf-8")

@@ -213,8 +213,8 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
                 alive_l, beams_l, scores_l = alive.tolist(), top_beam.tolist(), top_scores.tolist()
                 for i, j in ends:
                     sentence, log_prob = alive_l[i], scores_l[i][j]
-                    words = tokens[i * k + beams_l[i][j], 1:].tolist()
-                    finished[sentence].append(Hypothesis(words, log_prob / penalty, log_prob))
+                    output = tokens[i * k + beams_l[i][j], 1:].tolist()
+                    finished[sentence].append(Hypothesis(output, log_prob / penalty, log_prob))
                     if len(finished[sentence]) >= nbest:
                         nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[nbest - 1]
 
