@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# tcmalloc/jemalloc from Debian's packages into .venv (no root needed): aiayn runs under them
+	$(PY) -m aiayn.allocator install
 	touch $(STAMP)
 
 test: $(STAMP)

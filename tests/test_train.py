@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from aiayn.allocator import find as find_allocator
 from aiayn.data import collate, load_dataset
 from aiayn.errors import UserError
 from aiayn.model import Transformer, TransformerConfig
@@ -24,7 +25,7 @@ from aiayn.train import TrainConfig, average_checkpoints, inverse_sqrt_lr, label
 from aiayn.train.config import load_raw_config
 from aiayn.train.distributed import DistContext
 from aiayn.train.state import list_checkpoints
-from aiayn.train.step import StepContext, train_update
+from aiayn.train.step import Criterion, StepContext, train_update
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
@@ -93,6 +94,54 @@ def test_label_smoothed_loss_equals_hand_computation():
     assert float(plain.loss) == pytest.approx(float(ce), rel=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.0])
+def test_fused_projection_and_loss_equal_the_reference(eps, monkeypatch):
+    """smoothed_cross_entropy (chunked, logits never materialised, gradients computed in the
+    forward pass) == projecting, then the textbook log-softmax loss, then autograd."""
+    import aiayn.train.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "MIN_ROWS", 16)  # several chunks, the last one partial
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 16 * 50)
+    torch.manual_seed(0)
+    n, d, vocab, pad = 75, 8, 50, 0
+    hidden, weight = torch.randn(n, d), torch.randn(vocab, d)
+    target = torch.randint(1, vocab, (n,))
+    target[:5] = 7  # a repeated class
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused = loss_mod.smoothed_cross_entropy(h1, w1, target, eps, pad)
+    (fused.loss * 0.25).backward()  # the incoming gradient scales the stored ones
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = label_smoothed_loss(h2 @ w2.t(), target, eps, pad)
+    (ref.loss * 0.25).backward()
+    assert fused.n_tokens == ref.n_tokens == n
+    # Both compute in fp32 (the loss never runs in lower precision): fp32 round-off apart.
+    assert float(fused.loss.detach()) == pytest.approx(float(ref.loss.detach()), rel=1e-6)
+    assert float(fused.nll) == pytest.approx(float(ref.nll), rel=1e-6)
+    assert int(fused.n_correct) == int(ref.n_correct)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    # Without gradients (validation) the same sums, and nothing saved for a backward pass.
+    with torch.no_grad():
+        assert float(loss_mod.smoothed_cross_entropy(h1, w1, target, eps, pad).loss) == pytest.approx(float(ref.loss), rel=1e-6)
+
+
+def test_update_projects_only_real_target_positions(copy_dataset):
+    """The batch's target index picks exactly the non-pad positions, and the update's loss
+    equals the reference loss over the full, padded logits."""
+    src, tgt = pairs(copy_dataset, list(range(6)))
+    batch = collate(src, tgt)
+    assert torch.equal(batch.tgt_index, batch.tgt_out.reshape(-1).ne(0).nonzero().squeeze(1))
+    assert torch.equal(batch.tgt_labels, batch.tgt_out.reshape(-1)[batch.tgt_index])
+    assert batch.tgt_out.eq(0).any()  # there is padding to leave out
+    model = tiny_model()
+    with torch.no_grad():
+        ref = label_smoothed_loss(model.eval()(batch.src, batch.tgt_in), batch.tgt_out, 0.1, 0)
+        loss, nll, correct = Criterion(model, 0.1)(batch)
+    assert float(loss) == pytest.approx(float(ref.loss), rel=1e-5)
+    assert float(nll) == pytest.approx(float(ref.nll), rel=1e-5)
+    assert int(correct) == int(ref.n_correct)
+
+
 def test_accumulating_micro_batches_equals_one_big_batch(copy_dataset):
     src, tgt = pairs(copy_dataset, list(range(12)))
     ctx = StepContext(label_smoothing=0.1, pad_id=0)
@@ -116,13 +165,18 @@ def test_accumulating_micro_batches_equals_one_big_batch(copy_dataset):
     assert not torch.equal(next(m1.parameters()), next(tiny_model().parameters()))  # it did update
 
 
+def poison_decoder(model, value: float):
+    """Make the decoder's output non-finite (a forward hook; call .remove() on the result)."""
+    return model.decoder.register_forward_hook(lambda mod, inp, out: (out[0] * value, *out[1:]))
+
+
 def test_nonfinite_loss_skips_the_update_and_leaves_weights_alone(copy_dataset):
     src, tgt = pairs(copy_dataset, list(range(4)))
     model = tiny_model()
     opt = adam(model)
     ctx = StepContext(label_smoothing=0.1, pad_id=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hook = model.generator.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+    hook = poison_decoder(model, float("nan"))
     res = train_update(model, opt, [collate(src, tgt)], 1e-3, ctx)
     hook.remove()
     assert res.skipped and not math.isfinite(res.loss)
@@ -142,7 +196,7 @@ def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_
         calls["n"] += 1
         if calls["n"] <= 2:  # two good updates, then only NaN
             return real(model, optimizer, batches, lr, ctx)
-        hook = model.generator.register_forward_hook(lambda m, i, o: o * float("inf"))
+        hook = poison_decoder(model.model, float("inf"))  # the trainer passes its Criterion
         try:
             return real(model, optimizer, batches, lr, ctx)
         finally:
@@ -283,7 +337,7 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, out: str) -> Non
         src, tgt = pairs(Path(dataset), list(range(10)))
         shards = [collate(src[:3], tgt[:3]), collate(src[3:], tgt[3:])]  # unequal token counts
         model = tiny_model()
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(Criterion(model, 0.1))  # what the trainer wraps
         opt = adam(model)
         ctx = StepContext(label_smoothing=0.1, pad_id=0, dist=DistContext(rank=rank, world_size=world))
         res = train_update(ddp, opt, [shards[rank]], 1e-3, ctx)
@@ -397,6 +451,9 @@ def test_torchrun_two_cpu_processes_train_and_resume(copy_dataset, tmp_path):
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "valid"] == [3, 4, 6]  # 4: the first run's final one
     assert [r["world_size"] for r in log if r["kind"] == "start"] == [2, 2]
+    # Each worker re-executed itself under the fast allocator when one is installed.
+    fast = find_allocator()
+    assert [r["allocator"] for r in log if r["kind"] == "start"] == [fast.name if fast else "system"] * 2
     assert (out / "averaged" / "model.safetensors").is_file()
 
 

@@ -145,9 +145,19 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
+# Subcommands that run the model: they get a fast memory allocator (aiayn.allocator).
+HEAVY_COMMANDS = {"train", "translate", "evaluate", "attention", "demo", "serve"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command in HEAVY_COMMANDS:
+        # Only for a real command line (not a call from Python): this may replace the
+        # process with the same command run under tcmalloc/jemalloc.
+        from .allocator import reexec_with_fast_allocator
+
+        reexec_with_fast_allocator()
     try:
         result = args.func(args)
     except UserError as e:

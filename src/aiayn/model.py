@@ -558,6 +558,17 @@ class Transformer(nn.Module):
 
         ``memory_mask`` is the (B', S) source mask (True = real token). With a ``cache`` only
         the new positions are passed (usually one), and B may be K·B' (K beams per sentence).
+        """
+        x = self.decode_states(tgt_in, memory, memory_mask, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.generator(x)
+
+    def decode_states(
+        self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """The decoder's output (B, T, d_model) before the pre-softmax projection.
+
         A target padding mask is not needed: padding comes after the real tokens, and the
         causal mask already keeps every real position from seeing anything later.
         """
@@ -569,16 +580,19 @@ class Transformer(nn.Module):
         x, _, _ = self.decoder(x, memory, self_mask, self._key_mask(memory_mask), cache)
         if cache is not None:
             cache.offset += t
-        if last_only:
-            x = x[:, -1:]
-        return self.generator(x)
+        return x
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(len(self.decoder.layers))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        return self.generator(self.states(src, tgt_in))
+
+    def states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced decoder output (B, T, d_model): ``forward`` without the projection.
+        Training projects only the real target positions (`aiayn.train.loss`)."""
         src_mask = self.source_mask(src)
-        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
+        return self.decode_states(tgt_in, self.encode(src, src_mask), src_mask)
 
     # -- inspection ---------------------------------------------------------------------------
     @torch.no_grad()

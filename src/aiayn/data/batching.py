@@ -168,22 +168,28 @@ class TokenBatchSampler:
 class Batch:
     """One batch as model inputs; ``tgt_out`` is ``tgt_in`` shifted left by one.
 
-    src     (B, S): tokens + eos, padded       -> the encoder
-    tgt_in  (B, T): bos + tokens, padded       -> the decoder (teacher forcing)
-    tgt_out (B, T): tokens + eos, padded       -> what the decoder must predict
+    src        (B, S): tokens + eos, padded       -> the encoder
+    tgt_in     (B, T): bos + tokens, padded       -> the decoder (teacher forcing)
+    tgt_out    (B, T): tokens + eos, padded       -> what the decoder must predict
+    tgt_index  (N,):   flat positions (row·T + t) of the N real (non-pad) targets
+    tgt_labels (N,):   tgt_out at those positions
+
+The last two are found on the host while collating, so the loss can project only the real
+positions without a device synchronisation (boolean masking on a GPU waits for the count).
     """
 
     src: torch.Tensor
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
+    tgt_index: torch.Tensor
+    tgt_labels: torch.Tensor
     n_src_tokens: int
     n_tgt_tokens: int  # real (non-pad) target tokens: the loss is normalized by these
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.src.to(device, non_blocking=non_blocking),
-                     self.tgt_in.to(device, non_blocking=non_blocking),
-                     self.tgt_out.to(device, non_blocking=non_blocking),
-                     self.n_src_tokens, self.n_tgt_tokens)
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), move(self.tgt_index),
+                     move(self.tgt_labels), self.n_src_tokens, self.n_tgt_tokens)
 
     def __len__(self) -> int:
         return self.src.shape[0]
@@ -213,6 +219,8 @@ def collate(src_list: Sequence[Sequence[int]], tgt_list: Sequence[Sequence[int]]
     src_arr = _pad(src, None, eos_id, pad_id)
     tgt_in = _pad(tgt, bos_id, None, pad_id)
     tgt_out = _pad(tgt, None, eos_id, pad_id)
+    index = np.flatnonzero(tgt_out != pad_id)
     return Batch(torch.from_numpy(src_arr), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out),
+                 torch.from_numpy(index), torch.from_numpy(tgt_out.reshape(-1)[index]),
                  n_src_tokens=sum(len(s) + 1 for s in src),
-                 n_tgt_tokens=sum(len(t) + 1 for t in tgt))
+                 n_tgt_tokens=len(index))

@@ -36,12 +36,16 @@ class DistContext:
         """Where tensors must live for collectives: NCCL wants GPU tensors, gloo CPU ones."""
         return self.device if self.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum a few scalars over ranks (float64, so token counts stay exact)."""
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    def all_reduce_sum(self, values: list[float] | torch.Tensor) -> list[float]:
+        """Sum a few scalars over ranks (float64, so token counts stay exact). ``values`` may
+        be a tensor on the device: then this is where the host waits for it."""
+        if isinstance(values, torch.Tensor):
+            t = values.to(dtype=torch.float64)
+        else:
+            t = torch.tensor(values, dtype=torch.float64)
+        if self.distributed:
+            t = t.to(self.comm_device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
     def any(self, flag: bool) -> bool:

@@ -23,11 +23,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import Batch
+from ..model import Transformer
 from .distributed import DistContext
-from .loss import label_smoothed_loss
+from .loss import smoothed_cross_entropy
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,18 +71,45 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def train_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], lr: float,
+class Criterion(nn.Module):
+    """The model and its training loss as one module, the unit DistributedDataParallel wraps
+    (DDP only sees what happens inside ``forward``). ``forward(batch)`` returns the update's
+    sums as 0-dim tensors: (Σ smoothed loss, Σ NLL, Σ correct), over the real target tokens.
+
+    The decoder runs on the padded batch; only its states at real target positions are
+    projected to the vocabulary, fused with the loss (`loss.smoothed_cross_entropy`).
+    """
+
+    def __init__(self, model: Transformer, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        states = self.model.states(batch.src, batch.tgt_in)
+        states = states.reshape(-1, states.size(-1)).index_select(0, batch.tgt_index)
+        sums = smoothed_cross_entropy(states, self.model.generator.weight, batch.tgt_labels,
+                                      self.label_smoothing, self.model.config.pad_id)
+        return sums.loss, sums.nll, sums.n_correct
+
+
+def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], lr: float,
                  ctx: StepContext) -> UpdateResult:
     """Accumulate gradients over ``batches`` (this rank's micro-batches) and apply one update at
-    learning rate ``lr``. Every rank must call this with the same number of batches."""
+    learning rate ``lr``. ``model``: a `Criterion`, a DDP-wrapped one, or a bare `Transformer`
+    (wrapped here). Every rank must call this with the same number of batches.
+
+    The host waits for the device once per update (for the all-reduced sums and the gradient
+    norm that decide whether to apply it), never per micro-batch."""
+    if isinstance(model, Transformer):
+        model = Criterion(model, ctx.label_smoothing)
     device = ctx.dist.device
     local = [float(sum(b.n_tgt_tokens for b in batches)), float(sum(b.n_src_tokens for b in batches))]
     n_tokens, n_src = (int(v) for v in ctx.dist.all_reduce_sum(local))
     # DDP averages gradients over ranks; W/N turns that average into Σ_ranks grad(loss_sum)/N.
     scale = ctx.dist.world_size / max(n_tokens, 1)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = nll_sum = 0.0
-    n_correct = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, correct
     for i, batch in enumerate(batches):
         batch = batch.to(device, non_blocking=True)
         last = i == len(batches) - 1
@@ -88,22 +117,19 @@ def train_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
             with autocast(ctx.precision, device):
-                logits = model(batch.src, batch.tgt_in)
-            sums = label_smoothed_loss(logits, batch.tgt_out, ctx.label_smoothing, ctx.pad_id)
-            loss = sums.loss * scale
-            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
-        loss_sum += float(sums.loss.detach())
-        nll_sum += float(sums.nll)
-        n_correct += sums.n_correct
-    loss_sum, nll_sum, n_correct = ctx.dist.all_reduce_sum([loss_sum, nll_sum, float(n_correct)])
+                loss, nll, correct = model(batch)
+            scaled = loss * scale
+            (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+        totals += torch.stack([loss.detach().double(), nll.double(), correct.double()])
+    loss_sum, nll_sum, n_correct = ctx.dist.all_reduce_sum(totals)
 
     params = [p for p in model.parameters() if p.grad is not None]
     if ctx.scaler is not None:
         ctx.scaler.unscale_(optimizer)  # true gradients, so the norm and clipping mean what they say
     if ctx.clip_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, ctx.clip_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, ctx.clip_norm, foreach=True))
     else:
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)) if params else 0.0
     # Gradients are identical on every rank after DDP's all-reduce and the loss is all-reduced,
     # so every rank takes the same decision.
     loss_ok, grads_ok = math.isfinite(loss_sum), math.isfinite(grad_norm)

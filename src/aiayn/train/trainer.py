@@ -34,6 +34,7 @@ from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_io
+from ..allocator import active as allocator_in_use
 from ..checkpoint import load_config, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.dataset import SPM_MODEL
@@ -45,7 +46,7 @@ from .schedule import inverse_sqrt_lr
 from .state import (RNG, list_checkpoints, local_rng_state, optimizer_from_files, optimizer_to_files,
                     point_last, prune_checkpoints, read_training_state, set_local_rng_state, step_dir_name,
                     write_training_checkpoint)
-from .step import StepContext, UpdateResult, train_update
+from .step import Criterion, StepContext, UpdateResult, train_update
 from .validation import ValidResult, validate
 
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
@@ -181,7 +182,8 @@ class Trainer:
                             "use fewer processes or a larger dataset")
         self.train_split = train
         self.progress = Progress()
-        self.ddp: torch.nn.Module = self.model
+        # What an update runs: the model with its loss (wrapped in DDP when distributed).
+        self.criterion: torch.nn.Module = Criterion(self.model, tc.label_smoothing)
         self.log: MetricsLog | None = None
 
     # -- learning rate ----------------------------------------------------------------------------
@@ -298,13 +300,14 @@ class Trainer:
         tc, p, dist = self.tcfg, self.progress, self.dist
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            self.criterion = DistributedDataParallel(self.criterion, device_ids=ids)
         self.model.train()
         if dist.is_main:
             self.log = MetricsLog(self.out, p.step)
             self.record({"kind": "start", "step": p.step, "world_size": dist.world_size, "device": str(self.device),
                          "parameters": self.model.num_parameters(), "micro_batch_tokens": self.sampler.max_tokens,
                          "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler),
+                         "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
                          # real / padded tokens of this epoch's batches (§5.1's length grouping at work)
                          "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4)})
         bar = self._progress_bar()
@@ -324,7 +327,7 @@ class Trainer:
                 if tc.max_epochs and epoch >= tc.max_epochs:
                     stop_reason = "max_epochs"
                     break
-                res = train_update(self.ddp, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
+                res = train_update(self.criterion, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
                 p.elapsed_s = time.perf_counter() - started
                 if res.skipped:
                     self._count_skip(res)

@@ -17,8 +17,7 @@ import torch
 from ..data import PreparedData, TokenBatchSampler
 from ..decode import greedy_search
 from ..model import Transformer
-from .loss import label_smoothed_loss
-from .step import autocast
+from .step import Criterion, autocast
 
 
 @dataclass
@@ -44,18 +43,17 @@ def validate(model: Transformer, data: PreparedData, *, label_smoothing: float, 
     model.eval()
     try:
         valid = data.split(split)
-        pad = model.config.pad_id
+        criterion = Criterion(model, label_smoothing)
         loss_sum = nll_sum = 0.0
         n_tokens = n_correct = 0
         for idx in TokenBatchSampler(valid.src_lens, valid.tgt_lens, batch_tokens, shuffle=False):
             batch = valid.collate(idx).to(device)
             with autocast(precision, device):
-                logits = model(batch.src, batch.tgt_in)
-            sums = label_smoothed_loss(logits, batch.tgt_out, label_smoothing, pad)
-            loss_sum += float(sums.loss)
-            nll_sum += float(sums.nll)
-            n_tokens += sums.n_tokens
-            n_correct += sums.n_correct
+                loss, nll, correct = criterion(batch)
+            loss_sum += float(loss)
+            nll_sum += float(nll)
+            n_tokens += batch.n_tgt_tokens
+            n_correct += int(correct)
         n_tokens = max(n_tokens, 1)
         n = len(valid) if bleu_sentences == 0 else min(bleu_sentences, len(valid))
         hyps = greedy_translate(model, data, split, n, batch_tokens, max_len_a, max_len_b, precision, device)
