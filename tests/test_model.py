@@ -11,6 +11,7 @@ from torch import nn
 from aiayn import Transformer, TransformerConfig
 from aiayn.errors import UserError
 from aiayn.model import (
+    Dropout,
     DecoderLayer,
     EncoderLayer,
     MultiHeadAttention,
@@ -361,3 +362,24 @@ def test_yaml_round_trip_and_errors(tmp_path):
     (tmp_path / "type.yaml").write_text("model:\n  n_heads: lots\n")
     with pytest.raises(UserError, match="n_heads"):
         TransformerConfig.from_yaml(tmp_path / "type.yaml")
+
+
+def test_dropout_rate_scaling_gradient_and_seeding():
+    """Dropout (§5.4): rate p, survivors scaled by 1/(1-p), identity in eval mode, gradient =
+    the same mask, reproducible from the seed; every 16-bit lane of the draws is uniform."""
+    p = 0.1
+    drop = Dropout(p)
+    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of 4: the tail is used too
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y.detach() != 0
+    assert abs(1 - kept.float().mean().item() - p) < 3e-3  # ~10 standard deviations
+    for lane in range(4):  # the four 16-bit lanes of each 64-bit draw
+        assert abs(1 - kept[lane::4].float().mean().item() - p) < 6e-3
+    assert torch.allclose(y.detach()[kept], torch.full((int(kept.sum()),), 1 / (1 - p)))
+    y.backward(torch.full_like(x, 2.0))
+    assert torch.equal(x.grad, 2.0 * y.detach())  # dropped where y is, scaled the same
+    torch.manual_seed(0)
+    assert torch.equal(drop(x).detach(), y.detach())
+    assert drop.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x

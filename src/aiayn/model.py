@@ -141,6 +141,43 @@ class TransformerConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# §5.4 Residual dropout
+# ---------------------------------------------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """Dropout with rate P_drop (§5.4), in training only: each element is zeroed with
+    probability p and the others are scaled by 1/(1-p), so the expected value is unchanged.
+
+    On the CPU the keep-mask is drawn as 16-bit uniform integers, four from each 64-bit draw
+    of torch's default generator, instead of torch's per-element Bernoulli draw, which took a
+    quarter of a small model's forward pass (measured: 1.7 ms instead of 3.6 ms forward and
+    backward for 384k elements). An element is dropped when its integer is among the lowest
+    round(p·2¹⁶), so the rate is round(p·65536)/65536: 0.1 becomes 0.100006. Seeding and exact
+    resume work as before (same generator). On GPUs torch's own fused kernel runs.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._threshold = -(1 << 15) + round(p * (1 << 16))  # int16 values below it are dropped
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        draws = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64)
+        bits = draws.view(torch.int16)[:n].view(x.shape)
+        keep = bits.ge(self._threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# ---------------------------------------------------------------------------------------------
 # §3.2.1 Scaled dot-product attention
 # ---------------------------------------------------------------------------------------------
 
@@ -339,7 +376,7 @@ class Embeddings(nn.Module):
         self.token = token
         self.positions = positions
         self.scale = math.sqrt(token.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         x = self.token(ids) * self.scale + self.positions(ids.size(1), offset)
@@ -360,7 +397,7 @@ class SublayerConnection(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float):
         super().__init__()
         self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, sublayer) -> tuple[Tensor, Tensor | None]:
