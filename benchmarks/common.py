@@ -132,6 +132,12 @@ def _version(module: str) -> str:
         return f"unavailable ({type(e).__name__})"
 
 
+def _allocator() -> str:
+    from aiayn.allocator import active
+
+    return active()
+
+
 def machine_description() -> dict[str, str]:
     flags = ""
     try:
@@ -145,6 +151,9 @@ def machine_description() -> dict[str, str]:
         "logical CPUs": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "ISA flags": ", ".join(isa) or "none of avx2/avx512/amx",
+        "ISA torch uses": torch.backends.cpu.get_cpu_capability()
+        + (f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})" if os.environ.get("ATEN_CPU_CAPABILITY") else ""),
+        "memory allocator": _allocator(),
         "memory": f"{_mem_total_gib():.1f} GiB",
         "GPU": "none (no GPU is available to this task through the device tool)",
         "OS": platform.platform(),

@@ -10,7 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from attention import LAYERS, AttentionResult  # noqa: E402
-from common import Series  # noqa: E402
+from common import Series, paired_ratio  # noqa: E402
+from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
 from inference import SYSTEMS, InferenceResult  # noqa: E402
 from training import TrainingResult  # noqa: E402
 
@@ -25,7 +26,7 @@ def _verdict(value: float, target: float) -> str:
     return f"**{_fmt(value)}×** (target ≥ {target:g}×: {'met' if value >= target else 'not met'})"
 
 
-def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool,
+def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool, demo: DemoTrainingResult | None,
           train: list[TrainingResult], infer: InferenceResult | None, attn: AttentionResult | None, quick: bool) -> None:
     lines: list[str] = ["# aiayn benchmarks", ""]
     if quick:
@@ -45,7 +46,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
     if load and float(load.split()[0]) > 1.0:
         lines += ["The cores were shared with other work during this run (see the load averages): single figures",
                   "are noisy, as their min–max ranges show; the ratios pair systems measured side by side.", ""]
-    lines += _summary(train, infer)
+    lines += _summary(demo, train, infer)
 
     # 1. matmul --------------------------------------------------------------------------------
     lines += ["## 1. The machine's limit: matmul", ""]
@@ -70,6 +71,8 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         ]
 
     # 2. training -------------------------------------------------------------------------------
+    if demo is not None:
+        lines += _demo_section(demo)
     if train:
         lines += ["## 2. Training throughput", "",
                   "One step = forward, label-smoothed cross-entropy, backward, Adam, dropout 0.1 on; the same random",
@@ -87,8 +90,11 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             for system, series in r.tokens_per_s.items():
                 ratio = "1" if system == "aiayn" else _fmt(r.ratio("aiayn", system))
                 lines.append(f"| {system} | {_fmt(series.median, 4)} | {series.spread()} | {r.mfu(system):.2f} | {ratio} |")
-            lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), 1.25)}",
-                      f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), 1.0)}", ""]
+            lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), TRAIN_PEER_TARGET)}",
+                      f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), TRAIN_PEER_TARGET)}",
+                      f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run matmul probe"
+                      + (f" (target ≥ {MFU_TARGET[r.config]}: {'met' if r.mfu('aiayn') >= MFU_TARGET[r.config] else 'not met'})"
+                         if r.config in MFU_TARGET else ""), ""]
         _plot_training(out / "training.png", train)
         lines += ["![training throughput](training.png)", ""]
 
@@ -168,12 +174,56 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _summary(train: list[TrainingResult], infer: InferenceResult | None) -> list[str]:
+# The targets of the training-speed issue.
+DEMO_TARGET = 2.0  # demo-size tokens/s, now ÷ before
+TRAIN_PEER_TARGET = 1.5  # small and base, aiayn ÷ nn.Transformer and ÷ HF Marian, same allocator
+MFU_TARGET = {"small": 0.6, "base": 0.75}
+
+
+def _demo_names(demo: DemoTrainingResult) -> tuple[str, str]:
+    """(before as users ran it, now as users run it): the glibc baseline, the fast-allocator present."""
+    before = next(n for n in demo.tokens_per_s if n.startswith("commit") and n.endswith("glibc malloc"))
+    now = [n for n in demo.tokens_per_s if n.startswith("now")][-1]
+    return before, now
+
+
+def _demo_section(demo: DemoTrainingResult) -> list[str]:
+    lines = ["## 2a. Demo-size training: now against the code before the speed work", ""]
+    if demo.error or not demo.tokens_per_s:
+        return lines + [f"Not measured: {demo.error or 'no worker answered'}.", ""]
+    before, now = _demo_names(demo)
+    info = next(iter(demo.systems.values()))
+    lines += [
+        f"The demo's model and recipe (`{demo.config}`, {info['parameters']:,} parameters) on the demo's data",
+        f"(`{Path(demo.data).name}`, real length-bucketed batches), {info['threads']} torch threads. Four worker processes",
+        f"take turns, {demo.updates_per_turn} updates per turn, {demo.rounds} rounds: the code of commit {BASELINE_COMMIT}",
+        "(unpacked from git: the last commit before the speed work) and today's code, each under glibc's malloc and",
+        f"under the fast allocator aiayn now preloads ({demo.fast_allocator}). Target tokens per wall second (`benchmarks/demo_training.py`).",
+        "",
+        "| code, allocator | target tokens/s (median) | range | ÷ before (glibc) |",
+        "|---|---|---|---|",
+    ]
+    for name, values in demo.tokens_per_s.items():
+        series = Series(values)
+        ratio = "1" if name == before else _fmt(paired_ratio(series, Series(demo.tokens_per_s[before])))
+        lines.append(f"| {name} (allocator: {demo.systems[name]['allocator']}) | {_fmt(series.median, 4)} | {series.spread()} | {ratio} |")
+    gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
+    lines += ["", f"- now vs before, as users run them: {_verdict(gain, DEMO_TARGET)}", ""]
+    return lines
+
+
+def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer: InferenceResult | None) -> list[str]:
     """The issue's targets, each a ratio measured in this run (aiayn ÷ peer; > 1: aiayn faster)."""
     rows = []
+    if demo is not None and demo.tokens_per_s:
+        before, now = _demo_names(demo)
+        gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
+        rows.append(f"| demo-size training, target tokens/s | aiayn before ({BASELINE_COMMIT}) | ≥ {DEMO_TARGET:g} | {_fmt(gain)} |")
     for r in train:
-        rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ 1.25 | {_fmt(r.ratio('aiayn', 'HF Marian'))} |")
-        rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ 1.0 | {_fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
+        rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ {TRAIN_PEER_TARGET:g} | {_fmt(r.ratio('aiayn', 'HF Marian'))} |")
+        rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ {TRAIN_PEER_TARGET:g} | {_fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
+        if r.config in MFU_TARGET:
+            rows.append(f"| training `{r.config}`, MFU | the matmul probe | ≥ {MFU_TARGET[r.config]:g} | {r.mfu('aiayn'):.2f} |")
     if infer:
         for b in sorted({b for (_, _, b) in infer.tokens_per_s}):
             rows.append(f"| beam-4 decoding, batch {b}, fp32 | HF `generate` | ≥ 3 | {_fmt(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b))} |")

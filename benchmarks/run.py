@@ -25,15 +25,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+if __name__ == "__main__":
+    # Every system measured here runs under the same fast allocator (tcmalloc/jemalloc) that
+    # the aiayn command uses, so ratios measure code, not malloc (aiayn.allocator).
+    from aiayn.allocator import reexec_with_fast_allocator
+
+    reexec_with_fast_allocator()
+
 import torch  # noqa: E402
 
 from common import Series, bf16_supported, machine_description, matmul_gflops  # noqa: E402
 
 # Sizes of the full suite and of --quick. Training batches hold about 4k target tokens
 # (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
-FULL = dict(train=[("small", 136, 26, 34, 5), ("base", 136, 26, 34, 3)], infer="base", batches=[1, 64],
-            steps=24, infer_rounds=3, lengths=[128, 256, 512, 1024, 2048, 4096, 8192], probe_repeats=10)
-QUICK = dict(train=[("tiny", 16, 6, 10, 2)], infer="tiny", batches=[1, 8], steps=8, infer_rounds=2,
+FULL = dict(demo=(5, 20), train=[("small", 136, 26, 34, 5), ("base", 136, 26, 34, 3)], infer="base",
+            batches=[1, 64], steps=24, infer_rounds=3, lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
+            probe_repeats=10)
+QUICK = dict(demo=(2, 3), train=[("tiny", 16, 6, 10, 2)], infer="tiny", batches=[1, 8], steps=8, infer_rounds=2,
              lengths=[128, 256, 512], probe_repeats=3)
 
 
@@ -41,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke run")
     parser.add_argument("--out", help="output directory (default: benchmarks/, or a temporary one with --quick)")
-    parser.add_argument("--sections", default="probe,training,inference,attention",
-                        help="comma-separated subset of probe,training,inference,attention")
+    parser.add_argument("--sections", default="probe,demo,training,inference,attention",
+                        help="comma-separated subset of probe,demo,training,inference,attention")
+    parser.add_argument("--data", help="demo section: the demo's prepared dataset (default: prepare it into "
+                        "~/.cache/aiayn/bench/lo-en-de, fetching the LibreOffice help packages once)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="aiayn-bench-quick-")) if args.quick else HERE)
@@ -68,6 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         probes["bf16"].add(bf16_small if bf16_small < 10 else
                            matmul_gflops(2048, torch.bfloat16, repeats=sizes["probe_repeats"], budget_s=10.0))
         log(f"matmul fp32 {probes['fp32 (start)'].median:.1f} GFLOP/s, bf16 {probes['bf16'].median:.2f} GFLOP/s")
+
+    demo_result = None
+    if "demo" in sections:
+        import demo_training  # noqa: E402
+
+        data_dir = _demo_data(args.data, log)
+        if data_dir is not None:
+            rounds, updates = sizes["demo"]
+            from aiayn.demo import config_path
+
+            demo_result = demo_training.run_demo_training(data_dir, config_path(), rounds, updates, log)
 
     import training  # noqa: E402  (imports aiayn, transformers)
     import inference  # noqa: E402
@@ -96,13 +117,34 @@ def main(argv: list[str] | None = None) -> int:
     machine["suite wall time"] = f"{(time.time() - started) / 60:.1f} min"
 
     results.update(probes={k: v.values for k, v in probes.items()},
+                   demo_training=_plain(demo_result) if demo_result else None,
                    training=[_plain(r) for r in train_results],
                    inference=_plain(infer_result) if infer_result else None,
                    attention=_plain(attn_result) if attn_result else None)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    report.write(out, machine, probes, bf16_supported(), train_results, infer_result, attn_result, args.quick)
+    report.write(out, machine, probes, bf16_supported(), demo_result, train_results, infer_result, attn_result,
+                 args.quick)
     log(f"wrote {out / 'RESULTS.md'}")
     return 0
+
+
+def _demo_data(path: str | None, log) -> Path | None:
+    """The demo's dataset: --data, or prepared once into ~/.cache/aiayn/bench (None if impossible)."""
+    if path:
+        return Path(path)
+    from argparse import Namespace
+
+    from aiayn.data import prepare_main
+    from aiayn.demo import DATA
+    from aiayn.errors import UserError
+
+    out = Path.home() / ".cache" / "aiayn" / "bench" / f"lo-en-de-{DATA['vocab_size']}"
+    try:
+        prepare_main(Namespace(out=str(out), **DATA))
+    except UserError as e:
+        log(f"demo section skipped: cannot prepare the demo's data ({e})")
+        return None
+    return out
 
 
 def _plain(obj):

@@ -2,21 +2,27 @@
 
 One training step = forward, label-smoothed cross-entropy (ε_ls = 0.1, §5.4), backward, Adam
 (β1 = 0.9, β2 = 0.98, ε = 1e-9, §5.3) and zeroing the gradients, with dropout 0.1 on. All three
-systems get the same batch of random sentences (about 4k target tokens) and the same loss code.
+systems get the same batch of random sentences (about 4k target tokens). Each runs its own
+training code as a user of it would: aiayn its `Criterion` (the pre-softmax projection fused
+with the loss, over the real target positions only, `aiayn.train.loss`); nn.Transformer and
+HF Marian the full logits and ``F.cross_entropy(..., label_smoothing=0.1, ignore_index=pad)``.
 
-Model FLOPs of one step (matmuls only, 2 FLOPs per multiply-add, on the padded shapes), with
-B sentences, S source and T target positions, N layers, width d, FFN width d_ff, vocabulary V:
+Model FLOPs of one step (matmuls only, 2 FLOPs per multiply-add), with B sentences, S source
+and T target positions (padded), R real target tokens, N layers, width d, FFN width d_ff,
+vocabulary V:
 
     encoder  N·B·S·2(4d² + 2d·d_ff)          Q,K,V,O projections and the FFN, per source position
              N·B·2·2·S²·d                     QKᵀ and (softmax)·V
     decoder  N·B·T·2(6d² + 2d·d_ff)          self Q,K,V,O + cross Q,O + FFN, per target position
              N·B·S·2·2d²                      cross-attention K,V of the encoder output
              N·B·2·2·(T² + T·S)·d             self- and cross-attention scores and sums
-    output   B·T·2·d·V                        pre-softmax projection
+    output   R·2·d·V                          pre-softmax projection of the real target tokens
 
 and training costs 3× the forward pass (the backward pass computes two products per forward
-one). MFU = (model FLOPs / step time) / (the matmul probe's GFLOP/s, measured in the same run).
-The same formula serves all three systems, so their MFU ratios equal their throughput ratios.
+one). The output term counts real tokens only: projecting padding is work no system needs,
+so a system that does it spends time the formula does not credit. MFU = (model FLOPs / step
+time) / (the matmul probe's GFLOP/s, measured in the same run). The same formula serves all
+three systems, so their MFU ratios equal their throughput ratios.
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ from common import Series, matmul_gflops, paired_ratio, timed
 LABEL_SMOOTHING = 0.1
 
 
-def training_flops(cfg, batch: int, s: int, t: int) -> float:
+def training_flops(cfg, batch: int, s: int, t: int, real_targets: int) -> float:
     """Model FLOPs of one training step (module docstring)."""
     d, ff, v = cfg.d_model, cfg.d_ff, cfg.tgt_vocab_size
     enc = cfg.n_encoder_layers * (batch * s * 2 * (4 * d * d + 2 * d * ff) + batch * 4 * s * s * d)
     dec = cfg.n_decoder_layers * (
         batch * t * 2 * (6 * d * d + 2 * d * ff) + batch * s * 4 * d * d + batch * 4 * (t * t + t * s) * d
     )
-    out = batch * t * 2 * d * v
+    out = real_targets * 2 * d * v
     return 3.0 * (enc + dec + out)
 
 
@@ -56,6 +62,7 @@ def _adam(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tensor) -> Callable[[], float]:
+    """A peer's step: full logits, then torch's label-smoothed cross-entropy."""
     opt = _adam(model)
     model.train()
 
@@ -67,6 +74,34 @@ def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tens
         return float(loss.detach())
 
     return step
+
+
+def _aiayn_step_fn(model, batch) -> Callable[[], float]:
+    """aiayn's step: its Criterion (projection fused with the loss, real positions only)."""
+    from aiayn.train.step import Criterion
+
+    criterion = Criterion(model, LABEL_SMOOTHING)
+    opt = _adam(model)
+    model.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = criterion(batch)
+        loss = loss / batch.n_tgt_tokens
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _batch(src: Tensor, tgt_in: Tensor, target: Tensor):
+    """The padded tensors as an aiayn Batch (target positions found as `collate` does)."""
+    from aiayn.data.batching import Batch
+
+    index = target.reshape(-1).ne(peers.PAD).nonzero().squeeze(1)
+    return Batch(src, tgt_in, target, index, target.reshape(-1)[index], n_src_tokens=int(src.ne(peers.PAD).sum()),
+                 n_tgt_tokens=int(index.numel()))
 
 
 @dataclass
@@ -112,12 +147,12 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
     hf_dec[:, 0] = v  # Marian starts from its zero-embedding pad row (see aiayn.export)
 
     steps = {
-        "aiayn": _step_fn(ours, lambda: ours(src, tgt_in), target),
+        "aiayn": _aiayn_step_fn(ours, _batch(src, tgt_in, target)),
         "nn.Transformer": _step_fn(theirs_torch, lambda: theirs_torch(src, tgt_in), target),
         "HF Marian": _step_fn(hf, lambda: hf(input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=hf_dec).logits, target),
     }
     result = TrainingResult(name, sentences, src.size(1), tgt_in.size(1), n_target,
-                            training_flops(cfg, sentences, src.size(1), tgt_in.size(1)))
+                            training_flops(cfg, sentences, src.size(1), tgt_in.size(1), n_target))
     for system, step in steps.items():  # warm-up: Adam state, allocator, thread pool
         result.loss[system] = step()
         result.tokens_per_s[system] = Series()

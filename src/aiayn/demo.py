@@ -21,6 +21,8 @@ from pathlib import Path
 from .errors import UserError
 
 CONFIG = "libreoffice-small.yaml"
+# The demo's corpus: `aiayn prepare` options (the benchmarks prepare the same data).
+DATA = dict(corpus="libreoffice-help", lang="de", vocab_size=8000)
 EXAMPLES = 5
 
 
@@ -28,7 +30,7 @@ def _say(step: str, text: str) -> None:
     print(f"\n[{step}] {text}", flush=True)
 
 
-def _config_path() -> Path:
+def config_path() -> Path:
     """configs/ lives beside src/ in the repository (the demo runs from a checkout)."""
     path = Path(__file__).resolve().parents[2] / "configs" / CONFIG
     if not path.is_file():
@@ -70,12 +72,12 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     # 1. the corpus
     _say("1/6", f"Preparing the LibreOffice help corpus, English→German, into {data_dir}")
     t0 = time.perf_counter()
-    prepare_main(Namespace(corpus="libreoffice-help", lang="de", out=str(data_dir), vocab_size=8000))
+    prepare_main(Namespace(out=str(data_dir), **DATA))
     data = load_dataset(data_dir)
     timings["prepare_s"] = time.perf_counter() - t0
 
     # 2. training (3. averaging happens at its end)
-    config = _config_path()
+    config = config_path()
     t0 = time.perf_counter()
     if _finished(run_dir) and not overrides:
         _say("2/6", f"Training: reusing the finished run in {run_dir} (delete it to train again)")
