@@ -19,6 +19,7 @@ REFS = [
     "Eine Frau liest ein Buch, während es regnet.",
     "Der Hund läuft am Strand entlang.",
     "Menschen warten an der Bushaltestelle in der Stadt-Mitte.",
+    "Der Hund läuft am Strand entlang.",
 ]
 HYPS = [
     "Ein Mann fährt Fahrrad über die Brücke.",
@@ -26,6 +27,7 @@ HYPS = [
     "Eine Frau liest ein Buch während es regnet .",
     "",
     "Leute warten an der Bushaltestelle in der Stadt-Mitte.",
+    "der hund läuft am strand entlang.",  # right but for case: only the lowercased BLEU credits it
 ]
 
 
@@ -49,6 +51,10 @@ def test_bleu_and_chrf_equal_the_sacrebleu_command_line(files, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["bleu"] == pytest.approx(sacrebleu_cli(str(ref), "-i", str(hyp), "-m", "bleu"), abs=1e-4)
     assert result["chrf"] == pytest.approx(sacrebleu_cli(str(ref), "-i", str(hyp), "-m", "chrf"), abs=1e-4)
+    # Lowercased ("Stadt-Mitte" vs "stadt-mitte" would otherwise differ): sacrebleu -lc.
+    assert result["bleu_lowercase"] == pytest.approx(sacrebleu_cli(str(ref), "-i", str(hyp), "-m", "bleu", "-lc"), abs=1e-4)
+    assert result["bleu_lowercase"] > result["bleu"]
+    assert result["bleu_lowercase_signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
     assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
     assert "nc:6|nw:0" in result["chrf_signature"]
     assert result == {**score(HYPS, REFS), "ref": str(ref), "hyp": str(hyp)}
@@ -61,6 +67,7 @@ def test_text_report_is_labelled(files, capsys):
     assert out.startswith("BLEU = ")
     assert "signature: nrefs:1|case:mixed" in out
     assert "chrF2 = " in out
+    assert "Lowercased BLEU = " in out and "signature: nrefs:1|case:lc" in out
     assert "Tokenized BLEU (paper-comparable) = " in out and "NOT comparable with sacreBLEU" in out
 
 

@@ -5,6 +5,10 @@ Three scores of detokenized hypotheses against one reference per line:
 * **BLEU (sacreBLEU)**: cased, detokenized text, sacreBLEU's own 13a tokenization, with its
   signature (Post, 2018). This is the number to compare across papers and toolkits today.
 * **chrF2 (sacreBLEU)**: character n-gram F-score, with its signature.
+* **Lowercased BLEU (sacreBLEU ``-lc``)**: the same BLEU with both sides lowercased. Papers on
+  Multi30k (the multimodal-MT shared tasks and their text-only Transformer baselines) report
+  BLEU of tokenized, lowercased text; sacreBLEU's 13a tokenization with ``lowercase=True``
+  computes that form reproducibly, with its own signature (``case:lc``).
 * **Tokenized BLEU, paper-comparable**: the paper's 28.4 / 41.8 (§6.1) were computed the way
   tensor2tensor's ``get_ende_bleu.sh`` does: tokenize both sides, split hyphenated compounds
   with the Perl substitution ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g`` (``a-b`` ->
@@ -54,14 +58,17 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
     if len(hyps) != len(refs):
         raise UserError(f"{len(hyps)} hypotheses but {len(refs)} references")
     hyps, refs = list(hyps), list(refs)
-    bleu, chrf = BLEU(), CHRF()
+    bleu, bleu_lc, chrf = BLEU(), BLEU(lowercase=True), CHRF()
     bleu_result = bleu.corpus_score(hyps, [refs])
+    lc_result = bleu_lc.corpus_score(hyps, [refs])
     chrf_result = chrf.corpus_score(hyps, [refs])
     return {
         "sentences": len(hyps),
         "bleu": bleu_result.score,
         "bleu_signature": str(bleu.get_signature()),
         "bleu_detail": str(bleu_result),
+        "bleu_lowercase": lc_result.score,
+        "bleu_lowercase_signature": str(bleu_lc.get_signature()),
         "chrf": chrf_result.score,
         "chrf_signature": str(chrf.get_signature()),
         "tokenized_bleu": tokenized_bleu(hyps, refs),
@@ -73,6 +80,8 @@ def format_report(result: dict) -> str:
     return "\n".join([
         f"{result['bleu_detail']}",
         f"  sacreBLEU (cased, detokenized) signature: {result['bleu_signature']}",
+        f"Lowercased BLEU = {result['bleu_lowercase']:.2f}",
+        f"  sacreBLEU -lc (13a-tokenized, lowercased: the Multi30k papers' form) signature: {result['bleu_lowercase_signature']}",
         f"chrF2 = {result['chrf']:.2f}",
         f"  sacreBLEU chrF signature: {result['chrf_signature']}",
         f"Tokenized BLEU (paper-comparable) = {result['tokenized_bleu']:.2f}",
