@@ -186,6 +186,7 @@ async function selectCandidate(index) {
     state.hover = null;
     setupPickers();
     $("attention-panel").hidden = false;
+    $("attention-panel").dataset.tgt = data.tgt;  // which translation is shown (read by the tests)
     render();
     setBusy(false, `${state.timing} · attention in ${Math.round(performance.now() - started)} ms`);
   } catch (err) {
