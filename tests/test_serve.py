@@ -285,6 +285,18 @@ def test_serve_command_errors_are_one_line(copy_checkpoint, tmp_path, capsys):
         assert "warning" in err and "no authentication" in err and "in use" in err
 
 
+def test_serve_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--checkpoint", "--host", "--port", "--max-lines", "--max-chars", "--max-beam", "--batch-wait-ms"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+
+
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("no-such-host.invalid")
