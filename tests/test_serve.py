@@ -170,6 +170,7 @@ def test_attention_of_the_models_own_translation(client, copy_checkpoint):
                 for row, want_row in zip(matrix, want[layer, head].tolist()):
                     assert row == pytest.approx(want_row, abs=6e-5)  # rounded to 4 decimals
                     assert sum(row) == pytest.approx(1.0, abs=1e-3)
+                    assert all(len(repr(p)) <= 6 for p in row), row  # 0.xxxx in the JSON, not 17 digits
 
 
 def test_attention_with_a_given_target(client):

@@ -112,7 +112,8 @@ class Engine:
         for kind, title in KINDS.items():
             rows, columns = rows_cols[kind]
             # 4 decimals: finer than a colour map can show, and a third of the JSON of full floats.
-            weights = (maps.weights[kind] * 1e4).round() / 1e4
+            # Rounded in float64: a float32 0.0006 would print as 0.0006000000284984708.
+            weights = (maps.weights[kind].double() * 1e4).round() / 1e4
             attention[kind] = {"title": title, "rows": rows, "columns": columns, "weights": weights.tolist()}
         return {"src": src, "tgt": tgt, "src_tokens": maps.src_tokens, "tgt_tokens": maps.tgt_tokens,
                 "tgt_inputs": maps.tgt_inputs, "attention": attention}
