@@ -9,9 +9,8 @@
 
 Every error is ``{"error": "one clear sentence"}`` with a 4xx status for the client's mistakes
 (400 malformed JSON, 413 over a size limit, 415 not JSON, 422 wrong types or values, 404/405
-wrong route)
-and 500 for the server's. Requests never read or write files: the only files served are the
-explorer's, from the package.
+wrong route) and 500 for the server's. Requests never read or write files: the only files
+served are the explorer's, from the package.
 """
 
 from __future__ import annotations

@@ -71,7 +71,9 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint | str | Path, settings: ServeSettings | None = None):
         self.settings = (settings or ServeSettings()).check()
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
-        self.name = ckpt.path.name  # only the name: /api/info must not reveal the server's file tree
+        # Only the directory's name (resolved, so that "." has one): /api/info must not reveal
+        # the server's file tree.
+        self.name = ckpt.path.resolve().name
         self.meta = ckpt.meta
         self.parameters = ckpt.model.num_parameters()  # counted before any quantisation
         if self.settings.quantize:

@@ -61,7 +61,7 @@ class BackgroundServer:
     """Serve an ASGI app with uvicorn in a daemon thread, for tests, benchmarks and notebooks::
 
         with BackgroundServer(create_app(Engine("runs/lo/averaged"))) as server:
-            httpx.post(server.url + "/api/translate", json={"text": "Click OK."})
+            httpx2.post(server.url + "/api/translate", json={"text": "Click OK."})
 
     It listens on loopback by default (a free port unless ``port`` is given) and stops when
     the ``with`` block ends.
