@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        args=CHROMIUM_FLAGS, viewport={"width": 1100, "height": 900})
         page = context.new_page()
         page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('checkpoint')")
+        # A function, not an expression: an expression is polled with eval(), which the CSP refuses.
+        page.wait_for_function("() => document.getElementById('model-info').textContent.includes('checkpoint')")
         page.fill("#source", args.text)
         page.press("#source", "Enter")
         page.wait_for_selector("#heatmap-canvas[data-view]", timeout=120_000)

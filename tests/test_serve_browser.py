@@ -117,14 +117,16 @@ def assert_drawn(page, weights, kind, layer, head):
 
 def test_explorer_translates_and_draws_the_attention(page, server):
     page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('copy → copy')")
+    # Predicates are functions, not expressions: Playwright polls an expression with eval(),
+    # which the page's Content-Security-Policy (script-src 'self') rightly refuses.
+    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('copy → copy')")
 
     # Errors are shown, from the page itself and from the server.
     page.click("#translate")
     assert page.locator("#error").is_visible() and "Type a sentence" in page.text_content("#error")
     page.fill("#source", "a " * 40)
     page.click("#translate")
-    page.wait_for_function("document.getElementById('error').textContent.includes('the limit is 60')")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('the limit is 60')")
 
     sentence = "a b c d e f g"
     page.fill("#source", sentence)
