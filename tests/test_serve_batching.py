@@ -119,7 +119,7 @@ def test_a_wrong_number_of_results_is_an_error_not_a_misdelivery():
 
 
 def test_the_event_loop_keeps_running_while_a_batch_is_computed():
-    recorder = Recorder(delay=0.5)
+    recorder = Recorder(delay=0.8)
 
     async def go(batcher):
         ticks = []
@@ -137,9 +137,11 @@ def test_the_event_loop_keeps_running_while_a_batch_is_computed():
         return result, elapsed, ticks
 
     result, elapsed, ticks = run(go, recorder, max_wait=0.0)
-    assert result == ["k:SLOW"] and elapsed >= 0.5
+    assert result == ["k:SLOW"] and elapsed >= 0.8
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert len(ticks) >= 20 and max(gaps) < 0.2, f"the event loop stalled for {max(gaps):.3f} s"
+    # Ticks every 10 ms; a loop blocked by the batch would stall for its whole 0.8 s. The bound
+    # leaves room for a busy shared machine.
+    assert len(ticks) >= 20 and max(gaps) < 0.4, f"the event loop stalled for {max(gaps):.3f} s"
 
 
 def test_stop_answers_waiting_requests():
