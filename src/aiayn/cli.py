@@ -10,6 +10,7 @@ Each subcommand parses its options here and hands them to the module that owns t
     evaluate  -> aiayn.evaluate   (sacreBLEU, chrF, paper-comparable BLEU)
     attention -> aiayn.inspect    (attention weights as heatmaps and JSON)
     export    -> aiayn.export     (Hugging Face Marian layout, for CTranslate2)
+    serve     -> aiayn.serve      (HTTP API with dynamic batching, and the attention explorer)
     demo      -> aiayn.demo       (the first run: all of the above on a real corpus)
 
 Errors a user can fix are raised as `UserError` and printed as one line, exit status 2.
@@ -123,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the Marian model")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_handler("export:export_main"))
+
+    # -- serve ---------------------------------------------------------------------------------
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: a JSON API and the attention explorer")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only; the API has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    g = p.add_argument_group("search (a request may choose its own beam and nbest)")
+    g.add_argument("--beam", type=int, default=4, help="default beam size; 1 is greedy search")
+    g.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha")
+    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b subwords")
+    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
+    g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g = p.add_argument_group("limits and batching")
+    g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default 64)")
+    g.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default 1000)")
+    g.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask for (default 8)")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with (default 5 ms)")
+    g.add_argument("--max-batch-lines", type=int, default=64, help="sentences translated in one batch (default 64)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log every request (default: on)")
+    p.set_defaults(func=_handler("serve:serve_main"))
 
     # -- demo ----------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="the first run: prepare, train, average, evaluate, draw")

@@ -1,0 +1,304 @@
+"""The web layer of ``aiayn serve``: a FastAPI application over an `Engine`.
+
+    POST /api/translate   {"text": "..." | ["...", ...], "beam": 4, "nbest": 1} -> {"translations": [...]}
+    POST /api/attention   {"src": "...", "tgt": "..." (optional)} -> tokens and every attention weight
+    GET  /api/info        the model, its languages and the server's limits
+    GET  /api/health      liveness and batching counters
+    GET  /                the attention explorer (static files in ./static, no build step)
+    GET  /docs            the OpenAPI documentation (schema at /openapi.json)
+
+Every error is ``{"error": "one clear sentence"}`` with a 4xx status for the client's mistakes
+(400 malformed JSON, 413 over a size limit, 415 not JSON, 422 wrong types or values, 404/405
+wrong route) and 500 for the server's. Requests never read or write files: the only files
+served are the explorer's, from the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import UserError
+from .batching import DynamicBatcher
+from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+# The explorer loads nothing from elsewhere: this makes the browser enforce it.
+EXPLORER_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class ApiError(Exception):
+    """A request the server refuses: answered as {"error": message} with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# -- request and response bodies (also the OpenAPI schema) ------------------------------------
+
+
+class TranslateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"text": "Click OK to close the dialog.", "beam": 4, "nbest": 1},
+                     {"text": ["First sentence.", "Second sentence."], "nbest": 2}]})
+
+    text: Union[str, list[str]] = Field(description="one sentence, or a list of sentences translated separately")
+    beam: StrictInt | None = Field(None, description="beam size, 1 = greedy search (default: the server's --beam)")
+    nbest: StrictInt = Field(1, description="translations per sentence, best first (1 ... beam); > 1 adds scores")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _strings(cls, value):
+        # One clear message instead of pydantic's one error per member of the union.
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("must be a string or a list of strings")
+
+
+class Candidate(BaseModel):
+    text: str
+    score: float = Field(description="log P(y|x) / ((5+|y|)/6)^alpha, the ranking score (|y| counts the EOS)")
+    log_prob: float = Field(description="log P(y|x), natural log, output tokens and EOS")
+
+
+class TranslateResponse(BaseModel):
+    translations: Union[list[str], list[list[Candidate]]] = Field(
+        description="one entry per input sentence: its translation (nbest = 1) or its n best candidates")
+
+
+class AttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"src": "Click OK to close the dialog."},
+                     {"src": "Click OK to close the dialog.", "tgt": "Klicken Sie auf OK, um den Dialog zu schließen."}]})
+
+    src: StrictStr = Field(description="the source sentence")
+    tgt: StrictStr | None = Field(None, description="a target sentence (default: the model's own best translation)")
+    beam: StrictInt | None = Field(None, description="beam size for the translation when tgt is absent")
+
+
+class AttentionKind(BaseModel):
+    title: str
+    rows: list[str] = Field(description="the token of each row: the querying position")
+    columns: list[str] = Field(description="the token of each column: the attended position")
+    weights: list[list[list[list[float]]]] = Field(description="weights[layer][head][row][column]; each row sums to 1")
+
+
+class AttentionResponse(BaseModel):
+    src: str = Field(description="the source as the model read it (NFC, single spaces)")
+    tgt: str = Field(description="the target the weights belong to")
+    translated: bool = Field(description="true when tgt is the model's own translation")
+    src_tokens: list[str] = Field(description="source subwords, then </s>")
+    tgt_tokens: list[str] = Field(description="what each decoder position predicts: y_1 ... y_n, </s>")
+    tgt_inputs: list[str] = Field(description="what each decoder position reads: <s>, y_1 ... y_n")
+    attention: dict[str, AttentionKind] = Field(description="encoder, decoder and cross (encoder-decoder) attention")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "malformed JSON", 413: "over a size limit (lines, characters, body)", 415: "the body is not JSON",
+    422: "wrong types or values", 500: "the server failed"}.items()}
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The ASGI application serving ``engine``. Its batcher and worker thread live as long as
+    the application's lifespan (uvicorn, or ``with TestClient(app)``)."""
+    settings = engine.settings
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiayn-model")
+        batcher = DynamicBatcher(engine.translate, executor, max_wait=settings.batch_wait_ms / 1000,
+                                 max_items=settings.max_batch_lines)
+        batcher.start()
+        state.update(executor=executor, batcher=batcher)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            executor.shutdown(wait=True)
+            state.clear()
+
+    app = FastAPI(title="aiayn", version=__version__, lifespan=lifespan,
+                  description="Translation and attention of a Transformer checkpoint "
+                              "(Attention Is All You Need). The explorer is at /.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not media_type.endswith("json"):
+            # FastAPI does not parse other media types as JSON: say so instead of "not an object".
+            return JSONResponse({"error": f"send the body as JSON with Content-Type: application/json "
+                                          f"(got {media_type or 'no Content-Type'})"}, status_code=415)
+        status, message = describe_validation_errors(exc.errors())
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def translate_lines(lines: list[str], beam: int, nbest: int):
+        try:
+            return await state["batcher"].submit((beam, nbest), lines)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+        except Exception as e:  # logged with its traceback by the batcher
+            raise ApiError(500, f"translation failed: {type(e).__name__}: {e}") from None
+
+    def check_beam(beam: int | None) -> int:
+        beam = settings.beam if beam is None else beam
+        if not 1 <= beam <= settings.max_beam:
+            raise ApiError(422, f"beam must be between 1 and {settings.max_beam} (got {beam})")
+        return beam
+
+    def check_length(text: str, what: str) -> None:
+        if len(text) > settings.max_chars:
+            raise ApiError(413, f"{what} has {len(text)} characters; the limit is {settings.max_chars}")
+
+    @app.post("/api/translate", response_model=TranslateResponse, responses=ERRORS)
+    async def translate(body: TranslateRequest):
+        """Translate one sentence or a list of sentences (batched with concurrent requests)."""
+        single = isinstance(body.text, str)
+        lines = [body.text] if single else body.text
+        beam = check_beam(body.beam)
+        if not 1 <= body.nbest <= beam:
+            raise ApiError(422, f"nbest must be between 1 and the beam size {beam} (got {body.nbest})")
+        if not lines:
+            raise ApiError(422, "text is an empty list: give at least one sentence")
+        if not any(line.strip() for line in lines):
+            raise ApiError(422, "text is empty: give a sentence to translate" if single
+                           else "every line of text is empty: give a sentence to translate")
+        if len(lines) > settings.max_lines:
+            raise ApiError(413, f"text has {len(lines)} lines; the limit is {settings.max_lines} per request")
+        for number, line in enumerate(lines, start=1):
+            check_length(line, "text" if single else f"line {number} of text")
+        results = await translate_lines(lines, beam, body.nbest)
+        if body.nbest == 1:
+            return {"translations": [hyps[0].text for hyps in results]}
+        return {"translations": [[{"text": h.text, "score": h.score, "log_prob": h.log_prob} for h in hyps]
+                                 for hyps in results]}
+
+    @app.post("/api/attention", responses={200: {"model": AttentionResponse}, **ERRORS})
+    async def attention(body: AttentionRequest):
+        """Every kind, layer and head of attention for one sentence, and its tokens. Without tgt,
+        the model's own best translation (beam search) is the target."""
+        if not body.src.strip():
+            raise ApiError(422, "src is empty: give a sentence to look at")
+        check_length(body.src, "src")
+        translated = body.tgt is None
+        if translated:
+            tgt = (await translate_lines([body.src], check_beam(body.beam), 1))[0][0].text
+        else:
+            check_length(body.tgt, "tgt")
+            tgt = body.tgt
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(state["executor"], engine.attention, body.src, tgt)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+        except Exception as e:
+            log.error("aiayn serve: attention failed", exc_info=e)
+            raise ApiError(500, f"attention failed: {type(e).__name__}: {e}") from None
+        # Returned as is: validating ~10^5 floats through the response model would cost more
+        # than computing them; the schema above documents the shape.
+        return JSONResponse({**result, "translated": translated})
+
+    @app.get("/api/info")
+    async def info():
+        """The model (config, vocabulary, languages, checkpoint name) and the server's limits."""
+        return engine.info()
+
+    @app.get("/api/health")
+    async def health():
+        """Liveness, and what the batcher has done: lines waiting, batches run."""
+        batcher = state.get("batcher")
+        if batcher is None:
+            raise ApiError(503, "not started")
+        return {"status": "ok", "pending_lines": batcher.pending, **batcher.stats.as_dict()}
+
+    @app.get("/", include_in_schema=False)
+    async def explorer():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": EXPLORER_CSP,
+                                                            "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def describe_validation_errors(errors) -> tuple[int, str]:
+    """(status, one message) for pydantic's list of errors: 400 for JSON that does not parse,
+    422 for wrong fields, each named by its path in the body ("text", "text.2", "beam")."""
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            position = e["loc"][-1] if len(e.get("loc", ())) > 1 else "?"
+            reason = (e.get("ctx") or {}).get("error", "invalid JSON")
+            return 400, f"malformed JSON at character {position}: {reason}"
+    messages = []
+    for e in errors:
+        loc = [str(part) for part in e.get("loc", ()) if part != "body"]
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            messages.append("the request body must be a JSON object")
+        elif e.get("type") == "missing":
+            messages.append(f"{'.'.join(loc)} is required")
+        elif e.get("type") == "extra_forbidden":
+            messages.append(f"unknown field {'.'.join(loc)!r}")
+        else:
+            messages.append(f"{'.'.join(loc) or 'body'}: {msg}")
+    return 422, "; ".join(dict.fromkeys(messages))  # unique, in order
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with a 413, before reading them
+    (Content-Length) or as soon as a streamed body passes the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is over the limit of {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"error": message}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,337 @@
+"""`aiayn serve`'s API through FastAPI's test client, on the copy-task model (whose answers are
+known exactly) and a random model with a short position table; and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastapi, uvicorn)")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from aiayn.cli import main  # noqa: E402
+from aiayn.decode import Translator  # noqa: E402
+from aiayn.errors import UserError  # noqa: E402
+from aiayn.inspect import attention_maps  # noqa: E402
+from aiayn.serve.app import create_app  # noqa: E402
+from aiayn.serve.engine import Engine, ServeSettings  # noqa: E402
+from aiayn.serve.server import is_loopback  # noqa: E402
+
+SETTINGS = dict(max_lines=8, max_chars=200, max_beam=6)
+
+
+@pytest.fixture(scope="module")
+def engine(copy_checkpoint):
+    return Engine(copy_checkpoint, ServeSettings(**SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine)) as client:
+        yield client
+
+
+def post(client, path, body):
+    response = client.post(path, json=body)
+    return response.status_code, response.json()
+
+
+# -- /api/translate ------------------------------------------------------------------------------
+
+
+def test_translate_one_sentence_and_a_list(client):
+    assert post(client, "/api/translate", {"text": "a b c d e"}) == (200, {"translations": ["a b c d e"]})
+    lines = ["f g h", "", "  i   j  ", "k l m n o p q r s"]
+    status, body = post(client, "/api/translate", {"text": lines})
+    # Blank lines answer blank; input is cleaned (NFC, single spaces) as `aiayn translate` does.
+    assert status == 200 and body == {"translations": ["f g h", "", "i j", "k l m n o p q r s"]}
+    assert post(client, "/api/translate", {"text": "a b c", "beam": 1}) == (200, {"translations": ["a b c"]})
+
+
+def test_nbest_answers_have_the_translators_scores(client, copy_checkpoint):
+    status, body = post(client, "/api/translate", {"text": ["a b c d", "e f"], "beam": 4, "nbest": 3})
+    assert status == 200
+    expected = Translator(copy_checkpoint, beam=4).translate_nbest(["a b c d", "e f"], nbest=3)
+    assert len(body["translations"]) == 2
+    for got, want in zip(body["translations"], expected):
+        assert [c["text"] for c in got] == [t.text for t in want]
+        assert [c["score"] for c in got] == pytest.approx([t.score for t in want], abs=1e-5)
+        assert [c["log_prob"] for c in got] == pytest.approx([t.log_prob for t in want], abs=1e-5)
+        assert [c["score"] for c in got] == sorted((c["score"] for c in got), reverse=True)
+    assert body["translations"][0][0]["text"] == "a b c d"
+
+
+RAW = "raw"  # marks a body sent as bytes, not as JSON
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ((RAW, b'{"text": "a b'), 400, "malformed JSON at character"),
+    ((RAW, b"[1, 2]"), 422, "must be a JSON object"),
+    ((RAW, b"null"), 422, "must be a JSON object"),
+    ({}, 422, "text is required"),
+    ({"txt": "a b"}, 422, "unknown field 'txt'"),
+    ({"text": 5}, 422, "text: must be a string or a list of strings"),
+    ({"text": ["a", 3]}, 422, "text: must be a string or a list of strings"),
+    ({"text": "a", "beam": "4"}, 422, "beam: Input should be a valid integer"),
+    ({"text": "a", "beam": 2.5}, 422, "beam: Input should be a valid integer"),
+    ({"text": "a", "nbest": True}, 422, "nbest: Input should be a valid integer"),
+    ({"text": "a", "beam": 0}, 422, "beam must be between 1 and 6 (got 0)"),
+    ({"text": "a", "beam": 7}, 422, "beam must be between 1 and 6 (got 7)"),
+    ({"text": "a", "beam": 2, "nbest": 3}, 422, "nbest must be between 1 and the beam size 2 (got 3)"),
+    ({"text": "a", "nbest": 0}, 422, "nbest must be between 1"),
+    ({"text": ""}, 422, "text is empty"),
+    ({"text": " \t "}, 422, "text is empty"),
+    ({"text": []}, 422, "text is an empty list"),
+    ({"text": ["", "  "]}, 422, "every line of text is empty"),
+    ({"text": ["a"] * 9}, 413, "text has 9 lines; the limit is 8"),
+    ({"text": "a" * 201}, 413, "text has 201 characters; the limit is 200"),
+    ({"text": ["a", "b" * 201]}, 413, "line 2 of text has 201 characters"),
+])
+def test_bad_translate_requests_get_a_clear_4xx(client, body, status, message):
+    if isinstance(body, tuple):
+        response = client.post("/api/translate", content=body[1], headers={"Content-Type": "application/json"})
+    else:
+        response = client.post("/api/translate", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_bodies_that_are_not_json_or_too_large_are_refused(client, engine):
+    response = client.post("/api/translate", content=b'{"text": "a"}', headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "Content-Type: application/json" in response.json()["error"]
+    huge = json.dumps({"text": "a" * (engine.settings.max_body_bytes + 1)}).encode()
+    response = client.post("/api/translate", content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"text": "'
+        for _ in range(engine.settings.max_body_bytes // 1000 + 1):
+            yield b"a" * 1000
+        yield b'"}'
+
+    response = client.post("/api/translate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    assert client.get("/api/nowhere").json() == {"error": "Not Found"}
+    assert client.get("/api/translate").status_code == 405
+
+
+def test_a_failing_batch_answers_500_and_the_server_keeps_serving(copy_checkpoint):
+    engine = Engine(copy_checkpoint, ServeSettings(**SETTINGS))
+    translate = engine.translate
+
+    def faulty(key, lines):  # a bug that only some input triggers
+        if any("t" in line for line in lines):
+            raise RuntimeError("simulated failure")
+        if any("s" in line for line in lines):
+            raise UserError("simulated user error")
+        return translate(key, lines)
+
+    engine.translate = faulty
+    with TestClient(create_app(engine)) as client:
+        status, body = post(client, "/api/translate", {"text": "a t b"})
+        assert status == 500 and body == {"error": "translation failed: RuntimeError: simulated failure"}
+        status, body = post(client, "/api/translate", {"text": "a s b"})
+        assert status == 422 and body == {"error": "simulated user error"}
+        assert post(client, "/api/translate", {"text": "a b"}) == (200, {"translations": ["a b"]})
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["failed_requests"] == 2
+
+
+# -- /api/attention --------------------------------------------------------------------------------
+
+
+def test_attention_of_the_models_own_translation(client, copy_checkpoint):
+    status, body = post(client, "/api/attention", {"src": "a b c d e f"})
+    assert status == 200
+    assert body["translated"] is True and body["src"] == body["tgt"] == "a b c d e f"
+    assert body["src_tokens"] == ["▁a", "▁b", "▁c", "▁d", "▁e", "▁f", "</s>"]
+    assert body["tgt_tokens"] == body["src_tokens"] and body["tgt_inputs"] == ["<s>"] + body["src_tokens"][:-1]
+    maps = attention_maps(copy_checkpoint, "a b c d e f", "a b c d e f")
+    shapes = {"encoder": ("src_tokens", "src_tokens"), "decoder": ("tgt_tokens", "tgt_inputs"),
+              "cross": ("tgt_tokens", "src_tokens")}
+    for kind, (rows, cols) in shapes.items():
+        got = body["attention"][kind]
+        assert got["rows"] == body[rows] and got["columns"] == body[cols] and got["title"]
+        weights = got["weights"]
+        assert len(weights) == 2 and all(len(layer) == 4 for layer in weights)  # layers, heads
+        want = maps.weights[kind]
+        for layer in range(2):
+            for head in range(4):
+                matrix = weights[layer][head]
+                assert len(matrix) == len(got["rows"]) and all(len(row) == len(got["columns"]) for row in matrix)
+                for row, want_row in zip(matrix, want[layer, head].tolist()):
+                    assert row == pytest.approx(want_row, abs=6e-5)  # rounded to 4 decimals
+                    assert sum(row) == pytest.approx(1.0, abs=1e-3)
+                    assert all(len(repr(p)) <= 6 for p in row), row  # 0.xxxx in the JSON, not 17 digits
+
+
+def test_attention_with_a_given_target(client):
+    status, body = post(client, "/api/attention", {"src": "a b c", "tgt": "c  b"})
+    assert status == 200 and body["translated"] is False and body["tgt"] == "c b"
+    assert body["tgt_tokens"] == ["▁c", "▁b", "</s>"]
+    cross = body["attention"]["cross"]["weights"]
+    assert len(cross[0][0]) == 3 and len(cross[0][0][0]) == 4
+    status, body = post(client, "/api/attention", {"src": "a b c", "tgt": ""})  # an empty translation
+    assert status == 200 and body["tgt_tokens"] == ["</s>"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"src": ""}, 422, "src is empty"),
+    ({"src": 3}, 422, "src: Input should be a valid string"),
+    ({"src": "a", "tgt": ["b"]}, 422, "tgt: Input should be a valid string"),
+    ({"tgt": "a"}, 422, "src is required"),
+    ({"src": "a" * 201}, 413, "src has 201 characters"),
+    ({"src": "a", "tgt": "b" * 201}, 413, "tgt has 201 characters"),
+    ({"src": "a", "beam": 9}, 422, "beam must be between 1 and 6"),
+])
+def test_bad_attention_requests_get_a_clear_4xx(client, body, status, message):
+    response = client.post("/api/attention", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_a_source_longer_than_the_model_reads_is_a_422(random_checkpoint):
+    # The random model has a learned position table of 64: at most 63 subwords.
+    with TestClient(create_app(Engine(random_checkpoint))) as client:
+        status, body = post(client, "/api/attention", {"src": "the cat sat on the mat " * 20, "tgt": "a"})
+        assert status == 422 and "this model reads at most 63" in body["error"]
+        status, body = post(client, "/api/attention", {"src": "the cat sat on the mat"})
+        assert status == 200 and body["attention"]["cross"]["weights"]
+
+
+# -- /api/info, /api/health, docs, the explorer's files ---------------------------------------------
+
+
+def test_info_names_the_model_without_server_paths(client, copy_checkpoint):
+    response = client.get("/api/info")
+    info = response.json()
+    assert info["checkpoint"] == copy_checkpoint.name
+    assert info["languages"] == {"src": "copy", "tgt": "copy"}
+    assert info["vocab_size"] == 45 and info["heads"] == 4 and info["layers"] == {"encoder": 2, "decoder": 2}
+    assert info["model"]["d_model"] == 64 and info["parameters"] > 0 and info["step"] > 0
+    assert info["limits"]["max_lines"] == 8 and info["limits"]["max_chars"] == 200 and info["limits"]["max_beam"] == 6
+    assert info["search"]["beam"] == 4 and info["search"]["alpha"] == 0.6
+    # meta.json holds absolute run and data paths: none may appear.
+    assert str(copy_checkpoint.parent) not in response.text and "/tmp" not in response.text
+
+
+def test_info_finds_the_languages_of_an_averaged_checkpoint(copy_checkpoint, tmp_path):
+    from aiayn.train import average_checkpoints
+
+    averaged = average_checkpoints([copy_checkpoint, copy_checkpoint], tmp_path / "avg")
+    info = Engine(averaged).info()
+    assert info["checkpoint"] == "avg" and info["languages"] == {"src": "copy", "tgt": "copy"}
+
+
+def test_health_and_docs(client):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["pending_lines"] == 0 and health["batches"] >= 1
+    schema = client.get("/openapi.json").json()
+    assert {"/api/translate", "/api/attention", "/api/info", "/api/health"} <= set(schema["paths"])
+    assert "TranslateRequest" in schema["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_the_explorer_is_served_with_a_self_only_policy(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for path in ("/static/explorer.js", "/static/explorer.css"):
+        assert path in page.text and client.get(path).status_code == 200
+    # No file outside the package's static folder is reachable.
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.get("/static/%2e%2e/app.py").status_code == 404
+
+
+def test_int8_server_translates(copy_checkpoint):
+    with TestClient(create_app(Engine(copy_checkpoint, ServeSettings(quantize="int8")))) as client:
+        assert post(client, "/api/translate", {"text": "a b c d"}) == (200, {"translations": ["a b c d"]})
+        assert client.get("/api/info").json()["quantize"] == "int8"
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_errors_are_one_line(copy_checkpoint, tmp_path, capsys):
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(copy_checkpoint), "--beam", "9"]) == 2
+    assert "--beam must be between 1 and --max-beam 8" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(copy_checkpoint), "--max-lines", "0"]) == 2
+    assert "--max-lines must be at least 1" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(copy_checkpoint), "--port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+        # Beyond loopback: a warning that the API has no authentication (the bind then fails
+        # on the busy port, so nothing listens beyond loopback in this test).
+        assert main(["serve", "--checkpoint", str(copy_checkpoint), "--host", "0.0.0.0", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert "warning" in err and "no authentication" in err and "in use" in err
+
+
+def test_serve_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--checkpoint", "--host", "--port", "--max-lines", "--max-chars", "--max-beam", "--batch-wait-ms"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("no-such-host.invalid")
+    if socket.has_ipv6:
+        assert is_loopback("::1") and not is_loopback("::")
+
+
+def test_serve_command_serves_until_interrupted(copy_checkpoint):
+    """The real command: `aiayn serve --port 0` prints its URL, answers, and stops on Ctrl-C."""
+    import httpx2
+
+    process = subprocess.Popen([sys.executable, "-m", "aiayn", "serve", "--checkpoint", str(copy_checkpoint),
+                                "--port", "0", "--no-access-log"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "serving" not in line:
+            assert time.monotonic() < deadline and process.poll() is None, f"server did not start: {line}"
+            line = process.stderr.readline()
+        url = line.split(" on ")[1].split("/ ")[0]
+        assert url.startswith("http://127.0.0.1:")
+        for _ in range(100):  # the socket listens already; uvicorn may need a moment to serve
+            try:
+                health = httpx2.get(url + "/api/health", timeout=5)
+                break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        assert health.json()["status"] == "ok"
+        response = httpx2.post(url + "/api/translate", json={"text": ["a b", "c d e"]}, timeout=30)
+        assert response.json() == {"translations": ["a b", "c d e"]}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
