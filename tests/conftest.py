@@ -2,8 +2,11 @@
 
 `copy_checkpoint` trains once per test session (through `aiayn.train.train`, the Python API
 behind ``aiayn train``) so the decode, attention and CLI tests can use a real trained model
-without training their own. It is checked to reach >= 99% teacher-forced token accuracy on
-the valid set; it takes well under a minute on one CPU core.
+without training their own. What those tests rely on is checked, not hoped for: greedy search
+and beam search (beam 4) copy every valid sentence and every line of `UNSEEN_COPY_INPUTS`
+exactly. Numerics differ between CPUs (AVX2 or AVX-512, MKL/oneDNN kernels), so after the
+800 updates of configs/copy.yaml one machine's model may still drop a repeated symbol that
+another's copies; the fixture then continues the run until the property holds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COPY_CONFIG = REPO / "configs" / "copy.yaml"
+
+# Continuing the copy run: rounds of COPY_ROUND updates (= save_every in configs/copy.yaml, so
+# every round ends on a checkpoint of the regular grid) at a lower learning rate, up to
+# COPY_MAX_UPDATES in all. The lower rate is what makes the rounds converge: at copy.yaml's own
+# rate the inverse-sqrt schedule decays too slowly for a model this small, and its errors on
+# the valid set wander between about 10 and 40 for as long as it trains (measured to 1,600
+# updates), while one round at a fifth of the rate brings them to 0.
+COPY_ROUND = 200
+COPY_COOLDOWN = ["train.lr_factor=0.1"]
+COPY_MAX_UPDATES = 1800
+
+
+def _unseen_copy_inputs() -> list[str]:
+    """Random sequences of the copy task's symbols, 6-15 long: 20^6 or more possible inputs, so
+    practically none was among the training pairs."""
+    import torch
+
+    from aiayn.data.corpora import SYNTHETIC_SYMBOLS
+
+    g = torch.Generator().manual_seed(1234)
+    return [" ".join(SYNTHETIC_SYMBOLS[int(i)] for i in torch.randint(len(SYNTHETIC_SYMBOLS), (int(n),), generator=g))
+            for n in torch.randint(6, 16, (20,), generator=g)]
+
+
+UNSEEN_COPY_INPUTS = _unseen_copy_inputs()
 
 
 def prepare_synthetic(out: Path, task: str = "copy", *extra: str) -> Path:
@@ -30,26 +58,54 @@ def copy_dataset(tmp_path_factory) -> Path:
     return prepare_synthetic(tmp_path_factory.mktemp("data") / "copy", "copy")
 
 
+def copy_failures(checkpoint: Path, dataset: Path) -> list[str]:
+    """What the copy model gets wrong: each valid sentence and each `UNSEEN_COPY_INPUTS` line that
+    greedy search or beam search (beam 4, alpha 0.6) does not copy exactly, as 'beam K: ids'.
+
+    The check runs on token ids with the searches themselves (the copy task's target ids are
+    its source ids), so the tests of the text path (`Translator`, the CLI) are not the check
+    they rely on."""
+    from aiayn.checkpoint import load_checkpoint
+    from aiayn.data import collate, load_dataset
+    from aiayn.decode import beam_search, greedy_search
+
+    ckpt = load_checkpoint(checkpoint)
+    sources = [list(map(int, s)) for s in load_dataset(dataset).split("valid").src]
+    sources += ckpt.tokenizer.encode_batch(UNSEEN_COPY_INPUTS)
+    failures = []
+    for start in range(0, len(sources), 128):
+        chunk = sources[start:start + 128]
+        src = collate(chunk, chunk).src
+        greedy = greedy_search(ckpt.model, src)
+        beam = [hyps[0].tokens for hyps in beam_search(ckpt.model, src, beam=4, alpha=0.6)]
+        for k, outputs in ((1, greedy), (4, beam)):
+            failures += [f"beam {k}: {s} -> {out}" for s, out in zip(chunk, outputs) if out != s]
+    return failures
+
+
 @pytest.fixture(scope="session")
 def copy_run(tmp_path_factory, copy_dataset):
-    """A training run on the copy task with configs/copy.yaml: the TrainResult."""
+    """A training run on the copy task with configs/copy.yaml, continued (see COPY_ROUND) until
+    `copy_failures` finds nothing in its last checkpoint: the final TrainResult."""
     from aiayn.train import train
 
     out = tmp_path_factory.mktemp("runs") / "copy"
-    return train(COPY_CONFIG, copy_dataset, out, ["train.progress=false"])
+    result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false"])
+    while failures := copy_failures(result.last_checkpoint, copy_dataset):
+        if result.step >= COPY_MAX_UPDATES:
+            pytest.fail(f"the copy-task model still fails {len(failures)} of its checks after {result.step} "
+                        f"updates (cap {COPY_MAX_UPDATES}), e.g. {failures[0]}")
+        result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false", *COPY_COOLDOWN,
+                                                        f"train.max_updates={result.step + COPY_ROUND}"], resume=True)
+    return result
 
 
 @pytest.fixture(scope="session")
 def copy_checkpoint(copy_run) -> Path:
     """Path to a checkpoint directory (aiayn.checkpoint.load_checkpoint reads it) of a tiny
-    Transformer trained on the copy task to >= 99% token accuracy: the run's best-BLEU checkpoint."""
-    import json
-
-    best = copy_run.out_dir / "best"
-    meta = json.loads((best / "meta.json").read_text())
-    accuracy = meta["valid"]["accuracy"]
-    assert accuracy >= 0.99, f"copy-task model reached only {accuracy:.4f} token accuracy"
-    return best
+    Transformer trained on the copy task: the run's last checkpoint, the one `copy_run` checked
+    to copy every valid sentence and `UNSEEN_COPY_INPUTS` exactly."""
+    return copy_run.last_checkpoint
 
 
 # A few sentences for tokenizers and decoding tests of random models.
@@ -78,3 +134,4 @@ def random_checkpoint(tmp_path_factory):
     with torch.no_grad():
         model.generator.weight.mul_(2.0)  # tied: also sharpens the embeddings; fine for a random model
     return save_checkpoint(root / "model", model, root / "spm.model", {"step": 0})
+
