@@ -135,3 +135,49 @@ def random_checkpoint(tmp_path_factory):
         model.generator.weight.mul_(2.0)  # tied: also sharpens the embeddings; fine for a random model
     return save_checkpoint(root / "model", model, root / "spm.model", {"step": 0})
 
+
+# Byte pieces a model with byte fallback can write, spelling control characters and line
+# separators: newline, TAB, ESC, U+2028 (3 bytes), NEL U+0085 (2 bytes), CR.
+BYTE_PIECE_OUTPUT = ["▁the", "<0x0A>", "▁cat", "<0x09>", "▁sat", "<0x1B>", "▁on", "<0xE2>", "<0x80>", "<0xA8>",
+                     "▁mat", "<0xC2>", "<0x85>", "▁dog", "<0x0D>"]
+BYTE_PIECE_TEXT = "the cat sat on mat dog"  # what a translation of any input must read: one line
+
+
+@pytest.fixture(scope="session")
+def byte_piece_checkpoint(tmp_path_factory):
+    """A checkpoint whose model writes the pieces of BYTE_PIECE_OUTPUT, then EOS, for any input.
+
+    Its tokenizer has byte fallback (a vocabulary of 1000 asks for it), as real ones do. The
+    model's decoder sublayers are zeroed, so each position's output is a fixed function h(y) of
+    the token y it reads; the output layer maps h(y) to the token that follows y in the list."""
+    import torch
+
+    from aiayn.checkpoint import save_checkpoint
+    from aiayn.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_bpe
+    from aiayn.model import Transformer, TransformerConfig
+
+    root = tmp_path_factory.mktemp("bytes")
+    train_bpe(TEXT * 20, root / "spm", vocab_size=1000)
+    tokenizer = Tokenizer.load(root / "spm.model")
+    chain = [BOS_ID] + [tokenizer.sp.piece_to_id(p) for p in BYTE_PIECE_OUTPUT] + [EOS_ID]
+    assert tokenizer.unk_id not in chain and len(set(chain)) == len(chain)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab_size=tokenizer.vocab_size, d_model=32, d_ff=64, n_heads=4, n_encoder_layers=1,
+                            n_decoder_layers=1, dropout=0.0, tie_embeddings="none", positions="learned", max_positions=64)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            for sublayer in (layer.self_attn, layer.cross_attn, layer.ffn):
+                for p in sublayer.parameters():
+                    p.zero_()
+        model.tgt_embed.positions.weight.zero_()
+        features = {}
+        hook = model.generator.register_forward_hook(lambda m, inputs, out: features.update(h=inputs[0][:, 0]))
+        ids = torch.tensor(chain[:-1])[:, None]
+        model.decode(ids, model.encode(torch.tensor([[EOS_ID]] * len(ids))), torch.ones(len(ids), 1, dtype=torch.bool))
+        hook.remove()
+        model.generator.weight.zero_()
+        # logit of the next token = 16 · cos(h(y), h(next's predecessor)) · |h| / sqrt(d) ≈ 16; others ≈ 0.
+        h = features["h"]
+        model.generator.weight[chain[1:]] = 16 * h / h.norm(dim=-1, keepdim=True) / cfg.d_model ** 0.5
+    return save_checkpoint(root / "model", model, root / "spm.model", {"step": 0})

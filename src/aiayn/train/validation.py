@@ -81,5 +81,5 @@ def greedy_translate(model: Transformer, data: PreparedData, split: str, n: int,
         with autocast(precision, device):
             hyps = greedy_search(model, batch.src, max_len_a=max_len_a, max_len_b=max_len_b)
         for i, ids in zip(idx, hyps):
-            out[i] = data.tokenizer.decode(ids)
+            out[i] = data.tokenizer.decode_line(ids)  # the text aiayn translate would print
     return out
