@@ -277,6 +277,38 @@ def test_prepare_copy_task_load_and_reuse(tmp_path, capsys):
     assert load_dataset(out).manifest["settings"]["seed"] == 8
 
 
+@pytest.mark.parametrize("names,change", [
+    (("en/train.txt", "de/train.txt"), "edit the source"),  # two files of one name
+    (("train.en", "train.de"), "swap --src and --tgt"),  # no file name changes
+])
+def test_changed_or_swapped_input_is_a_new_dataset(tmp_path, capsys, names, change):
+    """The fingerprint keys each input by its role (train.src, train.tgt), not by file name."""
+    src, tgt = (tmp_path / name for name in names)
+    for path, word in ((src, "sentence number"), (tgt, "Satz Nummer")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(f"{word} {i}\n" for i in range(30)), encoding="utf-8")
+    out = tmp_path / "out"
+
+    def prepare(*extra: str) -> int:
+        return main(["prepare", "--out", str(out), "--src", str(src), "--tgt", str(tgt), "--valid-size", "2",
+                     "--test-size", "2", "--vocab-size", "60", *extra])
+
+    assert prepare() == 0
+    assert prepare() == 0 and "reusing" in capsys.readouterr().out
+    before = load_dataset(out).manifest["fingerprint"]
+    if change == "edit the source":
+        src.write_text(src.read_text(encoding="utf-8").replace("number 7\n", "number seven\n"), encoding="utf-8")
+    else:
+        src, tgt = tgt, src
+    assert prepare() == 2
+    assert "different settings or input" in capsys.readouterr().err
+    assert prepare("--force") == 0
+    data = load_dataset(out)
+    assert data.manifest["fingerprint"] != before
+    sources = data.raw("train", "src") + data.raw("valid", "src") + data.raw("test", "src")
+    assert sorted(sources) == sorted(src.read_text(encoding="utf-8").splitlines())
+
+
 def test_same_seed_same_dataset(tmp_path):
     for name in ("a", "b"):
         assert main(["prepare", "--out", str(tmp_path / name), "--corpus", "copy",

@@ -11,8 +11,9 @@ The pipeline, in order:
    (valid and test are kept whole, so scores are over the full held-out sets);
 6. write everything into a temporary directory and move it into place.
 
-A fingerprint of the settings and the input (file digests) is stored in the manifest: a second
-run with identical settings into the same --out reuses the directory without any work.
+A fingerprint of the settings and the input (the digest of each input file by its role:
+train.src, train.tgt, ...) is stored in the manifest: a second run with identical settings and
+input into the same --out reuses the directory without any work.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .libreoffice import default_cache_dir, package_name
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, roundtrip_failures, train_bpe
 
 # Bump when the pipeline changes what it writes: older directories are then rebuilt.
-PIPELINE_VERSION = 1
+# 2: input digests keyed by role (train.src, train.tgt, ...) instead of file name.
+PIPELINE_VERSION = 2
 
 
 def log(message: str) -> None:
@@ -87,14 +89,18 @@ def _settings(args: argparse.Namespace, kind: str) -> dict:
     return s
 
 
-def _digest(paths: list[Path]) -> dict[str, str]:
+def _digest(files: dict[str, Path]) -> dict[str, str]:
+    """role ('train.src', 'valid.tgt', 'train.tsv', ...) -> SHA-256 of that file's bytes.
+
+    Keyed by role, not by file name: en/train.txt and de/train.txt share a name, and swapping
+    --src and --tgt swaps no names at all, yet either is a different dataset."""
     out = {}
-    for p in paths:
+    for role, path in files.items():
         h = hashlib.sha256()
-        with open(p, "rb") as f:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        out[p.name] = h.hexdigest()
+        out[role] = h.hexdigest()
     return out
 
 
@@ -226,14 +232,16 @@ def _load_corpus(kind: str, args: argparse.Namespace) -> Corpus:
     return corpora.synthetic(kind, args.train_size + args.valid_size + args.test_size, args.seed)
 
 
-def _input_files(kind: str, args: argparse.Namespace) -> list[Path]:
+def _input_files(kind: str, args: argparse.Namespace) -> dict[str, Path]:
+    """The user's input files by role (split.side); built-in corpora have none."""
     if kind == "files":
-        return [Path(args.src), Path(args.tgt)]
+        return {"train.src": Path(args.src), "train.tgt": Path(args.tgt)}
     if kind == "tsv":
-        return [Path(args.tsv)]
+        return {"train.tsv": Path(args.tsv)}
     if kind == "multi30k":
-        return [p for pair in corpora.multi30k_files(args.path, args.pair).values() for p in pair]
-    return []
+        return {f"{split}.{side}": path for split, pair in corpora.multi30k_files(args.path, args.pair).items()
+                for side, path in zip(("src", "tgt"), pair)}
+    return {}
 
 
 def _length_stats(ids: list[list[int]]) -> dict:
@@ -262,7 +270,8 @@ def prepare_main(args: argparse.Namespace) -> int:
     # 1. Validate user input before any work (this reads the files fully; they are small
     # next to what training costs).
     corpus = _load_corpus(kind, args) if kind in ("files", "tsv", "multi30k") else None
-    fingerprint = _fingerprint(settings, _digest(_input_files(kind, args)))
+    inputs = _digest(_input_files(kind, args))
+    fingerprint = _fingerprint(settings, inputs)
     if not args.force and _reusable(out, fingerprint):
         counts = read_manifest(out)["counts"]
         log(f"reusing {out} (identical settings and input): "
@@ -288,7 +297,7 @@ def prepare_main(args: argparse.Namespace) -> int:
     _drop_held_out_sources(splits, filters)
 
     with atomic_directory(out) as tmp:
-        manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint)
+        manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint, inputs)
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")
@@ -296,7 +305,7 @@ def prepare_main(args: argparse.Namespace) -> int:
 
 
 def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, split_info: dict,
-           args: argparse.Namespace, settings: dict, fingerprint: str) -> dict:
+           args: argparse.Namespace, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
     train = splits["train"]
     log(f"training a joint BPE model (vocab {args.vocab_size}) on {len(train)} pairs ...")
     spm_settings = train_bpe(train.src + train.tgt, tmp / "spm", args.vocab_size,
@@ -329,6 +338,7 @@ def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, s
         "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
+        "inputs_sha256": inputs,  # by role; with the settings they make the fingerprint
         "source": corpus.info,
         "languages": corpus.languages,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
