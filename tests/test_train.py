@@ -422,3 +422,38 @@ def test_resume_refuses_a_different_model(copy_run, copy_dataset, tmp_path):
     shutil.copytree(copy_run.out_dir, out, symlinks=True)
     with pytest.raises(UserError, match="model config differs.*d_model"):
         train(REPO / "configs/copy.yaml", copy_dataset, out, ["model.d_model=32", "train.progress=false"], resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned positions and long sentences
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validation_truncates_long_sentences_for_learned_positions(copy_dataset):
+    """Copy-task sentences have up to 20 subwords; 12 learned positions hold 11 plus EOS/BOS.
+    Validation truncates them as Translator does instead of indexing past the table."""
+    from aiayn.train.validation import greedy_translate, validate
+
+    valid = load_dataset(copy_dataset).split("valid")
+    assert valid.src_lens.max() > 11
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab_size=45, d_model=32, d_ff=64, n_heads=2, n_encoder_layers=1,
+                                          n_decoder_layers=1, positions="learned", max_positions=12))
+    result = validate(model, load_dataset(copy_dataset), label_smoothing=0.1, batch_tokens=2000, bleu_sentences=20)
+    assert math.isfinite(result.loss) and result.bleu is not None and result.n_sentences == 20
+    batch = valid.collate(range(len(valid)), 11)
+    assert batch.src.size(1) == batch.tgt_in.size(1) == 12 and batch.src[:, -1].eq(3).any()
+    hyps = greedy_translate(model, load_dataset(copy_dataset), "valid", 20, 2000, 1.0, 50, "fp32", torch.device("cpu"))
+    assert len(hyps) == 20
+
+
+def test_training_data_longer_than_learned_positions_is_a_clear_error(copy_run, copy_dataset, tmp_path):
+    """Checked before the run directory is touched: --force does not lose the run it would replace."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(copy_run.out_dir, out, symlinks=True)
+    with pytest.raises(UserError, match=r"up to 20 subwords.*max_positions 12.*--max-len 11"):
+        train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["model.positions=learned", "model.max_positions=12"],
+              force=True)
+    assert list_checkpoints(out)

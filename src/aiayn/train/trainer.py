@@ -173,6 +173,12 @@ class Trainer:
         self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id,
                                     clip_norm=tc.clip_norm, precision=tc.precision, scaler=scaler, dist=dist)
         train = data.split("train")
+        longest = int(max(train.src_lens.max(initial=0), train.tgt_lens.max(initial=0)))
+        if cfg.model.positions == "learned" and longest + 1 > cfg.model.max_positions:  # + EOS, or BOS
+            raise UserError(f"training pairs of up to {longest} subwords, but learned positions leave room for "
+                            f"{cfg.model.max_positions - 1} (model.max_positions {cfg.model.max_positions}); raise "
+                            f"model.max_positions or prepare with --max-len {cfg.model.max_positions - 1}",
+                            path=data.path)
         self.sampler = TokenBatchSampler(
             train.src_lens, train.tgt_lens, micro_batch_tokens(tc.batch_tokens, dist.world_size, tc.update_freq),
             shuffle=True, seed=tc.seed, num_shards=dist.world_size, shard_id=dist.rank)
@@ -442,8 +448,10 @@ def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume:
     out = Path(out)
     dist = distributed.setup(cfg.train.device)
     try:
-        dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
+        # The trainer checks the config against the data before OUT is touched: a mistake must
+        # not cost the run that --force would replace.
         trainer = Trainer(cfg, data, out, dist)
+        dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
         ckpts = list_checkpoints(out) if resume else []
         if ckpts:
             trainer.restore(ckpts[-1])
