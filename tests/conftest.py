@@ -17,6 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COPY_CONFIG = REPO / "configs" / "copy.yaml"
+# Overrides for quick runs of copy.yaml: a tiny model, no progress bar, one thread.
+TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
+        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1"]
 
 # Continuing the copy run: rounds of COPY_ROUND updates (= save_every in configs/copy.yaml, so
 # every round ends on a checkpoint of the regular grid) at a lower learning rate, up to

@@ -24,10 +24,9 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.distributed import DistContext
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import StepContext, train_update
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
-        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1"]
 
 
 def tiny_model(vocab: int = 45, dropout: float = 0.0, seed: int = 0) -> Transformer:
@@ -214,16 +213,23 @@ def test_existing_run_directory_needs_resume_or_force(copy_dataset, tmp_path, ca
     from aiayn.cli import main
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "something").write_text("x")
     args = ["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out", str(out)]
+    assert main(args + TINY + ["train.max_updates=2", "train.save_every=1", "train.keep_last=2"]) == 0
     assert main(args + TINY + ["train.max_updates=2"]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert (out / "something").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000001", "step_0000002"]
     assert main(args + ["--force"] + TINY + ["train.max_updates=2", "train.average_last=2"]) == 0
-    assert not (out / "something").exists()
-    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]  # a new run
     assert not (out / "averaged").exists()  # one checkpoint: nothing to average
+    # A directory the user made is not a run: neither --resume nor --force touches it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "something").write_text("x")
+    for flag in ("--resume", "--force"):
+        assert main(["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out",
+                     str(mine), flag] + TINY + ["train.max_updates=2"]) == 2
+        assert "aiayn did not write (something)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["something"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from . import config as config_io
 from .errors import UserError
-from .files import atomic_directory, refuse_to_replace
+from .files import atomic_directory
 from .model import Transformer, TransformerConfig
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "spm.model", "meta.json"
@@ -50,8 +50,7 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer_file: str | 
     """Write a checkpoint directory atomically: into a temporary sibling, then one rename.
     A crash leaves either the old directory or the new one, never half of one."""
     path = Path(path)
-    refuse_to_replace(path, force)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint", force=force) as tmp:
         write_checkpoint_files(tmp, model, tokenizer_file, meta)
     return path
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_directory
+from ..files import artefact_kind, atomic_directory, refuse_to_replace
 from . import corpora
 from .corpora import Corpus, Pairs
 from .dataset import (FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest,
@@ -112,11 +112,10 @@ def _fingerprint(settings: dict, digests: dict) -> str:
 # -- the output directory ----------------------------------------------------------------------
 
 
-def _reusable(out: Path, fingerprint: str) -> bool:
-    """True if ``out`` already holds this exact dataset; raise if it holds anything else."""
-    if not out.exists():
-        return False
-    if out.is_dir() and (out / MANIFEST).is_file():
+def _reusable(out: Path, fingerprint: str, force: bool) -> bool:
+    """True if ``out`` already holds this exact dataset (and no --force asks to rebuild it);
+    raise if it holds anything that may not be replaced (`files.refuse_to_replace`)."""
+    if artefact_kind(out) == "dataset" and not force:
         try:
             manifest = read_manifest(out)
         except UserError:
@@ -124,13 +123,10 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         if manifest.get("fingerprint") == fingerprint and all(
                 (out / name).is_file() for name in manifest.get("files", {}).get("list", [])):
             return True
-        what = "a dataset prepared with different settings or input"
-    elif out.is_dir() and not any(out.iterdir()):
-        return False  # an empty directory is safe to fill
-    else:
-        what = "something that is not a prepared dataset"
-    raise UserError(f"output directory exists and holds {what}; "
-                    "use --force to replace it, or choose another --out", path=out)
+        raise UserError("output directory exists and holds a dataset prepared with different settings or "
+                        "input; use --force to replace it, or choose another --out", path=out)
+    refuse_to_replace(out, force, kind="dataset")
+    return False
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -272,7 +268,7 @@ def prepare_main(args: argparse.Namespace) -> int:
     corpus = _load_corpus(kind, args) if kind in ("files", "tsv", "multi30k") else None
     inputs = _digest(_input_files(kind, args))
     fingerprint = _fingerprint(settings, inputs)
-    if not args.force and _reusable(out, fingerprint):
+    if _reusable(out, fingerprint, args.force):
         counts = read_manifest(out)["counts"]
         log(f"reusing {out} (identical settings and input): "
             f"{counts['train']} train / {counts['valid']} valid / {counts['test']} test pairs")
@@ -296,7 +292,7 @@ def prepare_main(args: argparse.Namespace) -> int:
                       "requested": {"valid": args.valid_size, "test": args.test_size}}
     _drop_held_out_sources(splits, filters)
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind="dataset", force=args.force) as tmp:
         manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint, inputs)
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "

@@ -38,6 +38,7 @@ from ..checkpoint import load_config, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.dataset import SPM_MODEL
 from ..errors import UserError
+from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace
 from ..model import Transformer
 from . import distributed
 from .config import RunConfig
@@ -87,16 +88,21 @@ class Progress:
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> str | None:
     """Create OUT or check it may be used; returns an error message instead of raising, so
-    that rank 0 can hand it to the other ranks."""
-    if out.exists() and not out.is_dir():
-        return f"{out}: exists and is not a directory"
-    if resume:
-        out.mkdir(parents=True, exist_ok=True)
-        return None
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            return f"{out}: run directory already exists; pass --resume to continue it or --force to replace it"
-        shutil.rmtree(out)
+    that rank 0 can hand it to the other ranks. --resume continues a run directory (or starts
+    one where there is none); --force replaces a run directory, never anything else."""
+    try:
+        if resume:
+            if out.exists() and not is_empty_dir(out) and artefact_kind(out) != "run":
+                raise UserError(f"cannot resume: {describe(out)}, not {ARTEFACTS['run']}", path=out)
+        elif artefact_kind(out) == "run" and not force:
+            raise UserError("run directory already exists; pass --resume to continue it or --force to replace it",
+                            path=out)
+        else:
+            refuse_to_replace(out, force, kind="run")
+            if out.is_dir() and not is_empty_dir(out):
+                shutil.rmtree(out)
+    except UserError as e:
+        return str(e)
     out.mkdir(parents=True, exist_ok=True)
     return None
 
