@@ -463,3 +463,26 @@ def test_training_data_longer_than_learned_positions_is_a_clear_error(copy_run, 
         train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["model.positions=learned", "model.max_positions=12"],
               force=True)
     assert list_checkpoints(out)
+
+
+def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
+    """The checkpoint's data position, vocabulary and embedding rows refer to the dataset and
+    subword model the run started with; --resume with others is a one-line error naming them."""
+    import shutil
+
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2"])
+    other = tmp_path / "other"  # the same task and sizes, another seed
+    assert main(["prepare", "--corpus", "copy", "--seed", "2", "--out", str(other)]) == 0
+    with pytest.raises(UserError, match=rf"^{other}: cannot resume {out} with this dataset \(dataset fingerprint"):
+        train(REPO / "configs/copy.yaml", other, out, TINY + ["train.max_updates=4"], resume=True)
+    retokenized = tmp_path / "retokenized"  # the same manifest, another subword model
+    shutil.copytree(copy_dataset, retokenized)
+    assert main(["prepare", "--corpus", "reverse", "--out", str(tmp_path / "reverse"), "--vocab-size", "60"]) == 0
+    shutil.copyfile(tmp_path / "reverse/spm.model", retokenized / "spm.model")
+    with pytest.raises(UserError, match=r"with this dataset \(its spm.model is not the run's"):
+        train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]

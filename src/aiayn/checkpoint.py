@@ -83,12 +83,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"weights do not match config.yaml (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})",
             path=path / WEIGHTS,
         )
-    meta = {}
-    if (path / META).is_file():
-        try:
-            meta = json.loads((path / META).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON: {e.msg}", path=path / META, line=e.lineno) from None
+    meta = read_meta(path)
     try:
         tokenizer = Tokenizer.load(path / TOKENIZER)
     except UserError:
@@ -97,6 +92,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise UserError(f"cannot read the sentencepiece model: {e}", path=path / TOKENIZER) from None
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, meta=meta)
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json ({} if it has none); invalid JSON is a UserError naming the line."""
+    file = Path(path) / META
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg}", path=file, line=e.lineno) from None
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:

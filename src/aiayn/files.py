@@ -15,6 +15,7 @@ replaced only with --force; anything else never, --force or not. So ``train --ou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -92,6 +93,15 @@ def refuse_to_replace(path: str | Path, force: bool, *, kind: str) -> None:
                         "output path (nothing was changed)", path=path)
     if not force:
         raise UserError(f"already exists ({want}); pass --force to replace it", path=path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..files import artefact_kind, atomic_directory, refuse_to_replace
+from ..files import artefact_kind, atomic_directory, refuse_to_replace, sha256_file
 from . import corpora
 from .corpora import Corpus, Pairs
 from .dataset import (FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest,
@@ -94,14 +94,7 @@ def _digest(files: dict[str, Path]) -> dict[str, str]:
 
     Keyed by role, not by file name: en/train.txt and de/train.txt share a name, and swapping
     --src and --tgt swaps no names at all, yet either is a different dataset."""
-    out = {}
-    for role, path in files.items():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[role] = h.hexdigest()
-    return out
+    return {role: sha256_file(path) for role, path in files.items()}
 
 
 def _fingerprint(settings: dict, digests: dict) -> str:

@@ -34,11 +34,11 @@ from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_io
-from ..checkpoint import load_config, save_checkpoint
+from ..checkpoint import load_config, read_meta, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.dataset import SPM_MODEL
 from ..errors import UserError
-from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace
+from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace, sha256_file
 from ..model import Transformer
 from . import distributed
 from .config import RunConfig
@@ -161,6 +161,7 @@ class Trainer:
         self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
         self.device = dist.device
         self.tokenizer_file = data.path / SPM_MODEL
+        self.tokenizer_sha256 = sha256_file(self.tokenizer_file)
         tc = self.tcfg
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
@@ -252,12 +253,27 @@ class Trainer:
     def meta(self) -> dict[str, Any]:
         p = self.progress
         return {"step": p.step, "run": str(self.out.resolve()), "data": str(self.data.path.resolve()),
-                "data_fingerprint": self.data.manifest.get("fingerprint"), "config_digest": self.cfg.digest(),
-                "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
+                "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
+                "config_digest": self.cfg.digest(), "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
+
+    def check_same_data(self, path: Path) -> None:
+        """--resume needs the dataset and the subword model the run started with: the data
+        position, the vocabulary and the embedding rows in checkpoint ``path`` refer to them."""
+        recorded, here = read_meta(path).get("data_fingerprint"), self.data.manifest.get("fingerprint")
+        differs = []
+        if recorded is not None and recorded != here:
+            differs.append(f"dataset fingerprint {str(here)[:12]}, the run's {recorded[:12]}")
+        # The checkpoint's spm.model is the run's own copy of its tokenizer.
+        if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:
+            differs.append(f"its {SPM_MODEL} is not the run's")
+        if differs:
+            raise UserError(f"cannot resume {self.out} with this dataset ({'; '.join(differs)}, from {path.name}); "
+                            "give the --data the run started with, or start a new run", path=self.data.path)
 
     def restore(self, path: Path) -> None:
         """Load a training checkpoint into this trainer (every rank reads the same files)."""
         state, opt_tensors, rng = read_training_state(path)
+        self.check_same_data(path)
         saved = load_config(path)
         if saved != self.cfg.model:
             changed = sorted(k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v)
