@@ -486,3 +486,31 @@ def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
         train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
     train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
     assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+
+def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
+    """Checkpoints are copied between machines: meta.json names the run and the dataset, it does
+    not carry this machine's paths."""
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2", "train.save_every=1",
+                                                                 "train.valid_every=1", "train.average_last=2"])
+    assert main(["average", "--out", str(tmp_path / "avg"), str(out), "--last", "2"]) == 0
+    paths = [out / "best/meta.json", out / "averaged/meta.json", *out.glob("checkpoints/*/meta.json"), tmp_path / "avg/meta.json"]
+    metas = {path: json.loads(path.read_text()) for path in paths}
+    assert len(metas) == 5  # best, averaged, two checkpoints, avg
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for path, meta in metas.items():
+        found = [s for s in strings(meta) if s.startswith(("/", "~")) or str(tmp_path) in s or "\\" in s]
+        assert not found, f"{path}: {found}"
+        assert meta["run"] == "run" and meta["data"] == copy_dataset.name
+        assert meta["data_fingerprint"] == load_dataset(copy_dataset).manifest["fingerprint"]
+    assert metas[tmp_path / "avg/meta.json"]["averaged_from"] == ["step_0000001", "step_0000002"]

@@ -3,7 +3,8 @@
     model.safetensors   the weights (safetensors: loading never runs code, unlike pickle)
     config.yaml         the TransformerConfig, under the key ``model``
     spm.model           the sentencepiece model the token ids refer to
-    meta.json           where it came from (step, run, data manifest digest, ...)
+    meta.json           where it came from (step, the run's and the dataset's directory names,
+                        the dataset fingerprint, ...): names only, no local paths
 
 Training adds its own resume state beside these files (see `aiayn.train`); translation,
 evaluation, averaging and inspection need only the four above.

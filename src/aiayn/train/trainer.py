@@ -252,7 +252,9 @@ class Trainer:
 
     def meta(self) -> dict[str, Any]:
         p = self.progress
-        return {"step": p.step, "run": str(self.out.resolve()), "data": str(self.data.path.resolve()),
+        # Names, not paths: a checkpoint is copied between machines, and meta.json must not
+        # carry one machine's directory layout (or its user name) along.
+        return {"step": p.step, "run": self.out.resolve().name, "data": self.data.path.resolve().name,
                 "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
                 "config_digest": self.cfg.digest(), "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
 
