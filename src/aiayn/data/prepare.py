@@ -61,10 +61,38 @@ def _source_kind(args: argparse.Namespace) -> str:
     return "tsv" if args.tsv else args.corpus
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+HELD_OUT = ("valid", "test")
+
+
+def _held_out_files(args: argparse.Namespace, kind: str) -> dict[str, tuple[Path, Path]]:
+    """The user's own held-out sets: split -> (source file, target file), from --valid-src/
+    --valid-tgt and --test-src/--test-tgt. They go with the user's training data (--src/--tgt
+    or --tsv); a built-in corpus has held-out sets of its own (or draws them from its pool)."""
+    given = {}
+    for split in HELD_OUT:
+        src, tgt = getattr(args, f"{split}_src"), getattr(args, f"{split}_tgt")
+        if bool(src) != bool(tgt):
+            raise UserError(f"--{split}-src and --{split}-tgt go together (two line-aligned files)")
+        if src:
+            given[split] = (Path(src), Path(tgt))
+    if given and kind not in ("files", "tsv"):
+        raise UserError("--valid-src/--valid-tgt and --test-src/--test-tgt go with your own training data "
+                        "(--src/--tgt or --tsv), not with --corpus")
+    return given
+
+
+def _split_off(args: argparse.Namespace, kind: str, held_out: dict) -> dict[str, int]:
+    """How many pairs each held-out split draws from the pool: --valid-size and --test-size,
+    for the splits the user did not bring (Multi30k brings both)."""
+    if kind == "multi30k":
+        return {}
+    return {split: getattr(args, f"{split}_size") for split in HELD_OUT if split not in held_out}
+
+
+def _check_numbers(args: argparse.Namespace, split_off: dict[str, int]) -> None:
     if args.vocab_size < 8:
         raise UserError(f"--vocab-size {args.vocab_size} is too small (at least 8)")
-    if args.valid_size < 1 or args.test_size < 1:
+    if any(size < 1 for size in split_off.values()):
         raise UserError("--valid-size and --test-size must be at least 1")
     if args.max_len < 1:
         raise UserError("--max-len must be at least 1")
@@ -74,12 +102,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         package_name(args.lang)  # a malformed --lang fails here, before any download
 
 
-def _settings(args: argparse.Namespace, kind: str) -> dict:
-    """Every option that changes the output (and nothing that does not, like --force)."""
+def _settings(args: argparse.Namespace, kind: str, split_off: dict[str, int]) -> dict:
+    """Every option that changes the output (and nothing that does not, like --force). The
+    user's held-out files are inputs (in the fingerprint by role), not settings."""
     s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "vocab_size": args.vocab_size,
          "max_len": args.max_len, "max_ratio": args.max_ratio, "seed": args.seed}
-    if kind != "multi30k":  # Multi30k has its own splits
-        s.update(valid_size=args.valid_size, test_size=args.test_size)
+    s.update({f"{split}_size": size for split, size in split_off.items()})
     if kind == "libreoffice-help":
         s["lang"] = args.lang.lower()
     if kind == "multi30k":
@@ -208,11 +236,11 @@ def _write_lines(path: Path, lines: list[str]) -> None:
             f.write(line + "\n")
 
 
-def _load_corpus(kind: str, args: argparse.Namespace) -> Corpus:
-    if kind == "files":
-        return corpora.from_files(args.src, args.tgt)
-    if kind == "tsv":
-        return corpora.from_tsv(args.tsv)
+def _load_corpus(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
+    if kind in ("files", "tsv"):
+        corpus = corpora.from_files(args.src, args.tgt) if kind == "files" else corpora.from_tsv(args.tsv)
+        corpus.held_out = {split: corpora.read_pairs(*files) for split, files in held_out.items()}
+        return corpus
     if kind == "multi30k":
         return corpora.from_multi30k(args.path, args.pair)
     if kind == "libreoffice-help":
@@ -221,12 +249,13 @@ def _load_corpus(kind: str, args: argparse.Namespace) -> Corpus:
     return corpora.synthetic(kind, args.train_size + args.valid_size + args.test_size, args.seed)
 
 
-def _input_files(kind: str, args: argparse.Namespace) -> dict[str, Path]:
+def _input_files(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
     """The user's input files by role (split.side); built-in corpora have none."""
+    own = {f"{split}.{side}": path for split, pair in held_out.items() for side, path in zip(("src", "tgt"), pair)}
     if kind == "files":
-        return {"train.src": Path(args.src), "train.tgt": Path(args.tgt)}
+        return {"train.src": Path(args.src), "train.tgt": Path(args.tgt), **own}
     if kind == "tsv":
-        return {"train.tsv": Path(args.tsv)}
+        return {"train.tsv": Path(args.tsv), **own}
     if kind == "multi30k":
         return {f"{split}.{side}": path for split, pair in corpora.multi30k_files(args.path, args.pair).items()
                 for side, path in zip(("src", "tgt"), pair)}
@@ -252,14 +281,16 @@ def prepare_main(args: argparse.Namespace) -> int:
     started = time.time()
     args = _with_defaults(args)
     kind = _source_kind(args)
-    _check_numbers(args)
+    held_out = _held_out_files(args, kind)
+    split_off = _split_off(args, kind, held_out)
+    _check_numbers(args, split_off)
     out = Path(args.out)
-    settings = _settings(args, kind)
+    settings = _settings(args, kind, split_off)
 
     # 1. Validate user input before any work (this reads the files fully; they are small
     # next to what training costs).
-    corpus = _load_corpus(kind, args) if kind in ("files", "tsv", "multi30k") else None
-    inputs = _digest(_input_files(kind, args))
+    corpus = _load_corpus(kind, args, held_out) if kind in ("files", "tsv", "multi30k") else None
+    inputs = _digest(_input_files(kind, args, held_out))
     fingerprint = _fingerprint(settings, inputs)
     if _reusable(out, fingerprint, args.force):
         counts = read_manifest(out)["counts"]
@@ -267,7 +298,7 @@ def prepare_main(args: argparse.Namespace) -> int:
             f"{counts['train']} train / {counts['valid']} valid / {counts['test']} test pairs")
         return 0
     if corpus is None:
-        corpus = _load_corpus(kind, args)
+        corpus = _load_corpus(kind, args, held_out)
 
     filters: dict[str, int] = {}
     if corpus.splits is not None:
@@ -279,10 +310,16 @@ def prepare_main(args: argparse.Namespace) -> int:
         pool = _dedup(corpus.pool, not corpus.identical_allowed, filters)
         log(f"{len(corpus.pool)} pairs read; {filters['duplicates']} duplicates and "
             f"{filters['identical']} untranslated (identical) pairs dropped")
-        splits = split_pool(pool, args.valid_size, args.test_size, args.seed)
+        # The user's own valid/test sets are kept whole; the others are split off the pool.
+        splits = {**split_pool(pool, split_off.get("valid", 0), split_off.get("test", 0), args.seed),
+                  **corpus.held_out}
         split_info = {"method": "seeded shuffle of " + ("pages" if pool.group else "pairs")
-                      + "; whole groups per split", "seed": args.seed,
-                      "requested": {"valid": args.valid_size, "test": args.test_size}}
+                      + "; whole groups per split", "seed": args.seed, "requested": split_off,
+                      "from": {split: (f"--{split}-src {held_out[split][0].name} --{split}-tgt "
+                                       f"{held_out[split][1].name}" if split in held_out else "the pool")
+                               for split in SPLITS}}
+        for split, pairs in corpus.held_out.items():
+            log(f"{split}: {len(pairs)} pairs from {held_out[split][0]} and {held_out[split][1]}")
     _drop_held_out_sources(splits, filters)
 
     with atomic_directory(out, kind="dataset", force=args.force) as tmp:
