@@ -514,3 +514,30 @@ def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
         assert meta["run"] == "run" and meta["data"] == copy_dataset.name
         assert meta["data_fingerprint"] == load_dataset(copy_dataset).manifest["fingerprint"]
     assert metas[tmp_path / "avg/meta.json"]["averaged_from"] == ["step_0000001", "step_0000002"]
+
+
+def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch):
+    """Under train.max_minutes the bar's total is the budget in seconds and it advances with the
+    elapsed time (updates in the postfix); without a budget it counts updates to max_updates."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    base = TINY + ["train.progress=true", "train.valid_every=0", "train.average_last=0"]
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "budget",
+                   base + ["train.max_minutes=0.02", "train.max_updates=100000"])
+    assert result.stop_reason == "max_minutes"
+    bar, = bars
+    assert (bar.total, bar.unit) == (pytest.approx(1.2), "s")
+    assert bar.n == pytest.approx(bar.total)  # the run stops when the budget is spent
+    assert f"upd={result.step}" in bar.postfix
+    bars.clear()
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "updates", base + ["train.max_updates=3"])
+    bar, = bars
+    assert (bar.total, bar.unit, bar.n) == (3, "upd", 3)

@@ -196,6 +196,7 @@ class Trainer:
         self.progress = Progress()
         self.ddp: torch.nn.Module = self.model
         self.log: MetricsLog | None = None
+        self._postfix: dict[str, str] = {}  # what the progress bar shows after it
 
     # -- learning rate ----------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -364,7 +365,7 @@ class Trainer:
                 p.tokens_seen += res.n_tokens
                 self._accumulate(window, res)
                 if bar is not None:
-                    bar.update(1)
+                    self._advance(bar)
                 if p.step % tc.log_every == 0 or p.step == tc.max_updates:
                     self._log_train(window, bar)
                 stop = False
@@ -437,21 +438,37 @@ class Trainer:
                "elapsed_s": p.elapsed_s, "updates_skipped": p.skipped_total}
         self.record(rec)
         if bar is not None:
-            postfix = dict(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
-                           tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
-            if self.tcfg.max_minutes > 0:  # the bar's own ETA counts to max_updates; this is the real end
-                left = max(self.tcfg.max_minutes * 60 - p.elapsed_s, 0.0)
-                postfix["time_left"] = f"{int(left // 60)}:{int(left % 60):02d}"
-            bar.set_postfix(postfix, refresh=False)
+            self._postfix.update(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
+                                 tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
+            bar.set_postfix(self._postfix, refresh=False)
         window.update(loss=0.0, nll=0.0, tokens=0, src_tokens=0, correct=0, updates=0, t0=now)
 
     def _progress_bar(self):
+        """The bar counts what ends the run: with a wall-clock budget (max_minutes) the budget's
+        seconds, the updates in its postfix (counting to max_updates, a 10-minute run showed a
+        28-hour ETA); otherwise the updates to max_updates."""
         if not (self.dist.is_main and self.tcfg.progress):
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", dynamic_ncols=True,
-                    file=sys.stderr, desc="train")
+        common = dict(dynamic_ncols=True, file=sys.stderr, desc="train")
+        if self.tcfg.max_minutes > 0:
+            budget = self.tcfg.max_minutes * 60
+            self._postfix["upd"] = str(self.progress.step)
+            return tqdm(total=budget, initial=min(self.progress.elapsed_s, budget), unit="s", postfix=self._postfix,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget, "
+                                   "{remaining} left{postfix}", **common)
+        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", **common)
+
+    def _advance(self, bar) -> None:
+        """After an update: one more update, or the seconds of the budget spent so far."""
+        p = self.progress
+        if self.tcfg.max_minutes > 0:
+            bar.update(min(p.elapsed_s, bar.total) - bar.n)
+            self._postfix["upd"] = str(p.step)
+            bar.set_postfix(self._postfix, refresh=False)
+        else:
+            bar.update(1)
 
     def _average_last(self) -> None:
         from .average import average_checkpoints
