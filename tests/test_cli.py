@@ -55,7 +55,7 @@ def test_bad_config_override_names_the_problem(tmp_path):
 KINDS = ["foreign", "dataset", "run", "checkpoint", "export", "attention"]
 HOLDS = {"dataset": "holds an aiayn dataset", "run": "holds an aiayn training run", "checkpoint": "holds an aiayn checkpoint",
          "export": "holds an aiayn Marian export", "attention": "holds aiayn attention pictures",
-         "foreign": "holds 1 entry that aiayn did not write (notes.txt)"}
+         "foreign": "is not a directory aiayn wrote (it holds notes.txt)"}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_force_replaces_only_an_artefact_of_the_same_kind(kind, artefacts, copy_
             continue
         assert code == 2
         line, = err.splitlines()
-        assert line.startswith(f"aiayn: error: {out}: {HOLDS[existing]}, not ") and "--force replaces only" in line
+        assert line.startswith(f"aiayn: error: {out}: {HOLDS[existing]}; --force replaces only {HOLDS[kind].removeprefix('holds ')}:")
         assert snapshot(out) == before
 
 
@@ -119,5 +119,5 @@ def test_resume_continues_only_a_run(artefacts, copy_dataset, tmp_path, capsys):
     shutil.copytree(artefacts["dataset"], out)
     before = snapshot(out)
     assert main(writers(copy_dataset, None)["run"] + ["--out", str(out), "--resume"]) == 2
-    assert f"{out}: cannot resume: holds an aiayn dataset, not an aiayn training run" in capsys.readouterr().err
+    assert f"{out}: cannot resume: holds an aiayn dataset; --resume continues an aiayn training run" in capsys.readouterr().err
     assert snapshot(out) == before

@@ -339,7 +339,7 @@ def test_never_overwrites_a_foreign_directory(tmp_path, capsys):
     for force in ([], ["--force"]):
         assert main(["prepare", "--out", str(out), "--corpus", "copy", "--train-size", "100",
                      "--valid-size", "5", "--test-size", "5", *force]) == 2
-        assert "not an aiayn dataset" in capsys.readouterr().err
+        assert "--force replaces only an aiayn dataset" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "precious"
 

@@ -228,7 +228,7 @@ def test_existing_run_directory_needs_resume_or_force(copy_dataset, tmp_path, ca
     for flag in ("--resume", "--force"):
         assert main(["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out",
                      str(mine), flag] + TINY + ["train.max_updates=2"]) == 2
-        assert "aiayn did not write (something)" in capsys.readouterr().err
+        assert "is not a directory aiayn wrote (it holds something)" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["something"]
 
 

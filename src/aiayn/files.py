@@ -76,8 +76,8 @@ def describe(path: Path) -> str:
     if kind is not None:
         return f"holds {ARTEFACTS[kind]}"
     names = sorted(p.name for p in path.iterdir())
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"holds {len(names)} entr{'y' if len(names) == 1 else 'ies'} that aiayn did not write ({shown})"
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"is not a directory aiayn wrote (it holds {shown})"
 
 
 def refuse_to_replace(path: str | Path, force: bool, *, kind: str) -> None:
@@ -89,8 +89,8 @@ def refuse_to_replace(path: str | Path, force: bool, *, kind: str) -> None:
         return
     want = ARTEFACTS[kind]
     if artefact_kind(path) != kind:
-        raise UserError(f"{describe(path)}, not {want}; --force replaces only {want}: choose another "
-                        "output path (nothing was changed)", path=path)
+        raise UserError(f"{describe(path)}; --force replaces only {want}: choose another output path "
+                        "(nothing was changed)", path=path)
     if not force:
         raise UserError(f"already exists ({want}); pass --force to replace it", path=path)
 

@@ -93,7 +93,7 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> str | None:
     try:
         if resume:
             if out.exists() and not is_empty_dir(out) and artefact_kind(out) != "run":
-                raise UserError(f"cannot resume: {describe(out)}, not {ARTEFACTS['run']}", path=out)
+                raise UserError(f"cannot resume: {describe(out)}; --resume continues {ARTEFACTS['run']}", path=out)
         elif artefact_kind(out) == "run" and not force:
             raise UserError("run directory already exists; pass --resume to continue it or --force to replace it",
                             path=out)
