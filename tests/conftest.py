@@ -166,7 +166,8 @@ def byte_piece_checkpoint(tmp_path_factory):
     assert tokenizer.unk_id not in chain and len(set(chain)) == len(chain)
     torch.manual_seed(0)
     cfg = TransformerConfig(src_vocab_size=tokenizer.vocab_size, d_model=32, d_ff=64, n_heads=4, n_encoder_layers=1,
-                            n_decoder_layers=1, dropout=0.0, tie_embeddings="none", positions="learned", max_positions=64)
+                            n_decoder_layers=1, dropout=0.0, tie_embeddings="none", positions="learned",
+                            max_positions=64)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for layer in model.decoder.layers:

@@ -53,8 +53,9 @@ def test_bad_config_override_names_the_problem(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 KINDS = ["foreign", "dataset", "run", "checkpoint", "export", "attention"]
-HOLDS = {"dataset": "holds an aiayn dataset", "run": "holds an aiayn training run", "checkpoint": "holds an aiayn checkpoint",
-         "export": "holds an aiayn Marian export", "attention": "holds aiayn attention pictures",
+HOLDS = {"dataset": "holds an aiayn dataset", "run": "holds an aiayn training run",
+         "checkpoint": "holds an aiayn checkpoint", "export": "holds an aiayn Marian export",
+         "attention": "holds aiayn attention pictures",
          "foreign": "is not a directory aiayn wrote (it holds notes.txt)"}
 
 
@@ -71,7 +72,8 @@ def artefacts(tmp_path_factory, copy_dataset, random_checkpoint) -> dict:
     for args in (["train", "--config", str(COPY_CONFIG), "--data", str(copy_dataset), "--out", str(root / "run"),
                   *TINY, "train.max_updates=1"],
                  ["export", "--checkpoint", str(random_checkpoint), "--out", str(root / "export")],
-                 ["attention", "--checkpoint", str(random_checkpoint), "--src", "a dog", "--out", str(root / "attention")]):
+                 ["attention", "--checkpoint", str(random_checkpoint), "--src", "a dog",
+                  "--out", str(root / "attention")]):
         assert main(args) == 0
     return {kind: root / kind for kind in KINDS}
 
@@ -108,7 +110,8 @@ def test_force_replaces_only_an_artefact_of_the_same_kind(kind, artefacts, copy_
             continue
         assert code == 2
         line, = err.splitlines()
-        assert line.startswith(f"aiayn: error: {out}: {HOLDS[existing]}; --force replaces only {HOLDS[kind].removeprefix('holds ')}:")
+        wanted = HOLDS[kind].removeprefix("holds ")
+        assert line.startswith(f"aiayn: error: {out}: {HOLDS[existing]}; --force replaces only {wanted}:")
         assert snapshot(out) == before
 
 
@@ -119,5 +122,6 @@ def test_resume_continues_only_a_run(artefacts, copy_dataset, tmp_path, capsys):
     shutil.copytree(artefacts["dataset"], out)
     before = snapshot(out)
     assert main(writers(copy_dataset, None)["run"] + ["--out", str(out), "--resume"]) == 2
-    assert f"{out}: cannot resume: holds an aiayn dataset; --resume continues an aiayn training run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{out}: cannot resume: holds an aiayn dataset; --resume continues an aiayn training run" in err
     assert snapshot(out) == before

@@ -460,8 +460,8 @@ def test_training_data_longer_than_learned_positions_is_a_clear_error(copy_run, 
     out = tmp_path / "run"
     shutil.copytree(copy_run.out_dir, out, symlinks=True)
     with pytest.raises(UserError, match=r"up to 20 subwords.*max_positions 12.*--max-len 11"):
-        train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["model.positions=learned", "model.max_positions=12"],
-              force=True)
+        train(REPO / "configs/copy.yaml", copy_dataset, out,
+              TINY + ["model.positions=learned", "model.max_positions=12"], force=True)
     assert list_checkpoints(out)
 
 
@@ -476,13 +476,13 @@ def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
     train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2"])
     other = tmp_path / "other"  # the same task and sizes, another seed
     assert main(["prepare", "--corpus", "copy", "--seed", "2", "--out", str(other)]) == 0
-    with pytest.raises(UserError, match=rf"^{other}: cannot resume {out} with this dataset \(dataset fingerprint"):
+    with pytest.raises(UserError, match=rf"^{other}: cannot resume {out} with this dataset: dataset fingerprint"):
         train(REPO / "configs/copy.yaml", other, out, TINY + ["train.max_updates=4"], resume=True)
     retokenized = tmp_path / "retokenized"  # the same manifest, another subword model
     shutil.copytree(copy_dataset, retokenized)
     assert main(["prepare", "--corpus", "reverse", "--out", str(tmp_path / "reverse"), "--vocab-size", "60"]) == 0
     shutil.copyfile(tmp_path / "reverse/spm.model", retokenized / "spm.model")
-    with pytest.raises(UserError, match=r"with this dataset \(its spm.model is not the run's"):
+    with pytest.raises(UserError, match=r"this dataset: its spm.model is not the run's \(checkpoint step_0000002\)"):
         train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
     train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
     assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]
@@ -497,7 +497,8 @@ def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
     train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2", "train.save_every=1",
                                                                  "train.valid_every=1", "train.average_last=2"])
     assert main(["average", "--out", str(tmp_path / "avg"), str(out), "--last", "2"]) == 0
-    paths = [out / "best/meta.json", out / "averaged/meta.json", *out.glob("checkpoints/*/meta.json"), tmp_path / "avg/meta.json"]
+    paths = [out / "best/meta.json", out / "averaged/meta.json", *out.glob("checkpoints/*/meta.json"),
+             tmp_path / "avg/meta.json"]
     metas = {path: json.loads(path.read_text()) for path in paths}
     assert len(metas) == 5  # best, averaged, two checkpoints, avg
 

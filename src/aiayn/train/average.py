@@ -15,9 +15,11 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import UserError
+from ..files import refuse_to_replace
 from .state import list_checkpoints
 
 
+# What an averaged checkpoint's meta.json carries over from the first checkpoint averaged.
 PROVENANCE = ("run", "data", "data_fingerprint", "tokenizer_sha256", "languages", "config_digest")
 
 
@@ -25,6 +27,7 @@ def average_checkpoints(paths: list[Path], out: Path, *, force: bool = False) ->
     """Average the weights of ``paths`` (same architecture and tokenizer) into checkpoint ``out``."""
     if not paths:
         raise UserError("no checkpoints to average")
+    refuse_to_replace(out, force, kind="checkpoint")  # before the work; save_checkpoint checks again
     first: Checkpoint = load_checkpoint(paths[0])
     config = first.model.config
     spm_bytes = (paths[0] / "spm.model").read_bytes()

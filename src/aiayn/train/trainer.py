@@ -257,7 +257,8 @@ class Trainer:
         # carry one machine's directory layout (or its user name) along.
         return {"step": p.step, "run": self.out.resolve().name, "data": self.data.path.resolve().name,
                 "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
-                "config_digest": self.cfg.digest(), "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
+                "config_digest": self.cfg.digest(), "valid": p.last_valid,
+                "languages": self.data.manifest.get("languages")}
 
     def check_same_data(self, path: Path) -> None:
         """--resume needs the dataset and the subword model the run started with: the data
@@ -270,8 +271,9 @@ class Trainer:
         if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:
             differs.append(f"its {SPM_MODEL} is not the run's")
         if differs:
-            raise UserError(f"cannot resume {self.out} with this dataset ({'; '.join(differs)}, from {path.name}); "
-                            "give the --data the run started with, or start a new run", path=self.data.path)
+            raise UserError(f"cannot resume {self.out} with this dataset: {'; '.join(differs)} "
+                            f"(checkpoint {path.name}); give the --data the run started with, or start a new run",
+                            path=self.data.path)
 
     def restore(self, path: Path) -> None:
         """Load a training checkpoint into this trainer (every rank reads the same files)."""
