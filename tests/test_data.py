@@ -277,6 +277,38 @@ def test_prepare_copy_task_load_and_reuse(tmp_path, capsys):
     assert load_dataset(out).manifest["settings"]["seed"] == 8
 
 
+@pytest.mark.parametrize("names,change", [
+    (("en/train.txt", "de/train.txt"), "edit the source"),  # two files of one name
+    (("train.en", "train.de"), "swap --src and --tgt"),  # no file name changes
+])
+def test_changed_or_swapped_input_is_a_new_dataset(tmp_path, capsys, names, change):
+    """The fingerprint keys each input by its role (train.src, train.tgt), not by file name."""
+    src, tgt = (tmp_path / name for name in names)
+    for path, word in ((src, "sentence number"), (tgt, "Satz Nummer")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(f"{word} {i}\n" for i in range(30)), encoding="utf-8")
+    out = tmp_path / "out"
+
+    def prepare(*extra: str) -> int:
+        return main(["prepare", "--out", str(out), "--src", str(src), "--tgt", str(tgt), "--valid-size", "2",
+                     "--test-size", "2", "--vocab-size", "60", *extra])
+
+    assert prepare() == 0
+    assert prepare() == 0 and "reusing" in capsys.readouterr().out
+    before = load_dataset(out).manifest["fingerprint"]
+    if change == "edit the source":
+        src.write_text(src.read_text(encoding="utf-8").replace("number 7\n", "number seven\n"), encoding="utf-8")
+    else:
+        src, tgt = tgt, src
+    assert prepare() == 2
+    assert "different settings or input" in capsys.readouterr().err
+    assert prepare("--force") == 0
+    data = load_dataset(out)
+    assert data.manifest["fingerprint"] != before
+    sources = data.raw("train", "src") + data.raw("valid", "src") + data.raw("test", "src")
+    assert sorted(sources) == sorted(src.read_text(encoding="utf-8").splitlines())
+
+
 def test_same_seed_same_dataset(tmp_path):
     for name in ("a", "b"):
         assert main(["prepare", "--out", str(tmp_path / name), "--corpus", "copy",
@@ -304,8 +336,11 @@ def test_never_overwrites_a_foreign_directory(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    assert main(["prepare", "--out", str(out), "--corpus", "copy", "--train-size", "100",
-                 "--valid-size", "5", "--test-size", "5"]) == 2
+    for force in ([], ["--force"]):
+        assert main(["prepare", "--out", str(out), "--corpus", "copy", "--train-size", "100",
+                     "--valid-size", "5", "--test-size", "5", *force]) == 2
+        assert "--force replaces only an aiayn dataset" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "precious"
 
 
@@ -360,3 +395,74 @@ def test_training_filters_report_what_they_drop(tmp_path, capsys):
     assert m["filters"]["too_long"] + (src[3].strip() in held) == 1
     assert m["filters"]["length_ratio"] + (src[4] in held) == 1
     assert src[3].strip() not in data.raw("train", "src")
+
+
+# -- your own dev and test sets ------------------------------------------------------------------
+
+
+def _lines(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_prepare_with_your_own_valid_and_test_sets(tmp_path, capsys):
+    train = [_lines(tmp_path / "train.en", [f"sentence number {i}" for i in range(40)]),
+             _lines(tmp_path / "train.de", [f"Satz Nummer {i}" for i in range(40)])]
+    dev = [_lines(tmp_path / "dev.en", ["a dev sentence", "sentence number 3", "another one"]),
+           _lines(tmp_path / "dev.de", ["ein Dev-Satz", "Satz Nummer 3", "noch einer"])]
+    test = [_lines(tmp_path / "test.en", ["a test sentence", "the last one"]),
+            _lines(tmp_path / "test.de", ["ein Testsatz", "der letzte"])]
+    out = tmp_path / "out"
+    base = ["prepare", "--out", str(out), "--src", train[0], "--tgt", train[1], "--vocab-size", "80"]
+    both = base + ["--valid-src", dev[0], "--valid-tgt", dev[1], "--test-src", test[0], "--test-tgt", test[1]]
+    assert main(both) == 0
+    data = load_dataset(out)
+    m = data.manifest
+    assert data.raw("valid", "src") == ["a dev sentence", "sentence number 3", "another one"]  # whole, in order
+    assert data.raw("test", "tgt") == ["ein Testsatz", "der letzte"]
+    assert (out / "valid.origin").read_text().split() == ["dev.en:1", "dev.en:2", "dev.en:3"]
+    # Nothing is split off the training data; the pair whose source is a dev source is dropped.
+    assert m["counts"] == {"train": 39, "valid": 3, "test": 2} and m["filters"]["held_out_source"] == 1
+    assert "sentence number 3" not in data.raw("train", "src")
+    assert m["split"]["from"] == {"train": "the pool", "valid": "--valid-src dev.en --valid-tgt dev.de",
+                                  "test": "--test-src test.en --test-tgt test.de"}
+    assert sorted(m["inputs_sha256"]) == ["test.src", "test.tgt", "train.src", "train.tgt", "valid.src", "valid.tgt"]
+    assert "valid_size" not in m["settings"] and "test_size" not in m["settings"]
+    assert main(both) == 0 and "reusing" in capsys.readouterr().out
+    _lines(tmp_path / "dev.de", ["ein Dev-Satz", "Satz Nummer 3", "noch ein Satz"])  # the dev set changed
+    assert main(both) == 2 and "different settings or input" in capsys.readouterr().err
+
+    # Only a dev set: the test split is drawn from the training data.
+    assert main(base + ["--valid-src", dev[0], "--valid-tgt", dev[1], "--test-size", "5", "--force"]) == 0
+    m = load_dataset(out).manifest
+    assert m["counts"]["valid"] == 3 and m["counts"]["test"] == 5
+    assert m["counts"]["train"] + 5 + m["filters"]["held_out_source"] == 40
+    assert m["split"]["from"]["test"] == "the pool" and m["settings"]["test_size"] == 5
+
+    # With a TSV file of training pairs as well.
+    tsv = _lines(tmp_path / "train.tsv", [f"sentence number {i}\tSatz Nummer {i}" for i in range(40)])
+    assert main(["prepare", "--out", str(tmp_path / "tsv"), "--tsv", tsv, "--vocab-size", "80"] + both[len(base):]) == 0
+    assert load_dataset(tmp_path / "tsv").manifest["counts"] == {"train": 39, "valid": 3, "test": 2}
+
+
+def test_your_own_held_out_sets_are_checked_like_training_files(tmp_path, capsys):
+    src = _lines(tmp_path / "train.en", [f"sentence {i}" for i in range(20)])
+    tgt = _lines(tmp_path / "train.de", [f"Satz {i}" for i in range(20)])
+    dev_en = _lines(tmp_path / "dev.en", ["one", "two", "three"])
+    dev_de = _lines(tmp_path / "dev.de", ["eins", "zwei"])
+    bad = tmp_path / "test.de"
+    bad.write_bytes(b"eins\nzw\xffei\n")
+    test_en = _lines(tmp_path / "test.en", ["one", "two"])
+    base = ["prepare", "--out", str(tmp_path / "out"), "--src", src, "--tgt", tgt]
+    for extra, message in [
+        (["--valid-src", dev_en], "--valid-src and --valid-tgt go together"),
+        (["--valid-src", dev_en, "--valid-tgt", dev_de], f"{dev_en}:3: line has no counterpart"),
+        (["--test-src", test_en, "--test-tgt", str(bad)], f"{bad}:2: invalid UTF-8"),
+        (["--test-src", test_en, "--test-tgt", str(tmp_path / "nope.de")], "nope.de: file not found"),
+    ]:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert main(["prepare", "--out", str(tmp_path / "c"), "--corpus", "copy", "--valid-src", dev_en,
+                 "--valid-tgt", dev_en]) == 2
+    assert "go with your own training data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()

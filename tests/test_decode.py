@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from aiayn.cli import main
-from conftest import TEXT
+from conftest import BYTE_PIECE_OUTPUT, BYTE_PIECE_TEXT, TEXT, UNSEEN_COPY_INPUTS
 from aiayn.decode import (
     BOS_ID,
     EOS_ID,
@@ -255,15 +255,39 @@ def test_cli_missing_or_corrupt_checkpoint(random_checkpoint, tmp_path, capsys):
 
 
 def test_copy_model_copies_unseen_inputs(copy_checkpoint):
-    """A model trained on the copy task (tests/conftest.py) copies unseen inputs exactly."""
-    from aiayn.data.corpora import SYNTHETIC_SYMBOLS
+    """The text path (clean, encode, sort and batch, search, decode, restore the order) of a model
+    trained on the copy task (tests/conftest.py, which checks the model on token ids) copies
+    unseen inputs exactly."""
+    lines = UNSEEN_COPY_INPUTS
+    assert Translator(copy_checkpoint, beam=4).translate(lines) == lines
+    assert Translator(copy_checkpoint, beam=1).translate(lines) == lines
 
-    checkpoint = copy_checkpoint
-    translator = Translator(checkpoint, beam=4)
-    # Random sequences of the task's symbols, 6-15 long: 20^6 or more possible inputs, so
-    # practically none was among the training pairs.
-    g = torch.Generator().manual_seed(1234)
-    lines = [" ".join(SYNTHETIC_SYMBOLS[int(i)] for i in torch.randint(len(SYNTHETIC_SYMBOLS), (int(n),), generator=g))
-             for n in torch.randint(6, 16, (20,), generator=g)]
-    assert translator.translate(lines) == lines
-    assert Translator(checkpoint, beam=1).translate(lines) == lines
+
+# ---------------------------------------------------------------------------------------------
+# One line per translation, whatever bytes the model spells
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_translation_is_always_one_line(byte_piece_checkpoint, tmp_path, capsys):
+    """The model writes newline, TAB, ESC, U+2028, NEL and CR as byte pieces between words;
+    `Tokenizer.decode` keeps them (it inverts `encode`), every translation replaces them."""
+    tokenizer = Translator(byte_piece_checkpoint).tokenizer
+    ids = [tokenizer.sp.piece_to_id(p) for p in BYTE_PIECE_OUTPUT]
+    assert tokenizer.decode(ids) == "the\n cat\t sat\x1b on\u2028 mat\x85 dog\r"  # what the model spells
+
+    lines = ["a dog", "", "the cat sat"]
+    for beam in (1, 2):
+        assert Translator(byte_piece_checkpoint, beam=beam).translate(lines) == [BYTE_PIECE_TEXT, "", BYTE_PIECE_TEXT]
+    for hyps in Translator(byte_piece_checkpoint, beam=2).translate_nbest(lines, nbest=2):
+        assert all(h.text.isprintable() for h in hyps)  # the runner-up too
+
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    inp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    args = ["translate", "--checkpoint", str(byte_piece_checkpoint), "--input", str(inp)]
+    assert main(args + ["--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == f"{BYTE_PIECE_TEXT}\n\n{BYTE_PIECE_TEXT}\n"
+    assert main(args + ["--nbest", "2", "--beam", "2"]) == 0
+    rows = capsys.readouterr().out.split("\n")
+    assert rows.pop() == "" and len(rows) == 5  # 2 + 1 (the empty line) + 2
+    assert all(len(row.split("\t")) == 4 and row.replace("\t", " ").isprintable() for row in rows)
+    assert [row.split("\t")[0] for row in rows] == ["0", "0", "1", "2", "2"]

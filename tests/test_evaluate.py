@@ -12,6 +12,7 @@ import pytest
 from aiayn.cli import main
 from aiayn.decode import Translator
 from aiayn.evaluate import score, split_compounds, tokenized_bleu
+from conftest import BYTE_PIECE_TEXT
 
 REFS = [
     "Ein Mann fährt mit dem Fahrrad über die Brücke.",
@@ -112,3 +113,15 @@ def test_evaluate_user_errors(files, tmp_path, capsys):
     bad.write_bytes(b"ok\n\xff\xfe broken\n")
     assert main(["evaluate", "--hyp", str(bad), "--ref", str(ref)]) == 2
     assert f"{bad}:2: invalid UTF-8" in capsys.readouterr().err
+
+
+def test_evaluate_scores_one_line_translations(byte_piece_checkpoint, tmp_path, capsys):
+    """The model spells ESC and other control characters between its words (tests/conftest.py);
+    evaluate scores the one-line text that translate prints, which equals the reference."""
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src.write_text("a dog\nthe cat\n", encoding="utf-8")
+    ref.write_text(f"{BYTE_PIECE_TEXT}\n{BYTE_PIECE_TEXT}\n", encoding="utf-8")
+    assert main(["evaluate", "--checkpoint", str(byte_piece_checkpoint), "--src", str(src), "--ref", str(ref),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)

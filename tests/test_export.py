@@ -124,11 +124,14 @@ def test_refuses_what_marian_cannot_express(tmp_path, spm_file):
 def test_does_not_overwrite_without_force(tmp_path, spm_file):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("user data")
-    with pytest.raises(UserError, match="--force"):
-        export_marian(tiny_model(), tmp_path / "hf", spm_file)
+    for force in (False, True):  # not an export: --force does not replace it either
+        with pytest.raises(UserError, match="--force replaces only an aiayn Marian export"):
+            export_marian(tiny_model(), tmp_path / "hf", spm_file, force=force)
     assert (tmp_path / "hf" / "keep.txt").read_text() == "user data"
-    export_marian(tiny_model(), tmp_path / "hf", spm_file, force=True)
-    assert not (tmp_path / "hf" / "keep.txt").exists()
+    export_marian(tiny_model(), tmp_path / "hf2", spm_file)
+    with pytest.raises(UserError, match="--force"):
+        export_marian(tiny_model(), tmp_path / "hf2", spm_file)
+    export_marian(tiny_model(), tmp_path / "hf2", spm_file, force=True)
 
 
 def test_ctranslate2_stock_converter_gives_the_same_greedy_output(tmp_path, spm_file):

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,9 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.distributed import DistContext
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import Criterion, StepContext, train_update
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
-        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1"]
 
 
 def tiny_model(vocab: int = 45, dropout: float = 0.0, seed: int = 0) -> Transformer:
@@ -215,13 +213,14 @@ def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_
 # ---------------------------------------------------------------------------------------------
 
 
-def test_copy_task_reaches_99_percent_token_accuracy_within_a_minute(copy_run):
+def test_copy_task_learns_to_copy(copy_run):
+    """The run's own log agrees with what tests/conftest.py checked: its last validation (of the
+    final weights) has near-perfect teacher-forced accuracy and greedy BLEU. No clock is read:
+    how long training takes depends on the machine and its load."""
     log = [json.loads(line) for line in (copy_run.out_dir / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in log if r["kind"] == "valid"]
-    reached = [r for r in valid if r["accuracy"] >= 0.99]
-    assert reached, f"best token accuracy {max(r['accuracy'] for r in valid):.4f}"
-    assert reached[0]["elapsed_s"] < 60
-    assert reached[0]["bleu"] > 95
+    assert valid[-1]["step"] == copy_run.step
+    assert valid[-1]["accuracy"] >= 0.99 and valid[-1]["bleu"] > 95
     train_recs = [r for r in log if r["kind"] == "train"]
     assert train_recs[-1]["loss"] < train_recs[0]["loss"]
     assert all(r["tgt_tokens_per_s"] > 0 and r["lr"] > 0 and r["ppl"] >= 1 for r in train_recs)
@@ -234,14 +233,17 @@ def test_run_directory_layout(copy_run):
     assert (out / "config.yaml").is_file() and (out / "tb").is_dir()
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     ckpts = list_checkpoints(out)
-    assert [p.name for p in ckpts] == ["step_0000200", "step_0000400", "step_0000600", "step_0000800"]
+    # copy.yaml: save_every 200, keep_last 4; the fixture may have continued the run past 800
+    # updates, in rounds of 200.
+    assert copy_run.step >= 800 and copy_run.step % 200 == 0
+    assert [p.name for p in ckpts] == [f"step_{copy_run.step - 200 * k:07d}" for k in (3, 2, 1, 0)]
     assert (out / "last").resolve() == ckpts[-1].resolve()
-    assert (out / "last.txt").read_text().strip() == "checkpoints/step_0000800"
+    assert (out / "last.txt").read_text().strip() == f"checkpoints/{ckpts[-1].name}"
     for name in ("model.safetensors", "config.yaml", "spm.model", "meta.json", "optimizer.safetensors",
                  "rng.safetensors", "trainer_state.json"):
         assert (ckpts[-1] / name).is_file(), name
     state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-    assert state["step"] == 800 and "position" in state["sampler"]
+    assert state["step"] == copy_run.step and "position" in state["sampler"]
     assert load_file(str(ckpts[-1] / "rng.safetensors"))["cpu.rank0"].dtype == torch.uint8
     ckpt = load_checkpoint(out / "best")
     assert ckpt.meta["valid"]["bleu"] == copy_run.best_bleu
@@ -265,21 +267,42 @@ def test_existing_run_directory_needs_resume_or_force(copy_dataset, tmp_path, ca
     from aiayn.cli import main
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "something").write_text("x")
     args = ["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out", str(out)]
+    assert main(args + TINY + ["train.max_updates=2", "train.save_every=1", "train.keep_last=2"]) == 0
     assert main(args + TINY + ["train.max_updates=2"]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert (out / "something").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000001", "step_0000002"]
     assert main(args + ["--force"] + TINY + ["train.max_updates=2", "train.average_last=2"]) == 0
-    assert not (out / "something").exists()
-    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]  # a new run
     assert not (out / "averaged").exists()  # one checkpoint: nothing to average
+    # A directory the user made is not a run: neither --resume nor --force touches it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "something").write_text("x")
+    for flag in ("--resume", "--force"):
+        assert main(["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out",
+                     str(mine), flag] + TINY + ["train.max_updates=2"]) == 2
+        assert "is not a directory aiayn wrote (it holds something)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["something"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Exact resume after SIGKILL
 # ---------------------------------------------------------------------------------------------
+
+
+KILL_WHILE_SAVING_60 = """
+import os, signal, sys
+import aiayn.train.state as state
+from aiayn.cli import main
+real_save_file = state.save_file
+def save_file(tensors, filename, *args, **kwargs):
+    if ".step_0000060" in str(filename):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, filename, *args, **kwargs)
+state.save_file = save_file
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_killed_and_resumed_run_ends_bitwise_equal(copy_dataset, tmp_path):
@@ -291,19 +314,17 @@ def test_killed_and_resumed_run_ends_bitwise_equal(copy_dataset, tmp_path):
     reference = train(config, copy_dataset, tmp_path / "reference", overrides)
     assert reference.step == 120
 
+    # The run kills itself with SIGKILL while it writes checkpoint 60: at a fixed point, not
+    # when a polling parent gets round to it (on a loaded machine the run could finish first).
+    # By then metrics.jsonl has records past the last finished checkpoint (40) and a
+    # half-written '.step_0000060' directory lies beside it.
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "aiayn", "train", "--config", str(config), "--data", str(copy_dataset),
+    cmd = [sys.executable, "-c", KILL_WHILE_SAVING_60, "train", "--config", str(config), "--data", str(copy_dataset),
            "--out", str(out), *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_0000040").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list_checkpoints(out)
-    assert done and done[-1].name != "step_0000120", "the run finished before it could be killed"
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000020", "step_0000040"]
+    assert list((out / "checkpoints").glob(".step_0000060*"))
 
     resumed = train(config, copy_dataset, out, overrides, resume=True)
     assert resumed.step == 120
@@ -464,3 +485,117 @@ def test_resume_refuses_a_different_model(copy_run, copy_dataset, tmp_path):
     shutil.copytree(copy_run.out_dir, out, symlinks=True)
     with pytest.raises(UserError, match="model config differs.*d_model"):
         train(REPO / "configs/copy.yaml", copy_dataset, out, ["model.d_model=32", "train.progress=false"], resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned positions and long sentences
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validation_truncates_long_sentences_for_learned_positions(copy_dataset):
+    """Copy-task sentences have up to 20 subwords; 12 learned positions hold 11 plus EOS/BOS.
+    Validation truncates them as Translator does instead of indexing past the table."""
+    from aiayn.train.validation import greedy_translate, validate
+
+    valid = load_dataset(copy_dataset).split("valid")
+    assert valid.src_lens.max() > 11
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab_size=45, d_model=32, d_ff=64, n_heads=2, n_encoder_layers=1,
+                                          n_decoder_layers=1, positions="learned", max_positions=12))
+    result = validate(model, load_dataset(copy_dataset), label_smoothing=0.1, batch_tokens=2000, bleu_sentences=20)
+    assert math.isfinite(result.loss) and result.bleu is not None and result.n_sentences == 20
+    batch = valid.collate(range(len(valid)), 11)
+    assert batch.src.size(1) == batch.tgt_in.size(1) == 12 and batch.src[:, -1].eq(3).any()
+    hyps = greedy_translate(model, load_dataset(copy_dataset), "valid", 20, 2000, 1.0, 50, "fp32", torch.device("cpu"))
+    assert len(hyps) == 20
+
+
+def test_training_data_longer_than_learned_positions_is_a_clear_error(copy_run, copy_dataset, tmp_path):
+    """Checked before the run directory is touched: --force does not lose the run it would replace."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(copy_run.out_dir, out, symlinks=True)
+    with pytest.raises(UserError, match=r"up to 20 subwords.*max_positions 12.*--max-len 11"):
+        train(REPO / "configs/copy.yaml", copy_dataset, out,
+              TINY + ["model.positions=learned", "model.max_positions=12"], force=True)
+    assert list_checkpoints(out)
+
+
+def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
+    """The checkpoint's data position, vocabulary and embedding rows refer to the dataset and
+    subword model the run started with; --resume with others is a one-line error naming them."""
+    import shutil
+
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2"])
+    other = tmp_path / "other"  # the same task and sizes, another seed
+    assert main(["prepare", "--corpus", "copy", "--seed", "2", "--out", str(other)]) == 0
+    with pytest.raises(UserError, match=rf"^{other}: cannot resume {out} with this dataset: dataset fingerprint"):
+        train(REPO / "configs/copy.yaml", other, out, TINY + ["train.max_updates=4"], resume=True)
+    retokenized = tmp_path / "retokenized"  # the same manifest, another subword model
+    shutil.copytree(copy_dataset, retokenized)
+    assert main(["prepare", "--corpus", "reverse", "--out", str(tmp_path / "reverse"), "--vocab-size", "60"]) == 0
+    shutil.copyfile(tmp_path / "reverse/spm.model", retokenized / "spm.model")
+    with pytest.raises(UserError, match=r"this dataset: its spm.model is not the run's \(checkpoint step_0000002\)"):
+        train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+
+def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
+    """Checkpoints are copied between machines: meta.json names the run and the dataset, it does
+    not carry this machine's paths."""
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2", "train.save_every=1",
+                                                                 "train.valid_every=1", "train.average_last=2"])
+    assert main(["average", "--out", str(tmp_path / "avg"), str(out), "--last", "2"]) == 0
+    paths = [out / "best/meta.json", out / "averaged/meta.json", *out.glob("checkpoints/*/meta.json"),
+             tmp_path / "avg/meta.json"]
+    metas = {path: json.loads(path.read_text()) for path in paths}
+    assert len(metas) == 5  # best, averaged, two checkpoints, avg
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for path, meta in metas.items():
+        found = [s for s in strings(meta) if s.startswith(("/", "~")) or str(tmp_path) in s or "\\" in s]
+        assert not found, f"{path}: {found}"
+        assert meta["run"] == "run" and meta["data"] == copy_dataset.name
+        assert meta["data_fingerprint"] == load_dataset(copy_dataset).manifest["fingerprint"]
+    assert metas[tmp_path / "avg/meta.json"]["averaged_from"] == ["step_0000001", "step_0000002"]
+
+
+def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch):
+    """Under train.max_minutes the bar's total is the budget in seconds and it advances with the
+    elapsed time (updates in the postfix); without a budget it counts updates to max_updates."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    base = TINY + ["train.progress=true", "train.valid_every=0", "train.average_last=0"]
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "budget",
+                   base + ["train.max_minutes=0.02", "train.max_updates=100000"])
+    assert result.stop_reason == "max_minutes"
+    bar, = bars
+    assert (bar.total, bar.unit) == (pytest.approx(1.2), "s")
+    assert bar.n == pytest.approx(bar.total)  # the run stops when the budget is spent
+    assert f"upd={result.step}" in bar.postfix
+    bars.clear()
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "updates", base + ["train.max_updates=3"])
+    bar, = bars
+    assert (bar.total, bar.unit, bar.n) == (3, "upd", 3)

@@ -3,7 +3,8 @@
     model.safetensors   the weights (safetensors: loading never runs code, unlike pickle)
     config.yaml         the TransformerConfig, under the key ``model``
     spm.model           the sentencepiece model the token ids refer to
-    meta.json           where it came from (step, run, data manifest digest, ...)
+    meta.json           where it came from (step, the run's and the dataset's directory names,
+                        the dataset fingerprint, ...): names only, no local paths
 
 Training adds its own resume state beside these files (see `aiayn.train`); translation,
 evaluation, averaging and inspection need only the four above.
@@ -22,7 +23,7 @@ from safetensors.torch import load_model, save_model
 
 from . import config as config_io
 from .errors import UserError
-from .files import atomic_directory, refuse_to_replace
+from .files import atomic_directory
 from .model import Transformer, TransformerConfig
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "spm.model", "meta.json"
@@ -50,8 +51,7 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer_file: str | 
     """Write a checkpoint directory atomically: into a temporary sibling, then one rename.
     A crash leaves either the old directory or the new one, never half of one."""
     path = Path(path)
-    refuse_to_replace(path, force)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint", force=force) as tmp:
         write_checkpoint_files(tmp, model, tokenizer_file, meta)
     return path
 
@@ -84,12 +84,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"weights do not match config.yaml (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})",
             path=path / WEIGHTS,
         )
-    meta = {}
-    if (path / META).is_file():
-        try:
-            meta = json.loads((path / META).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON: {e.msg}", path=path / META, line=e.lineno) from None
+    meta = read_meta(path)
     try:
         tokenizer = Tokenizer.load(path / TOKENIZER)
     except UserError:
@@ -98,6 +93,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise UserError(f"cannot read the sentencepiece model: {e}", path=path / TOKENIZER) from None
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, meta=meta)
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json ({} if it has none); invalid JSON is a UserError naming the line."""
+    file = Path(path) / META
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg}", path=file, line=e.lineno) from None
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:

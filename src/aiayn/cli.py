@@ -52,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus", choices=["libreoffice-help", "multi30k", "copy", "reverse"],
         help="a built-in corpus",
     )
+    held = p.add_argument_group(
+        "your own held-out sets (with --src/--tgt or --tsv)",
+        "line-aligned files, checked like the training files and used whole; a split not given is drawn "
+        "from the training data (--valid-size, --test-size)")
+    held.add_argument("--valid-src", help="source side of your validation (dev) set")
+    held.add_argument("--valid-tgt", help="target side of your validation (dev) set")
+    held.add_argument("--test-src", help="source side of your test set")
+    held.add_argument("--test-tgt", help="target side of your test set")
     p.add_argument("--lang", default="de", help="libreoffice-help: target language (default de)")
     p.add_argument("--path", help="multi30k: directory with train/val/test2016 files")
     p.add_argument("--pair", default="en-de", help="multi30k: language pair SRC-TGT (default en-de)")
     p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size")
-    p.add_argument("--valid-size", type=int, default=1000, help="held-out pairs for validation")
-    p.add_argument("--test-size", type=int, default=1000, help="held-out pairs for test")
+    p.add_argument("--valid-size", type=int, default=1000, help="validation pairs drawn from the training data")
+    p.add_argument("--test-size", type=int, default=1000, help="test pairs drawn from the training data")
     p.add_argument("--max-len", type=int, default=256, help="drop training pairs longer (subwords)")
     p.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a larger length ratio")
     p.add_argument("--seed", type=int, default=1, help="seed for splits and synthetic data")

@@ -292,7 +292,9 @@ class Translator:
     ``batch_size`` sentences or, if given, ``batch_tokens`` padded source tokens; outputs come
     back in input order. An empty line translates to an empty line. A source longer than
     ``max_src_len`` subwords (default ``config.max_positions - 1``, room for the EOS) is
-    truncated with a warning. ``beam=1`` is greedy search.
+    truncated with a warning. ``beam=1`` is greedy search. Every translation is one line of
+    text: byte pieces that spell a newline or another control character become spaces
+    (`Tokenizer.decode_line`), so output line i is always the translation of input line i.
     """
 
     def __init__(self, checkpoint, device: str | torch.device | None = None, beam: int = 4, alpha: float = 0.6,
@@ -343,7 +345,8 @@ class Translator:
         with tqdm(total=len(order), disable=not progress, file=sys.stderr, unit="sent", desc="translate") as bar:
             for batch in self._batches(order, ids):
                 for i, hyps in zip(batch, self._search([ids[i] for i in batch], nbest)):
-                    results[i] = [Translation(self.tokenizer.decode(h.tokens), h.tokens, h.score, h.log_prob) for h in hyps]
+                    results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
+                                  for h in hyps]
                 bar.update(len(batch))
         return results
 

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .files import atomic_directory, refuse_to_replace
+from .files import atomic_directory
 from .model import Transformer, TransformerConfig
 
 BOS_ID, EOS_ID, UNK_ID = 2, 3, 1
@@ -248,8 +248,7 @@ def export_marian(
 ) -> Path:
     """Write the Marian export of ``model`` to the directory ``out`` (atomically)."""
     out = Path(out)
-    refuse_to_replace(out, force)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind="export", force=force) as tmp:
         write_marian_files(tmp, model, Path(spm_file), max_positions)
     return out
 

@@ -1,15 +1,22 @@
-"""Writing directories so that nothing is ever half-written or silently replaced.
+"""Writing directories so that nothing is ever half-written, silently replaced, or lost.
 
 Every stage that writes a directory (a dataset, a checkpoint, an export, attention pictures)
 writes it through `atomic_directory`: the files go into a temporary sibling, and only when all
 of them are written does one rename put the directory in place. A crash or a kill leaves the
 old directory (or none), never half of a new one; the hidden temporary sibling is removed on
 any error.
+
+What may be replaced is decided here too (`refuse_to_replace`): an output path may be new or
+an empty directory; an existing aiayn artefact of the kind being written (`artefact_kind`) is
+replaced only with --force; anything else never, --force or not. So ``train --out data/x
+--force`` cannot delete a dataset, nor ``prepare --out ~/notes --force`` a user's notes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,11 +25,83 @@ from typing import Iterator
 
 from .errors import UserError
 
+# The kinds of directory aiayn writes, and how `artefact_kind` recognises each: by the files
+# its writer puts there (aiayn.data.dataset, aiayn.train, aiayn.checkpoint, aiayn.export,
+# aiayn.inspect; an averaged model is a checkpoint), so directories written by any version count.
+ARTEFACTS = {
+    "dataset": "an aiayn dataset",  # manifest.json with "format": "aiayn-dataset"
+    "run": "an aiayn training run",  # config.yaml with metrics.jsonl or checkpoints/
+    "checkpoint": "an aiayn checkpoint",  # model.safetensors, config.yaml, spm.model
+    "export": "an aiayn Marian export",  # model.safetensors, config.json, vocab.json, *.spm
+    "attention": "aiayn attention pictures",  # attention.json and the PNGs
+}
 
-def refuse_to_replace(path: Path, force: bool) -> None:
-    """Nothing a user made is overwritten without --force."""
-    if path.exists() and not force:
-        raise UserError("already exists; pass --force to replace it", path=path)
+
+def artefact_kind(path: str | Path) -> str | None:
+    """Which kind of aiayn directory ``path`` is (a key of `ARTEFACTS`), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+
+    def has(*names: str) -> bool:
+        return all((path / name).is_file() for name in names)
+
+    if has("manifest.json"):
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("format") == "aiayn-dataset":
+            return "dataset"
+    if has("config.yaml") and (has("metrics.jsonl") or (path / "checkpoints").is_dir()):
+        return "run"
+    if has("model.safetensors", "config.yaml", "spm.model"):
+        return "checkpoint"
+    if has("model.safetensors", "config.json", "vocab.json", "source.spm", "target.spm"):
+        return "export"
+    if has("attention.json", "encoder.png", "cross.png"):
+        return "attention"
+    return None
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def describe(path: Path) -> str:
+    """What is at an existing ``path``, for error messages: 'holds an aiayn dataset', ..."""
+    if not path.is_dir():
+        return "exists and is not a directory"
+    kind = artefact_kind(path)
+    if kind is not None:
+        return f"holds {ARTEFACTS[kind]}"
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"is not a directory aiayn wrote (it holds {shown})"
+
+
+def refuse_to_replace(path: str | Path, force: bool, *, kind: str) -> None:
+    """Nothing a user made is overwritten or lost: ``path`` may be new or an empty directory;
+    an aiayn artefact of ``kind`` (a key of `ARTEFACTS`) is replaced only with ``force``; anything
+    else is a UserError that says what the directory holds, with or without ``force``."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()) or is_empty_dir(path):
+        return
+    want = ARTEFACTS[kind]
+    if artefact_kind(path) != kind:
+        raise UserError(f"{describe(path)}; --force replaces only {want}: choose another output path "
+                        "(nothing was changed)", path=path)
+    if not force:
+        raise UserError(f"already exists ({want}); pass --force to replace it", path=path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,11 +119,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """``with atomic_directory(out) as tmp:`` write into ``tmp``; on success ``tmp`` becomes
-    ``out`` in one rename. An existing ``out`` is renamed aside first and removed only after
-    the new one is in place. Callers check `refuse_to_replace` before doing the work."""
+def atomic_directory(path: str | Path, *, kind: str, force: bool = False) -> Iterator[Path]:
+    """``with atomic_directory(out, kind=...) as tmp:`` write into ``tmp``; on success ``tmp``
+    becomes ``out`` in one rename. An existing ``out`` may be replaced as `refuse_to_replace`
+    allows (checked here again; callers check it before doing the work, to fail fast); it is
+    renamed aside first and removed only after the new one is in place."""
     path = Path(path)
+    refuse_to_replace(path, force, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     # mkdtemp makes the directory private (0700); the result should get the usual permissions.

@@ -163,12 +163,12 @@ def export(maps: AttentionMaps, out: Path) -> list[Path]:
 def export_attention(checkpoint: str | Path | Checkpoint, src: str, out: str | Path, tgt: str | None = None, *, force: bool = False) -> list[Path]:
     """Python entry point of `aiayn attention`: returns the files written."""
     out = Path(out)
-    refuse_to_replace(out, force)
+    refuse_to_replace(out, force, kind="attention")  # before the work; atomic_directory checks again
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not src.strip():
         raise UserError("--src is empty: give a sentence to look at")
     maps = attention_maps(ckpt, src, tgt)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind="attention", force=force) as tmp:
         names = [p.name for p in export(maps, tmp)]
     return [out / name for name in names]
 

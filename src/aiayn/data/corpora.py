@@ -36,6 +36,7 @@ class Corpus:
     languages: dict[str, str | None] = field(default_factory=lambda: {"src": None, "tgt": None})
     info: dict = field(default_factory=dict)
     identical_allowed: bool = False  # synthetic tasks: identical pairs (copy, palindromes) are data
+    held_out: dict[str, Pairs] = field(default_factory=dict)  # the user's own valid/test sets, if given
 
 
 def _lang_of(path: Path) -> str | None:
@@ -44,12 +45,17 @@ def _lang_of(path: Path) -> str | None:
     return suffix if re.fullmatch(r"[a-z]{2,3}(_[a-z]{2})?", suffix) else None
 
 
-def from_files(src_path: str, tgt_path: str) -> Corpus:
+def read_pairs(src_path: str | Path, tgt_path: str | Path) -> Pairs:
+    """Two line-aligned files, validated (`text.read_parallel`), as Pairs with FILE:LINE origins."""
     src, tgt, lines = read_parallel(src_path, tgt_path)
     if not src:
         raise UserError("no sentence pairs (every line is empty)", path=src_path)
     name = Path(src_path).name
-    return Corpus(pool=Pairs(src, tgt, [f"{name}:{n}" for n in lines]),
+    return Pairs(src, tgt, [f"{name}:{n}" for n in lines])
+
+
+def from_files(src_path: str, tgt_path: str) -> Corpus:
+    return Corpus(pool=read_pairs(src_path, tgt_path),
                   languages={"src": _lang_of(Path(src_path)), "tgt": _lang_of(Path(tgt_path))},
                   info={"kind": "files", "src": str(src_path), "tgt": str(tgt_path)})
 
@@ -86,10 +92,8 @@ def multi30k_files(directory: str | Path, pair: str) -> dict[str, tuple[Path, Pa
 
 def from_multi30k(directory: str | Path, pair: str) -> Corpus:
     s, t = parse_pair(pair)
-    splits = {}
-    for split, (src_file, tgt_file) in multi30k_files(directory, pair).items():
-        src, tgt, lines = read_parallel(src_file, tgt_file)
-        splits[split] = Pairs(src, tgt, [f"{src_file.name}:{n}" for n in lines])
+    splits = {split: read_pairs(src_file, tgt_file)
+              for split, (src_file, tgt_file) in multi30k_files(directory, pair).items()}
     return Corpus(splits=splits, languages={"src": s, "tgt": t},
                   info={"kind": "multi30k", "path": str(directory), "pair": f"{s}-{t}"})
 

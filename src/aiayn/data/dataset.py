@@ -70,8 +70,10 @@ class Split:
         """A `TokenBatchSampler` over this split (kwargs: shuffle, seed, num_shards, shard_id)."""
         return TokenBatchSampler(self.src_lens, self.tgt_lens, max_tokens, **kwargs)
 
-    def collate(self, indices: Sequence[int]) -> Batch:
-        return collate([self.src[i] for i in indices], [self.tgt[i] for i in indices])
+    def collate(self, indices: Sequence[int], max_len: int | None = None) -> Batch:
+        """The pairs at ``indices`` as a `Batch`; ``max_len`` keeps at most that many tokens of
+        each side (before EOS and BOS are added)."""
+        return collate([self.src[i][:max_len] for i in indices], [self.tgt[i][:max_len] for i in indices])
 
 
 class PreparedData:

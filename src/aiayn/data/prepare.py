@@ -11,8 +11,9 @@ The pipeline, in order:
    (valid and test are kept whole, so scores are over the full held-out sets);
 6. write everything into a temporary directory and move it into place.
 
-A fingerprint of the settings and the input (file digests) is stored in the manifest: a second
-run with identical settings into the same --out reuses the directory without any work.
+A fingerprint of the settings and the input (the digest of each input file by its role:
+train.src, train.tgt, ...) is stored in the manifest: a second run with identical settings and
+input into the same --out reuses the directory without any work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_directory
+from ..files import artefact_kind, atomic_directory, refuse_to_replace, sha256_file
 from . import corpora
 from .corpora import Corpus, Pairs
 from .dataset import (FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest,
@@ -35,7 +36,8 @@ from .libreoffice import default_cache_dir, package_name
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, roundtrip_failures, train_bpe
 
 # Bump when the pipeline changes what it writes: older directories are then rebuilt.
-PIPELINE_VERSION = 1
+# 2: input digests keyed by role (train.src, train.tgt, ...) instead of file name.
+PIPELINE_VERSION = 2
 
 
 def log(message: str) -> None:
@@ -59,10 +61,38 @@ def _source_kind(args: argparse.Namespace) -> str:
     return "tsv" if args.tsv else args.corpus
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+HELD_OUT = ("valid", "test")
+
+
+def _held_out_files(args: argparse.Namespace, kind: str) -> dict[str, tuple[Path, Path]]:
+    """The user's own held-out sets: split -> (source file, target file), from --valid-src/
+    --valid-tgt and --test-src/--test-tgt. They go with the user's training data (--src/--tgt
+    or --tsv); a built-in corpus has held-out sets of its own (or draws them from its pool)."""
+    given = {}
+    for split in HELD_OUT:
+        src, tgt = getattr(args, f"{split}_src"), getattr(args, f"{split}_tgt")
+        if bool(src) != bool(tgt):
+            raise UserError(f"--{split}-src and --{split}-tgt go together (two line-aligned files)")
+        if src:
+            given[split] = (Path(src), Path(tgt))
+    if given and kind not in ("files", "tsv"):
+        raise UserError("--valid-src/--valid-tgt and --test-src/--test-tgt go with your own training data "
+                        "(--src/--tgt or --tsv), not with --corpus")
+    return given
+
+
+def _split_off(args: argparse.Namespace, kind: str, held_out: dict) -> dict[str, int]:
+    """How many pairs each held-out split draws from the pool: --valid-size and --test-size,
+    for the splits the user did not bring (Multi30k brings both)."""
+    if kind == "multi30k":
+        return {}
+    return {split: getattr(args, f"{split}_size") for split in HELD_OUT if split not in held_out}
+
+
+def _check_numbers(args: argparse.Namespace, split_off: dict[str, int]) -> None:
     if args.vocab_size < 8:
         raise UserError(f"--vocab-size {args.vocab_size} is too small (at least 8)")
-    if args.valid_size < 1 or args.test_size < 1:
+    if any(size < 1 for size in split_off.values()):
         raise UserError("--valid-size and --test-size must be at least 1")
     if args.max_len < 1:
         raise UserError("--max-len must be at least 1")
@@ -72,12 +102,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         package_name(args.lang)  # a malformed --lang fails here, before any download
 
 
-def _settings(args: argparse.Namespace, kind: str) -> dict:
-    """Every option that changes the output (and nothing that does not, like --force)."""
+def _settings(args: argparse.Namespace, kind: str, split_off: dict[str, int]) -> dict:
+    """Every option that changes the output (and nothing that does not, like --force). The
+    user's held-out files are inputs (in the fingerprint by role), not settings."""
     s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "vocab_size": args.vocab_size,
          "max_len": args.max_len, "max_ratio": args.max_ratio, "seed": args.seed}
-    if kind != "multi30k":  # Multi30k has its own splits
-        s.update(valid_size=args.valid_size, test_size=args.test_size)
+    s.update({f"{split}_size": size for split, size in split_off.items()})
     if kind == "libreoffice-help":
         s["lang"] = args.lang.lower()
     if kind == "multi30k":
@@ -87,15 +117,12 @@ def _settings(args: argparse.Namespace, kind: str) -> dict:
     return s
 
 
-def _digest(paths: list[Path]) -> dict[str, str]:
-    out = {}
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[p.name] = h.hexdigest()
-    return out
+def _digest(files: dict[str, Path]) -> dict[str, str]:
+    """role ('train.src', 'valid.tgt', 'train.tsv', ...) -> SHA-256 of that file's bytes.
+
+    Keyed by role, not by file name: en/train.txt and de/train.txt share a name, and swapping
+    --src and --tgt swaps no names at all, yet either is a different dataset."""
+    return {role: sha256_file(path) for role, path in files.items()}
 
 
 def _fingerprint(settings: dict, digests: dict) -> str:
@@ -106,11 +133,10 @@ def _fingerprint(settings: dict, digests: dict) -> str:
 # -- the output directory ----------------------------------------------------------------------
 
 
-def _reusable(out: Path, fingerprint: str) -> bool:
-    """True if ``out`` already holds this exact dataset; raise if it holds anything else."""
-    if not out.exists():
-        return False
-    if out.is_dir() and (out / MANIFEST).is_file():
+def _reusable(out: Path, fingerprint: str, force: bool) -> bool:
+    """True if ``out`` already holds this exact dataset (and no --force asks to rebuild it);
+    raise if it holds anything that may not be replaced (`files.refuse_to_replace`)."""
+    if artefact_kind(out) == "dataset" and not force:
         try:
             manifest = read_manifest(out)
         except UserError:
@@ -118,13 +144,10 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         if manifest.get("fingerprint") == fingerprint and all(
                 (out / name).is_file() for name in manifest.get("files", {}).get("list", [])):
             return True
-        what = "a dataset prepared with different settings or input"
-    elif out.is_dir() and not any(out.iterdir()):
-        return False  # an empty directory is safe to fill
-    else:
-        what = "something that is not a prepared dataset"
-    raise UserError(f"output directory exists and holds {what}; "
-                    "use --force to replace it, or choose another --out", path=out)
+        raise UserError("output directory exists and holds a dataset prepared with different settings or "
+                        "input; use --force to replace it, or choose another --out", path=out)
+    refuse_to_replace(out, force, kind="dataset")
+    return False
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -213,11 +236,11 @@ def _write_lines(path: Path, lines: list[str]) -> None:
             f.write(line + "\n")
 
 
-def _load_corpus(kind: str, args: argparse.Namespace) -> Corpus:
-    if kind == "files":
-        return corpora.from_files(args.src, args.tgt)
-    if kind == "tsv":
-        return corpora.from_tsv(args.tsv)
+def _load_corpus(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
+    if kind in ("files", "tsv"):
+        corpus = corpora.from_files(args.src, args.tgt) if kind == "files" else corpora.from_tsv(args.tsv)
+        corpus.held_out = {split: corpora.read_pairs(*files) for split, files in held_out.items()}
+        return corpus
     if kind == "multi30k":
         return corpora.from_multi30k(args.path, args.pair)
     if kind == "libreoffice-help":
@@ -226,14 +249,17 @@ def _load_corpus(kind: str, args: argparse.Namespace) -> Corpus:
     return corpora.synthetic(kind, args.train_size + args.valid_size + args.test_size, args.seed)
 
 
-def _input_files(kind: str, args: argparse.Namespace) -> list[Path]:
+def _input_files(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
+    """The user's input files by role (split.side); built-in corpora have none."""
+    own = {f"{split}.{side}": path for split, pair in held_out.items() for side, path in zip(("src", "tgt"), pair)}
     if kind == "files":
-        return [Path(args.src), Path(args.tgt)]
+        return {"train.src": Path(args.src), "train.tgt": Path(args.tgt), **own}
     if kind == "tsv":
-        return [Path(args.tsv)]
+        return {"train.tsv": Path(args.tsv), **own}
     if kind == "multi30k":
-        return [p for pair in corpora.multi30k_files(args.path, args.pair).values() for p in pair]
-    return []
+        return {f"{split}.{side}": path for split, pair in corpora.multi30k_files(args.path, args.pair).items()
+                for side, path in zip(("src", "tgt"), pair)}
+    return {}
 
 
 def _length_stats(ids: list[list[int]]) -> dict:
@@ -255,21 +281,24 @@ def prepare_main(args: argparse.Namespace) -> int:
     started = time.time()
     args = _with_defaults(args)
     kind = _source_kind(args)
-    _check_numbers(args)
+    held_out = _held_out_files(args, kind)
+    split_off = _split_off(args, kind, held_out)
+    _check_numbers(args, split_off)
     out = Path(args.out)
-    settings = _settings(args, kind)
+    settings = _settings(args, kind, split_off)
 
     # 1. Validate user input before any work (this reads the files fully; they are small
     # next to what training costs).
-    corpus = _load_corpus(kind, args) if kind in ("files", "tsv", "multi30k") else None
-    fingerprint = _fingerprint(settings, _digest(_input_files(kind, args)))
-    if not args.force and _reusable(out, fingerprint):
+    corpus = _load_corpus(kind, args, held_out) if kind in ("files", "tsv", "multi30k") else None
+    inputs = _digest(_input_files(kind, args, held_out))
+    fingerprint = _fingerprint(settings, inputs)
+    if _reusable(out, fingerprint, args.force):
         counts = read_manifest(out)["counts"]
         log(f"reusing {out} (identical settings and input): "
             f"{counts['train']} train / {counts['valid']} valid / {counts['test']} test pairs")
         return 0
     if corpus is None:
-        corpus = _load_corpus(kind, args)
+        corpus = _load_corpus(kind, args, held_out)
 
     filters: dict[str, int] = {}
     if corpus.splits is not None:
@@ -281,14 +310,20 @@ def prepare_main(args: argparse.Namespace) -> int:
         pool = _dedup(corpus.pool, not corpus.identical_allowed, filters)
         log(f"{len(corpus.pool)} pairs read; {filters['duplicates']} duplicates and "
             f"{filters['identical']} untranslated (identical) pairs dropped")
-        splits = split_pool(pool, args.valid_size, args.test_size, args.seed)
+        # The user's own valid/test sets are kept whole; the others are split off the pool.
+        splits = {**split_pool(pool, split_off.get("valid", 0), split_off.get("test", 0), args.seed),
+                  **corpus.held_out}
         split_info = {"method": "seeded shuffle of " + ("pages" if pool.group else "pairs")
-                      + "; whole groups per split", "seed": args.seed,
-                      "requested": {"valid": args.valid_size, "test": args.test_size}}
+                      + "; whole groups per split", "seed": args.seed, "requested": split_off,
+                      "from": {split: (f"--{split}-src {held_out[split][0].name} --{split}-tgt "
+                                       f"{held_out[split][1].name}" if split in held_out else "the pool")
+                               for split in SPLITS}}
+        for split, pairs in corpus.held_out.items():
+            log(f"{split}: {len(pairs)} pairs from {held_out[split][0]} and {held_out[split][1]}")
     _drop_held_out_sources(splits, filters)
 
-    with atomic_directory(out) as tmp:
-        manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint)
+    with atomic_directory(out, kind="dataset", force=args.force) as tmp:
+        manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint, inputs)
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")
@@ -296,7 +331,7 @@ def prepare_main(args: argparse.Namespace) -> int:
 
 
 def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, split_info: dict,
-           args: argparse.Namespace, settings: dict, fingerprint: str) -> dict:
+           args: argparse.Namespace, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
     train = splits["train"]
     log(f"training a joint BPE model (vocab {args.vocab_size}) on {len(train)} pairs ...")
     spm_settings = train_bpe(train.src + train.tgt, tmp / "spm", args.vocab_size,
@@ -329,6 +364,7 @@ def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, s
         "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
+        "inputs_sha256": inputs,  # by role; with the settings they make the fingerprint
         "source": corpus.info,
         "languages": corpus.languages,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},

@@ -11,6 +11,7 @@ Unicode line separators that `str.splitlines` would also break on.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from pathlib import Path
 
@@ -27,6 +28,19 @@ def clean(text: str) -> str:
     NFC (not NFKC) only merges canonically equivalent code points; it never changes meaning.
     """
     return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+# What must never appear inside one line of output: the C0/C1 control characters (Unicode
+# category Cc: newline, CR, TAB, ESC, NEL U+0085, ...) and the line and paragraph separators
+# U+2028/U+2029. A model with byte fallback can emit any of them as byte pieces (<0x0A> is a
+# newline), and a newline inside a translation would shift every later line of the output.
+_NOT_IN_A_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """Model output as one line: control characters and line/paragraph separators become
+    spaces, then whitespace is collapsed as `clean` does for inputs."""
+    return clean(_NOT_IN_A_LINE.sub(" ", text))
 
 
 def read_lines(path: str | Path) -> list[str]:

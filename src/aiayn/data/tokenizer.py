@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from ..errors import UserError
+from .text import one_line
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Byte fallback reserves 256 pieces; below this size it would crowd out the real vocabulary.
@@ -64,6 +65,12 @@ class Tokenizer:
         """Text of a list of ids; pad/bos/eos are skipped (unk decodes as ' ⁇ ')."""
         specials = (self.pad_id, self.bos_id, self.eos_id)
         return self.sp.decode([int(i) for i in ids if int(i) not in specials])
+
+    def decode_line(self, ids: Iterable[int]) -> str:
+        """`decode` as one line of text (`text.one_line`): what translation outputs. Byte pieces
+        can spell a newline or another control character; `decode` keeps them (it must invert
+        `encode` exactly), this never does."""
+        return one_line(self.decode(ids))
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """Subword strings of ids (with the '▁' word-start mark), e.g. for attention plots."""

@@ -15,13 +15,19 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import UserError
+from ..files import refuse_to_replace
 from .state import list_checkpoints
+
+
+# What an averaged checkpoint's meta.json carries over from the first checkpoint averaged.
+PROVENANCE = ("run", "data", "data_fingerprint", "tokenizer_sha256", "languages", "config_digest")
 
 
 def average_checkpoints(paths: list[Path], out: Path, *, force: bool = False) -> Path:
     """Average the weights of ``paths`` (same architecture and tokenizer) into checkpoint ``out``."""
     if not paths:
         raise UserError("no checkpoints to average")
+    refuse_to_replace(out, force, kind="checkpoint")  # before the work; save_checkpoint checks again
     first: Checkpoint = load_checkpoint(paths[0])
     config = first.model.config
     spm_bytes = (paths[0] / "spm.model").read_bytes()
@@ -40,7 +46,13 @@ def average_checkpoints(paths: list[Path], out: Path, *, force: bool = False) ->
     state = first.model.state_dict()
     averaged = {k: (total[k] / n).to(state[k].dtype) for k in state}
     first.model.load_state_dict(averaged, strict=True)
-    meta = {"averaged_from": [str(p.resolve()) for p in paths], "n_averaged": n,
+    # Portable provenance: the checkpoints' directory names and what the first one says of its
+    # run and data (names only: checkpoints of older versions recorded absolute paths there).
+    carried = {key: first.meta[key] for key in PROVENANCE if key in first.meta}
+    for key in ("run", "data"):
+        if isinstance(carried.get(key), str):
+            carried[key] = Path(carried[key]).name
+    meta = {**carried, "averaged_from": [p.resolve().name for p in paths], "n_averaged": n,
             "step": first.meta.get("step") if n == 1 else _last_step(paths)}
     return save_checkpoint(out, first.model, paths[0] / "spm.model", meta, force=force)
 

@@ -109,7 +109,7 @@ def write_training_checkpoint(
 ) -> None:
     """All files into a temporary sibling directory, then one atomic rename to ``path``:
     a process killed mid-write leaves a '.step_*' directory that is ignored and cleaned up."""
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint", force=True) as tmp:
         write_checkpoint_files(tmp, model, tokenizer_file, meta)
         save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))

@@ -35,10 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_io
 from ..allocator import active as allocator_in_use
-from ..checkpoint import load_config, save_checkpoint
+from ..checkpoint import load_config, read_meta, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.dataset import SPM_MODEL
 from ..errors import UserError
+from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace, sha256_file
 from ..model import Transformer
 from . import distributed
 from .config import RunConfig
@@ -88,16 +89,21 @@ class Progress:
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> str | None:
     """Create OUT or check it may be used; returns an error message instead of raising, so
-    that rank 0 can hand it to the other ranks."""
-    if out.exists() and not out.is_dir():
-        return f"{out}: exists and is not a directory"
-    if resume:
-        out.mkdir(parents=True, exist_ok=True)
-        return None
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            return f"{out}: run directory already exists; pass --resume to continue it or --force to replace it"
-        shutil.rmtree(out)
+    that rank 0 can hand it to the other ranks. --resume continues a run directory (or starts
+    one where there is none); --force replaces a run directory, never anything else."""
+    try:
+        if resume:
+            if out.exists() and not is_empty_dir(out) and artefact_kind(out) != "run":
+                raise UserError(f"cannot resume: {describe(out)}; --resume continues {ARTEFACTS['run']}", path=out)
+        elif artefact_kind(out) == "run" and not force:
+            raise UserError("run directory already exists; pass --resume to continue it or --force to replace it",
+                            path=out)
+        else:
+            refuse_to_replace(out, force, kind="run")
+            if out.is_dir() and not is_empty_dir(out):
+                shutil.rmtree(out)
+    except UserError as e:
+        return str(e)
     out.mkdir(parents=True, exist_ok=True)
     return None
 
@@ -156,6 +162,7 @@ class Trainer:
         self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
         self.device = dist.device
         self.tokenizer_file = data.path / SPM_MODEL
+        self.tokenizer_sha256 = sha256_file(self.tokenizer_file)
         tc = self.tcfg
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
@@ -174,6 +181,12 @@ class Trainer:
         self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id,
                                     clip_norm=tc.clip_norm, precision=tc.precision, scaler=scaler, dist=dist)
         train = data.split("train")
+        longest = int(max(train.src_lens.max(initial=0), train.tgt_lens.max(initial=0)))
+        if cfg.model.positions == "learned" and longest + 1 > cfg.model.max_positions:  # + EOS, or BOS
+            raise UserError(f"training pairs of up to {longest} subwords, but learned positions leave room for "
+                            f"{cfg.model.max_positions - 1} (model.max_positions {cfg.model.max_positions}); raise "
+                            f"model.max_positions or prepare with --max-len {cfg.model.max_positions - 1}",
+                            path=data.path)
         self.sampler = TokenBatchSampler(
             train.src_lens, train.tgt_lens, micro_batch_tokens(tc.batch_tokens, dist.world_size, tc.update_freq),
             shuffle=True, seed=tc.seed, num_shards=dist.world_size, shard_id=dist.rank)
@@ -185,6 +198,7 @@ class Trainer:
         # What an update runs: the model with its loss (wrapped in DDP when distributed).
         self.criterion: torch.nn.Module = Criterion(self.model, tc.label_smoothing)
         self.log: MetricsLog | None = None
+        self._postfix: dict[str, str] = {}  # what the progress bar shows after it
 
     # -- learning rate ----------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -241,13 +255,32 @@ class Trainer:
 
     def meta(self) -> dict[str, Any]:
         p = self.progress
-        return {"step": p.step, "run": str(self.out.resolve()), "data": str(self.data.path.resolve()),
-                "data_fingerprint": self.data.manifest.get("fingerprint"), "config_digest": self.cfg.digest(),
-                "valid": p.last_valid, "languages": self.data.manifest.get("languages")}
+        # Names, not paths: a checkpoint is copied between machines, and meta.json must not
+        # carry one machine's directory layout (or its user name) along.
+        return {"step": p.step, "run": self.out.resolve().name, "data": self.data.path.resolve().name,
+                "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
+                "config_digest": self.cfg.digest(), "valid": p.last_valid,
+                "languages": self.data.manifest.get("languages")}
+
+    def check_same_data(self, path: Path) -> None:
+        """--resume needs the dataset and the subword model the run started with: the data
+        position, the vocabulary and the embedding rows in checkpoint ``path`` refer to them."""
+        recorded, here = read_meta(path).get("data_fingerprint"), self.data.manifest.get("fingerprint")
+        differs = []
+        if recorded is not None and recorded != here:
+            differs.append(f"dataset fingerprint {str(here)[:12]}, the run's {recorded[:12]}")
+        # The checkpoint's spm.model is the run's own copy of its tokenizer.
+        if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:
+            differs.append(f"its {SPM_MODEL} is not the run's")
+        if differs:
+            raise UserError(f"cannot resume {self.out} with this dataset: {'; '.join(differs)} "
+                            f"(checkpoint {path.name}); give the --data the run started with, or start a new run",
+                            path=self.data.path)
 
     def restore(self, path: Path) -> None:
         """Load a training checkpoint into this trainer (every rank reads the same files)."""
         state, opt_tensors, rng = read_training_state(path)
+        self.check_same_data(path)
         saved = load_config(path)
         if saved != self.cfg.model:
             changed = sorted(k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v)
@@ -337,7 +370,7 @@ class Trainer:
                 p.tokens_seen += res.n_tokens
                 self._accumulate(window, res)
                 if bar is not None:
-                    bar.update(1)
+                    self._advance(bar)
                 if p.step % tc.log_every == 0 or p.step == tc.max_updates:
                     self._log_train(window, bar)
                 stop = False
@@ -410,21 +443,37 @@ class Trainer:
                "elapsed_s": p.elapsed_s, "updates_skipped": p.skipped_total}
         self.record(rec)
         if bar is not None:
-            postfix = dict(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
-                           tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
-            if self.tcfg.max_minutes > 0:  # the bar's own ETA counts to max_updates; this is the real end
-                left = max(self.tcfg.max_minutes * 60 - p.elapsed_s, 0.0)
-                postfix["time_left"] = f"{int(left // 60)}:{int(left % 60):02d}"
-            bar.set_postfix(postfix, refresh=False)
+            self._postfix.update(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
+                                 tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
+            bar.set_postfix(self._postfix, refresh=False)
         window.update(loss=0.0, nll=0.0, tokens=0, src_tokens=0, correct=0, updates=0, t0=now)
 
     def _progress_bar(self):
+        """The bar counts what ends the run: with a wall-clock budget (max_minutes) the budget's
+        seconds, the updates in its postfix (counting to max_updates, a 10-minute run showed a
+        28-hour ETA); otherwise the updates to max_updates."""
         if not (self.dist.is_main and self.tcfg.progress):
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", dynamic_ncols=True,
-                    file=sys.stderr, desc="train")
+        common = dict(dynamic_ncols=True, file=sys.stderr, desc="train")
+        if self.tcfg.max_minutes > 0:
+            budget = self.tcfg.max_minutes * 60
+            self._postfix["upd"] = str(self.progress.step)
+            return tqdm(total=budget, initial=min(self.progress.elapsed_s, budget), unit="s", postfix=self._postfix,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget, "
+                                   "{remaining} left{postfix}", **common)
+        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", **common)
+
+    def _advance(self, bar) -> None:
+        """After an update: one more update, or the seconds of the budget spent so far."""
+        p = self.progress
+        if self.tcfg.max_minutes > 0:
+            bar.update(min(p.elapsed_s, bar.total) - bar.n)
+            self._postfix["upd"] = str(p.step)
+            bar.set_postfix(self._postfix, refresh=False)
+        else:
+            bar.update(1)
 
     def _average_last(self) -> None:
         from .average import average_checkpoints
@@ -445,8 +494,10 @@ def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume:
     out = Path(out)
     dist = distributed.setup(cfg.train.device)
     try:
-        dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
+        # The trainer checks the config against the data before OUT is touched: a mistake must
+        # not cost the run that --force would replace.
         trainer = Trainer(cfg, data, out, dist)
+        dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
         ckpts = list_checkpoints(out) if resume else []
         if ckpts:
             trainer.restore(ckpts[-1])

@@ -1,6 +1,9 @@
 """Validation: the loss on the valid set, and BLEU of fast greedy translations of it.
 
 The loss uses the training criterion (label-smoothed, and its NLL part) with dropout off.
+Sentences longer than the model's positions are truncated as `aiayn.decode.Translator` does:
+``max_positions - 1`` subwords, plus the EOS (source) or the BOS (target input). Learned
+positions end there, and a held-out set is not length-filtered like the training data.
 BLEU is sacreBLEU's corpus BLEU of greedy outputs, detokenized by the sentencepiece model,
 against the raw valid references — the same text ``aiayn evaluate`` would score, so a best
 checkpoint chosen here is chosen on the metric that is reported.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import sacrebleu
 import torch
 
@@ -44,10 +48,12 @@ def validate(model: Transformer, data: PreparedData, *, label_smoothing: float, 
     try:
         valid = data.split(split)
         criterion = Criterion(model, label_smoothing)
+        limit = model.config.max_positions - 1
         loss_sum = nll_sum = 0.0
         n_tokens = n_correct = 0
-        for idx in TokenBatchSampler(valid.src_lens, valid.tgt_lens, batch_tokens, shuffle=False):
-            batch = valid.collate(idx).to(device)
+        lens = np.minimum(valid.src_lens, limit), np.minimum(valid.tgt_lens, limit)
+        for idx in TokenBatchSampler(*lens, batch_tokens, shuffle=False):
+            batch = valid.collate(idx, limit).to(device)
             with autocast(precision, device):
                 loss, nll, correct = criterion(batch)
             loss_sum += float(loss)
@@ -71,13 +77,14 @@ def greedy_translate(model: Transformer, data: PreparedData, split: str, n: int,
     """Detokenized greedy translations of the first ``n`` sentences of a split, in order.
     Sentences are batched by length (little padding) and put back in their original order."""
     part = data.split(split)
-    lens = part.src_lens[:n]
+    limit = model.config.max_positions - 1  # truncated as in `validate`
+    lens = np.minimum(part.src_lens[:n], limit)
     out: list[str] = [""] * n
     # Source-side budget only: the outputs are not known yet.
     for idx in TokenBatchSampler(lens, lens, batch_tokens, shuffle=False):
-        batch = part.collate(idx).to(device)
+        batch = part.collate(idx, limit).to(device)
         with autocast(precision, device):
             hyps = greedy_search(model, batch.src, max_len_a=max_len_a, max_len_b=max_len_b)
         for i, ids in zip(idx, hyps):
-            out[i] = data.tokenizer.decode(ids)
+            out[i] = data.tokenizer.decode_line(ids)  # the text aiayn translate would print
     return out
