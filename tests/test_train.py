@@ -599,3 +599,34 @@ def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch
     result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "updates", base + ["train.max_updates=3"])
     bar, = bars
     assert (bar.total, bar.unit, bar.n) == (3, "upd", 3)
+
+
+def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, monkeypatch):
+    """save_every_minutes / valid_every_minutes: checkpoints and validations follow elapsed time,
+    not the update count. A fake clock makes every update take exactly one second."""
+    import aiayn.train.trainer as trainer_module
+
+    clock = [0.0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    def one_second_update(*args, **kwargs):
+        clock[0] += 1.0
+        return train_update(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "time", FakeTime)
+    monkeypatch.setattr(trainer_module, "train_update", one_second_update)
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "run",
+                   TINY + ["train.max_updates=10", "train.save_every=1000", "train.valid_every=1000",
+                           "train.save_every_minutes=0.05", "train.valid_every_minutes=0.1",  # 3 s, 6 s
+                           "train.keep_last=10", "train.average_last=3", "train.valid_bleu_sentences=2"])
+    assert result.step == 10
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
+        "step_0000003", "step_0000006", "step_0000009", "step_0000010"]  # the last one: the end of the run
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [6, 10]
+    meta = json.loads((tmp_path / "run/averaged/meta.json").read_text())
+    assert meta["averaged_from"] == ["step_0000006", "step_0000009", "step_0000010"]

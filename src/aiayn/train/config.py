@@ -55,10 +55,15 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many consecutive updates with a non-finite loss
     # -- checkpoints ----------------------------------------------------------------------------
     save_every: int = 1000  # updates between checkpoints (one is always written at the end)
+    # Wall-clock minutes between checkpoints; > 0 replaces save_every. Under a time budget
+    # (max_minutes) this is the cadence to use: with an update cadence, a slower machine makes
+    # fewer checkpoints, and the last average_last of them reach back to early, weak models.
+    save_every_minutes: float = 0.0
     keep_last: int = 5  # checkpoints kept in OUT/checkpoints (older ones are deleted)
     average_last: int = 5  # at the end, average the last N checkpoints into OUT/averaged; <2: off
     # -- validation -----------------------------------------------------------------------------
     valid_every: int = 1000  # updates between validations (and one at the end); 0: only at the end
+    valid_every_minutes: float = 0.0  # wall-clock minutes between validations; > 0 replaces valid_every
     valid_batch_tokens: int = 8000
     valid_bleu_sentences: int = 0  # greedy-decode the first N valid sentences for BLEU; 0: all
     valid_max_len_a: float = 1.0  # greedy output length limit a·|x| + b
@@ -73,7 +78,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_epochs", "max_minutes", "patience", "clip_norm", "valid_every",
+        for name in ("max_epochs", "max_minutes", "save_every_minutes", "valid_every_minutes", "patience", "clip_norm", "valid_every",
                      "valid_bleu_sentences", "num_threads", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

@@ -79,6 +79,8 @@ class Progress:
     last_valid: dict | None = None
     elapsed_s: float = 0.0
     tokens_seen: int = 0
+    last_save_s: float = 0.0  # elapsed_s at the last checkpoint / validation (for the
+    last_valid_s: float = 0.0  # *_every_minutes cadences)
     extra: dict = field(default_factory=dict)
 
 
@@ -231,6 +233,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write OUT/checkpoints/step_N atomically (rank 0), prune old ones, point OUT/last."""
+        self.progress.last_save_s = self.progress.elapsed_s  # before the state is written
         rng = self.gather_rng()  # collective: before the rank check
         if not self.dist.is_main:
             self.dist.barrier()
@@ -307,6 +310,7 @@ class Trainer:
         p, tc = self.progress, self.tcfg
         stop = False
         p.last_valid_step = p.step  # on every rank: it decides whether all ranks validate at the end
+        p.last_valid_s = p.elapsed_s
         if self.dist.is_main:
             res: ValidResult = validate(
                 self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
@@ -375,10 +379,10 @@ class Trainer:
                     self._log_train(window, bar)
                 stop = False
                 paused = time.perf_counter()
-                if tc.valid_every and p.step % tc.valid_every == 0:
+                if self._due(tc.valid_every, tc.valid_every_minutes, p.last_valid_s):
                     if self.validate_and_track():
                         stop, stop_reason = True, "patience"
-                if p.step % tc.save_every == 0:
+                if self._due(tc.save_every, tc.save_every_minutes, p.last_save_s):
                     saved_path, last_saved = self.save(), p.step
                 window["t0"] += time.perf_counter() - paused  # tokens/s counts training time only
                 out_of_time = tc.max_minutes > 0 and p.elapsed_s >= tc.max_minutes * 60
@@ -404,6 +408,15 @@ class Trainer:
             if self.log is not None:
                 self.log.close()
         return TrainResult(self.out, p.step, stop_reason, saved_path, p.best_bleu, p.last_valid, p.skipped_total)
+
+    def _due(self, every_updates: int, every_minutes: float, last_s: float) -> bool:
+        """Whether a checkpoint (or validation) is due after this update: every_minutes of
+        wall-clock time since the last one when set (all ranks follow rank 0's clock, so they
+        agree), else every every_updates updates (0: never)."""
+        p = self.progress
+        if every_minutes > 0:
+            return self.dist.any(self.dist.is_main and p.elapsed_s - last_s >= every_minutes * 60)
+        return every_updates > 0 and p.step % every_updates == 0
 
     def _count_skip(self, res: UpdateResult) -> None:
         p = self.progress
