@@ -108,7 +108,10 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
         eos_only = torch.full_like(logits[0], -math.inf)
         eos_only[EOS_ID] = 0.0
         logits = torch.where(force[:, None], logits + eos_only, logits)
-    top, index = logits.topk(min(width, logits.size(-1)), dim=-1)
+    if width == 1:  # greedy: a max is a single pass; topk over the vocabulary was 7% of a step
+        top, index = logits.max(dim=-1, keepdim=True)
+    else:
+        top, index = logits.topk(min(width, logits.size(-1)), dim=-1)
     return top - log_z, index
 
 
@@ -136,7 +139,7 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
         alive = torch.arange(batch, device=src.device)  # original index of each decoding row
         tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
         total = torch.zeros(batch, device=src.device)
-        cache = model.new_cache() if use_cache else None
+        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
         results: list[tuple[list[int], float]] = [([], 0.0)] * batch
         for step in range(int(max_len.max()) + 1 if batch else 0):
             best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1)
@@ -192,7 +195,7 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         # The K beams start identical: only the first is live, or each output would appear K times.
         scores = torch.full((batch, k), -math.inf, device=device)
         scores[:, 0] = 0.0
-        cache = model.new_cache() if use_cache else None
+        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
         beam_range = torch.arange(k, device=device)
