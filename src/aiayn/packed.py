@@ -86,8 +86,10 @@ class PackedFeedForward(nn.Module):
 
 
 def _packable(model: nn.Module) -> bool:
+    """fp32 weights on the CPU, and plain nn.Linear layers (not an int8-quantised model)."""
     params = list(model.parameters())
-    return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    plain = any(type(m) is nn.Linear for m in model.modules())
+    return plain and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
 
 def is_packed(model: nn.Module) -> bool:
@@ -112,7 +114,7 @@ def pack_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     def replace(parent: nn.Module) -> None:
         for name, child in parent.named_children():
-            if isinstance(child, PositionwiseFeedForward):
+            if isinstance(child, PositionwiseFeedForward) and type(child.w1) is nn.Linear and type(child.w2) is nn.Linear:
                 setattr(parent, name, PackedFeedForward(child))
             elif type(child) is nn.Linear:  # exactly nn.Linear: not a quantised or other subclass
                 setattr(parent, name, PackedLinear(child))
