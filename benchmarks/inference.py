@@ -1,6 +1,7 @@
 """Inference: generated tokens/s of greedy and beam-4 search at batch 1 and batch 64.
 
-Systems: aiayn (`aiayn.decode`, fp32 and dynamic int8), Hugging Face `generate` and
+Systems: aiayn (`aiayn.decode`, fp32 with prepacked weights as ``aiayn translate`` runs it,
+and dynamic int8), Hugging Face `generate` and
 CTranslate2 (float32 and int8), all running the *same* weights: the aiayn model exported to
 the Marian layout (`aiayn.export`), which CTranslate2's stock converter reads.
 
@@ -20,6 +21,7 @@ import torch
 
 import peers
 from aiayn import decode
+from aiayn.packed import pack_for_inference
 from common import Series, paired_ratio, timed
 
 SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8"]
@@ -49,10 +51,12 @@ class Runner:
     def __init__(self, name: str, workdir, threads: int, log):
         cfg = peers.config(name)
         self.v = cfg.tgt_vocab_size
-        self.model = peers.aiayn_model(cfg).eval()
-        peers.make_specials_unreachable(self.model)
-        self.int8 = decode.quantize_int8(self.model).eval()
-        self.hf_dir = peers.export_hf(self.model, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
+        plain = peers.aiayn_model(cfg).eval()
+        peers.make_specials_unreachable(plain)
+        # aiayn fp32 as `aiayn translate` runs it: oneDNN-prepacked weights (aiayn.packed).
+        self.model = pack_for_inference(plain)
+        self.int8 = decode.quantize_int8(plain).eval()
+        self.hf_dir = peers.export_hf(plain, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
         ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
         self.ct2 = {ct: peers.ct2_translator(ct2_dir, ct, threads) for ct in ("float32", "int8")}

@@ -4,7 +4,8 @@
     python benchmarks/run.py --quick    a smoke run with tiny sizes (about 2 minutes)
 
 Sections: (1) the machine's matmul limit, (2) training throughput and MFU, (3) greedy and
-beam-4 decoding speed, (4) the cost of one layer as the sequence grows (Table 1, measured).
+beam-4 decoding speed, (4) the cost of one layer as the sequence grows (Table 1, measured),
+(5) a real workload: a trained model translating a test set (sentences/s and BLEU).
 Every figure comes from this one run: systems alternate round by round in one process, the
 figures are medians over rounds, and comparisons are medians of per-round ratios (common.py).
 """
@@ -40,17 +41,23 @@ from common import Series, bf16_supported, machine_description, matmul_gflops  #
 # (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
 FULL = dict(demo=(5, 20), train=[("small", 136, 26, 34, 5), ("base", 136, 26, 34, 3)], infer="base",
             batches=[1, 64], steps=24, infer_rounds=3, lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
-            probe_repeats=10)
+            probe_repeats=10, workload=(500, 3, 3.0))
 QUICK = dict(demo=(2, 3), train=[("tiny", 16, 6, 10, 2)], infer="tiny", batches=[1, 8], steps=8, infer_rounds=2,
-             lengths=[128, 256, 512], probe_repeats=3)
+             lengths=[128, 256, 512], probe_repeats=3, workload=(64, 1, 0.3))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke run")
     parser.add_argument("--out", help="output directory (default: benchmarks/, or a temporary one with --quick)")
-    parser.add_argument("--sections", default="probe,demo,training,inference,attention",
-                        help="comma-separated subset of probe,demo,training,inference,attention")
+    parser.add_argument("--sections", default="probe,demo,training,inference,attention,workload",
+                        help="comma-separated subset of probe,demo,training,inference,attention,workload")
+    parser.add_argument("--workload-checkpoint", help="workload section: a trained checkpoint (default: train a "
+                        "quick one on the demo's data)")
+    parser.add_argument("--workload-src", help="workload section: source test file (default: the demo data's test.src)")
+    parser.add_argument("--workload-ref", help="workload section: reference file (default: the demo data's test.tgt)")
+    parser.add_argument("--workload-sentences", type=int, help="workload section: sentences translated per pass")
+    parser.add_argument("--workload-minutes", type=float, help="workload section: training minutes of the quick model")
     parser.add_argument("--data", help="demo section: the demo's prepared dataset (default: prepare it into "
                         "~/.cache/aiayn/bench/lo-en-de, fetching the LibreOffice help packages once)")
     args = parser.parse_args(argv)
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import attention  # noqa: E402
     import report  # noqa: E402
 
-    train_results, infer_result, attn_result = [], None, None
+    train_results, infer_result, attn_result, workload_result = [], None, None, None
     with tempfile.TemporaryDirectory(prefix="aiayn-bench-") as tmp:
         work = Path(tmp)
         if "training" in sections:
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if "inference" in sections:
             infer_result = inference.run_inference(sizes["infer"], sizes["batches"], sizes["steps"],
                                                    sizes["infer_rounds"], work, threads, log)
+        if "workload" in sections:
+            workload_result = _workload(args, sizes, work, threads, log)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the models' memory back before the n² points
     if "attention" in sections:
@@ -120,12 +129,31 @@ def main(argv: list[str] | None = None) -> int:
                    demo_training=_plain(demo_result) if demo_result else None,
                    training=[_plain(r) for r in train_results],
                    inference=_plain(infer_result) if infer_result else None,
-                   attention=_plain(attn_result) if attn_result else None)
+                   attention=_plain(attn_result) if attn_result else None,
+                   workload=_plain(workload_result) if workload_result else None)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     report.write(out, machine, probes, bf16_supported(), demo_result, train_results, infer_result, attn_result,
-                 args.quick)
+                 args.quick, workload_result, threads)
     log(f"wrote {out / 'RESULTS.md'}")
     return 0
+
+
+def _workload(args, sizes: dict, work: Path, threads: int, log):
+    """Section 5: a trained model translating a real test set (benchmarks/workload.py)."""
+    import workload  # noqa: E402
+
+    sentences, rounds, minutes = sizes["workload"]
+    data_dir = None
+    if not (args.workload_checkpoint and args.workload_src and args.workload_ref):
+        data_dir = _demo_data(args.data, log)
+        if data_dir is None:
+            return None
+    return workload.run_workload(
+        data_dir, work / "workload", threads, log,
+        checkpoint=Path(args.workload_checkpoint) if args.workload_checkpoint else None,
+        src=Path(args.workload_src) if args.workload_src else None,
+        ref=Path(args.workload_ref) if args.workload_ref else None,
+        sentences=args.workload_sentences or sentences, rounds=rounds, train_minutes=args.workload_minutes or minutes)
 
 
 def _demo_data(path: str | None, log) -> Path | None:

@@ -194,7 +194,7 @@ def test_over_long_line_is_truncated_with_a_warning(random_checkpoint, caplog):
 
 
 def test_int8_quantization_is_warning_free_and_close(random_checkpoint):
-    translator = Translator(random_checkpoint, beam=2, max_len_b=3)
+    translator = Translator(random_checkpoint, beam=2, max_len_b=3, prepack=False)  # plain nn.Linear layers
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantized = quantize_int8(translator.model)

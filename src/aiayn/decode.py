@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .model import Transformer
+from .packed import is_packed, pack_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
         eos_only = torch.full_like(logits[0], -math.inf)
         eos_only[EOS_ID] = 0.0
         logits = torch.where(force[:, None], logits + eos_only, logits)
-    top, index = logits.topk(min(width, logits.size(-1)), dim=-1)
+    if width == 1:  # greedy: a max is a single pass; topk over the vocabulary was 7% of a step
+        top, index = logits.max(dim=-1, keepdim=True)
+    else:
+        top, index = logits.topk(min(width, logits.size(-1)), dim=-1)
     return top - log_z, index
 
 
@@ -136,7 +140,7 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
         alive = torch.arange(batch, device=src.device)  # original index of each decoding row
         tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
         total = torch.zeros(batch, device=src.device)
-        cache = model.new_cache() if use_cache else None
+        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
         results: list[tuple[list[int], float]] = [([], 0.0)] * batch
         for step in range(int(max_len.max()) + 1 if batch else 0):
             best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1)
@@ -192,7 +196,7 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         # The K beams start identical: only the first is live, or each output would appear K times.
         scores = torch.full((batch, k), -math.inf, device=device)
         scores[:, 0] = 0.0
-        cache = model.new_cache() if use_cache else None
+        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
         beam_range = torch.arange(k, device=device)
@@ -262,6 +266,8 @@ def quantize_int8(model: Transformer) -> nn.Module:
     (not a dependency here); the conversion runs with exactly those warnings silenced. The
     quantised model itself runs without warnings.
     """
+    if is_packed(model):
+        raise ValueError("quantize_int8 needs the plain fp32 model, not one packed by pack_for_inference")
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # a future torch without torch.ao.quantization
@@ -275,6 +281,21 @@ def quantize_int8(model: Transformer) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Translator: text in, text out
 # ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for a block, then restored (None: unchanged).
+    The setting is process-wide: concurrent translations in one process share it."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -292,17 +313,23 @@ class Translator:
     ``batch_size`` sentences or, if given, ``batch_tokens`` padded source tokens; outputs come
     back in input order. An empty line translates to an empty line. A source longer than
     ``max_src_len`` subwords (default ``config.max_positions - 1``, room for the EOS) is
-    truncated with a warning. ``beam=1`` is greedy search. Every translation is one line of
+    truncated with a warning. ``threads``: torch's intra-op threads while translating (default:
+    unchanged). ``prepack`` (default on): fp32 CPU models run with oneDNN-packed weights
+    (`aiayn.packed`), the same function with faster matrix products. ``beam=1`` is greedy search. Every translation is one line of
     text: byte pieces that spell a newline or another control character become spaces
     (`Tokenizer.decode_line`), so output line i is always the translation of input line i.
     """
 
     def __init__(self, checkpoint, device: str | torch.device | None = None, beam: int = 4, alpha: float = 0.6,
                  max_len_a: float = 1.0, max_len_b: float = 50, batch_size: int = 64, batch_tokens: int | None = None,
-                 quantize: str | None = None, max_src_len: int | None = None):
+                 quantize: str | None = None, max_src_len: int | None = None, threads: int | None = None,
+                 prepack: bool = True):
         from .checkpoint import Checkpoint, load_checkpoint
 
-        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device="cpu")
+        owned = not isinstance(checkpoint, Checkpoint)  # loaded here: nobody else holds the model
+        ckpt = load_checkpoint(Path(checkpoint), device="cpu") if owned else checkpoint
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be at least 1 (got {threads})")
         if device is None:
             device = "cuda" if torch.cuda.is_available() and quantize is None else "cpu"
         self.device = torch.device(device)
@@ -317,7 +344,12 @@ class Translator:
             if self.device.type != "cpu":
                 raise UserError(f"--quantize int8 runs on the CPU only (device {self.device})")
             model = quantize_int8(model)
+        elif prepack:
+            # fp32 on the CPU: oneDNN-packed weights (aiayn.packed; unchanged where unavailable).
+            # A caller's model is copied, not altered; one loaded here is packed in place.
+            model = pack_for_inference(model, inplace=owned)
         self.model, self.tokenizer, self.config = model, ckpt.tokenizer, ckpt.model.config
+        self.threads = threads
         self.beam, self.alpha, self.max_len_a, self.max_len_b = beam, alpha, max_len_a, max_len_b
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.max_src_len = max_src_len or self.config.max_positions - 1
@@ -342,7 +374,7 @@ class Translator:
                 ids[number - 1] = sentence[: self.max_src_len]
         results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in texts]
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
-        with tqdm(total=len(order), disable=not progress, file=sys.stderr, unit="sent", desc="translate") as bar:
+        with _torch_threads(self.threads), tqdm(total=len(order), disable=not progress, file=sys.stderr, unit="sent", desc="translate") as bar:
             for batch in self._batches(order, ids):
                 for i, hyps in zip(batch, self._search([ids[i] for i in batch], nbest)):
                     results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
@@ -378,7 +410,8 @@ def translator_from_args(args) -> Translator:
     """A Translator from the search options of ``aiayn translate`` / ``aiayn evaluate``."""
     return Translator(args.checkpoint, device=args.device, beam=args.beam, alpha=args.alpha,
                       max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
-                      batch_tokens=args.batch_tokens, quantize=args.quantize)
+                      batch_tokens=args.batch_tokens, quantize=args.quantize, threads=args.threads,
+                      prepack=args.prepack)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,9 +248,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, d_model) queries. memory: (B', S, d_model) for encoder-decoder attention.
 
-        ``cache`` (incremental decoding): for self-attention, the keys and values of earlier
-        positions are kept in ``cache['k']``/``cache['v']`` and the new ones appended; for
-        encoder-decoder attention they are computed from ``memory`` once, on the first call.
+        ``cache`` (incremental decoding): for self-attention, a `KeyValueBuffer` holding the keys
+        and values of earlier positions, to which the new ones are appended; for encoder-decoder
+        attention a dict where they are computed from ``memory`` once, on the first call.
 
         Beam search without copying the encoder output: when B = K·B' (the K hypotheses of
         sentence i in rows i·K ... i·K+K-1), encoder-decoder attention folds the K hypotheses
@@ -260,10 +260,7 @@ class MultiHeadAttention(nn.Module):
         if self.self_attention:
             q, k, v = self._project(self.qkv_proj(x), 3)
             if cache is not None:
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+                k, v = cache.append(k, v)
         else:
             (q,) = self._project(self.q_proj(x), 1)
             if cache is not None and "k" in cache:
@@ -456,23 +453,81 @@ class DecoderLayer(nn.Module):
         return x, self_w, cross_w
 
 
+class KeyValueBuffer:
+    """One self-attention layer's keys and values of the positions decoded so far.
+
+    Preallocated and written in place: appending a step copies only the new position, where
+    ``torch.cat`` would copy the whole history every step. The layout is (L, N, h, d_k), time
+    first, so the first ``length`` positions are one contiguous block: reordering the rows
+    (beams) writes into a second block with ``index_select(out=...)``, without allocating, and
+    attention reads a permuted view (N, h, length, d_k) whose innermost axis is contiguous, as
+    the fused attention kernels want. Capacity doubles when full (amortised: each position is
+    copied O(1) times), so memory stays within 2x of what the positions need.
+    """
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = max(1, capacity)
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self._spare: tuple[Tensor, Tensor] | None = None  # the other block, for reordering
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``t`` new positions (k, v: (N, h, t, d_k)); returns all keys and values so far,
+        (N, h, length, d_k) views."""
+        n, h, t, d = k.shape
+        end = self.length + t
+        if self.k is None or end > self.k.size(0) or self.k.size(1) != n:
+            self._resize(max(end, 2 * self.k.size(0) if self.k is not None else self.capacity), n, h, d, k)
+        self.k[self.length : end].copy_(k.permute(2, 0, 1, 3))
+        self.v[self.length : end].copy_(v.permute(2, 0, 1, 3))
+        self.length = end
+        return self.k[:end].permute(1, 2, 0, 3), self.v[:end].permute(1, 2, 0, 3)
+
+    def _resize(self, capacity: int, n: int, h: int, d: int, like: Tensor) -> None:
+        k = like.new_empty(capacity, n, h, d)
+        v = like.new_empty(capacity, n, h, d)
+        if self.k is not None:
+            k[: self.length].copy_(self.k[: self.length])
+            v[: self.length].copy_(self.v[: self.length])
+        self.k, self.v, self._spare = k, v, None
+
+    def reorder(self, index: Tensor) -> None:
+        """Rows ``index`` of the current rows (beams after a search step, or fewer rows)."""
+        if self.k is None:
+            return
+        length, n = self.length, index.numel()
+        if self.k.requires_grad:  # autograd cannot record out=: the plain (allocating) form
+            self.k, self.v, self._spare = self.k.index_select(1, index), self.v.index_select(1, index), None
+            return
+        cap, _, h, d = self.k.shape
+        if self._spare is None or self._spare[0].size(1) != n:
+            self._spare = (self.k.new_empty(cap, n, h, d), self.v.new_empty(cap, n, h, d))
+        k, v = self._spare
+        torch.index_select(self.k[:length], 1, index, out=k[:length])
+        torch.index_select(self.v[:length], 1, index, out=v[:length])
+        # The old block becomes the spare only if it has the new row count.
+        self._spare = (self.k, self.v) if self.k.size(1) == n else None
+        self.k, self.v = k, v
+
+
 class DecoderCache:
     """Keys and values kept between the steps of incremental decoding.
 
-    Self-attention entries grow by one position per step and follow the hypotheses (rows) of
-    the decoder batch. Encoder-decoder entries are computed once and follow the sentences.
+    Self-attention entries (`KeyValueBuffer`) grow by one position per step and follow the
+    hypotheses (rows) of the decoder batch. Encoder-decoder entries are computed once and follow
+    the sentences. ``capacity``: the number of target positions expected (the buffers grow
+    beyond it if needed).
     """
 
-    def __init__(self, n_layers: int):
-        self.layers = [{"self": {}, "cross": {}} for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int = 16):
+        self.layers = [{"self": KeyValueBuffer(capacity), "cross": {}} for _ in range(n_layers)]
         self.offset = 0  # number of target positions already decoded
 
     def reorder(self, index: Tensor) -> None:
         """Reorder (or select) decoder rows, e.g. beams after a beam-search step."""
         for layer in self.layers:
-            for key in ("k", "v"):
-                if key in layer["self"]:
-                    layer["self"][key] = layer["self"][key].index_select(0, index)
+            layer["self"].reorder(index)
 
     def select_sentences(self, index: Tensor) -> None:
         """Keep only these sentences' encoder-decoder keys and values (finished ones leave)."""
@@ -619,8 +674,9 @@ class Transformer(nn.Module):
             cache.offset += t
         return x
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(len(self.decoder.layers))
+    def new_cache(self, capacity: int = 16) -> DecoderCache:
+        """An empty cache for incremental decoding; ``capacity``: target positions expected."""
+        return DecoderCache(len(self.decoder.layers), capacity)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         return self.generator(self.states(src, tgt_in))

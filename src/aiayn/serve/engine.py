@@ -12,12 +12,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import __version__
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data.text import clean
 from ..decode import Translation, Translator, quantize_int8
 from ..errors import UserError
 from ..inspect import KINDS, attention_maps
+from ..packed import pack_for_inference
 
 
 @dataclass
@@ -79,6 +82,10 @@ class Engine:
         if self.settings.quantize:
             # Quantised once here; every Translator and the attention maps then share the copy.
             ckpt = Checkpoint(model=quantize_int8(ckpt.model), tokenizer=ckpt.tokenizer, path=ckpt.path, meta=ckpt.meta)
+        elif (self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+            # fp32 on the CPU: packed once here (aiayn.packed), so the Translators share one packed copy.
+            ckpt = Checkpoint(model=pack_for_inference(ckpt.model), tokenizer=ckpt.tokenizer, path=ckpt.path,
+                              meta=ckpt.meta)
         self.checkpoint = ckpt
         self._translators: dict[int, Translator] = {}
         # The first Translator moves the model to its device; attention then runs there too.

@@ -1,0 +1,151 @@
+"""A real translation workload: a trained model translating a real test set.
+
+The inference section measures decoder speed on random weights with a fixed output length;
+this one measures what a user sees: sentences/s and BLEU of a trained model on held-out text,
+where outputs stop at their own EOS and batches mix lengths.
+
+Model: by default a quick one is trained here (the demo's `libreoffice-small` config on the
+demo's data, `aiayn.demo.DATA`, for ``train_minutes``); ``--workload-checkpoint DIR`` uses a
+trained checkpoint instead, and ``--workload-src/--workload-ref`` another test set.
+
+Systems, all on the same weights and the same source subwords, beam 4, α = 0.6, batches of 64
+sentences: aiayn fp32 (`aiayn.decode.Translator` as ``aiayn translate`` runs it, i.e. with
+prepacked weights), aiayn int8 (``--quantize int8``) and CTranslate2 float32 and int8 on the
+model exported with `aiayn.export` (CTranslate2's length limit is a fixed 256 tokens instead of
+aiayn's |x| + 50; neither is reached by these outputs). Systems alternate round by round; each
+figure is the median over rounds of wall-clock sentences/s (all torch threads, CTranslate2
+``intra_threads`` the same) and, beside it, process CPU seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import peers
+from common import Series
+
+SYSTEMS = ["aiayn fp32", "aiayn int8", "CT2 float32", "CT2 int8"]
+
+
+@dataclass
+class WorkloadResult:
+    model: str  # what was translated with: the checkpoint and how it came about
+    sentences: int
+    source_subwords: int
+    sentences_per_s: dict[str, Series] = field(default_factory=dict)
+    cpu_seconds: dict[str, Series] = field(default_factory=dict)
+    bleu: dict[str, float] = field(default_factory=dict)
+    same_as_fp32: dict[str, float] = field(default_factory=dict)  # share of outputs equal to aiayn fp32's
+
+    def median(self, system: str) -> float:
+        return self.sentences_per_s[system].median
+
+
+def train_quick_model(data_dir: Path, out: Path, minutes: float, log) -> Path:
+    """The demo's config on the demo's data for ``minutes`` of training: its last checkpoint."""
+    from aiayn.demo import config_path
+    from aiayn.train import train
+
+    log(f"workload: training libreoffice-small for {minutes:g} min on {data_dir}")
+    result = train(config_path(), data_dir, out, [f"train.max_minutes={minutes}", "train.progress=false",
+                                                 "train.valid_every=100000"], force=True)
+    log(f"workload: trained {result.step} updates ({result.stop_reason})")
+    return result.last_checkpoint
+
+
+class _CT2:
+    """CTranslate2 on the exported checkpoint, fed the Translator's own source subwords."""
+
+    def __init__(self, checkpoint: Path, workdir: Path, compute_type: str, threads: int, tokenizer, max_src_len: int):
+        from aiayn.export import export_checkpoint
+
+        hf_dir = workdir / "hf"
+        if not (hf_dir / "config.json").exists():
+            export_checkpoint(checkpoint, hf_dir, force=True)
+        ct2_dir = workdir / "ct2"
+        if not (ct2_dir / "model.bin").exists():
+            peers.convert_ct2(hf_dir, ct2_dir)
+        self.translator = peers.ct2_translator(ct2_dir, compute_type, threads)
+        self.pieces = peers.ct2_pieces(hf_dir)
+        self.index = {p: i for i, p in self.pieces.items()}
+        self.tokenizer, self.max_src_len = tokenizer, max_src_len
+
+    def translate(self, lines: list[str]) -> list[str]:
+        from aiayn.data.text import clean
+
+        ids = self.tokenizer.encode_batch([clean(line) for line in lines])
+        rows = [i for i, s in enumerate(ids) if s]
+        batch = [[self.pieces[t] for t in ids[i][: self.max_src_len]] + [self.pieces[peers.EOS]] for i in rows]
+        results = self.translator.translate_batch(batch, beam_size=4, length_penalty=0.6, max_batch_size=64,
+                                                  max_decoding_length=256)
+        out = [""] * len(lines)
+        for i, r in zip(rows, results):
+            out[i] = self.tokenizer.decode_line([self.index[p] for p in r.hypotheses[0]])
+        return out
+
+
+def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, checkpoint: Path | None = None,
+                 src: Path | None = None, ref: Path | None = None, sentences: int = 500, rounds: int = 3,
+                 train_minutes: float = 3.0) -> WorkloadResult:
+    from aiayn.decode import Translator
+    from aiayn.evaluate import score
+
+    if checkpoint is None:
+        checkpoint = train_quick_model(data_dir, workdir / "model", train_minutes, log)
+        how = f"libreoffice-small trained here for {train_minutes:g} min on the demo's data"
+    else:
+        how = "given with --workload-checkpoint"
+    src = src or data_dir / "test.src"
+    ref = ref or data_dir / "test.tgt"
+    lines = src.read_text(encoding="utf-8").splitlines()[:sentences]
+    refs = ref.read_text(encoding="utf-8").splitlines()[:sentences]
+
+    fp32 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64)
+    int8 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize="int8")
+    ct2 = {ct: _CT2(checkpoint, workdir / "ct2", ct, threads, fp32.tokenizer, fp32.max_src_len)
+           for ct in ("float32", "int8")}
+    run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate,
+           "CT2 float32": ct2["float32"].translate, "CT2 int8": ct2["int8"].translate}
+
+    subwords = sum(len(s) for s in fp32.tokenizer.encode_batch(lines))
+    result = WorkloadResult(f"`{Path(checkpoint).name}` ({how})", len(lines), subwords)
+    outputs: dict[str, list[str]] = {}
+    for system in SYSTEMS:
+        result.sentences_per_s[system], result.cpu_seconds[system] = Series(), Series()
+        outputs[system] = run[system](lines[:64])  # warm-up: thread pools, kernel selection
+    for r in range(rounds):
+        for system in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            outputs[system] = run[system](lines)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            result.sentences_per_s[system].add(len(lines) / wall)
+            result.cpu_seconds[system].add(cpu)
+        log(f"workload round {r + 1}/{rounds}: " + ", ".join(
+            f"{s} {result.sentences_per_s[s].values[-1]:.1f}" for s in SYSTEMS) + " sentences/s")
+    for system in SYSTEMS:
+        result.bleu[system] = score(outputs[system], refs)["bleu"]
+        result.same_as_fp32[system] = sum(a == b for a, b in zip(outputs[system], outputs["aiayn fp32"])) / len(lines)
+    return result
+
+
+def report_lines(w: WorkloadResult, threads: int) -> list[str]:
+    lines = [
+        "## 5. A real workload: translating a test set", "",
+        f"Model: {w.model}. Test set: the first {w.sentences} sentences ({w.source_subwords} source subwords) "
+        f"of its test split. Beam 4, α = 0.6, batches of 64 sentences, {threads} threads; systems alternate "
+        "round by round (`benchmarks/workload.py`). BLEU: sacreBLEU, detokenized, of this run's outputs.", "",
+        "| system | sentences/s (median) | range | CPU s per pass (median) | BLEU | outputs = aiayn fp32's |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SYSTEMS:
+        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {w.cpu_seconds[s].median:.4g} "
+                     f"| {w.bleu[s]:.2f} | {100 * w.same_as_fp32[s]:.0f}% |")
+    fp32, ct2 = w.sentences_per_s["aiayn fp32"], w.sentences_per_s["CT2 float32"]
+    from common import paired_ratio
+
+    lines += ["", f"- aiayn fp32 ÷ CT2 float32: **{paired_ratio(fp32, ct2):.3g}×**; aiayn int8 ÷ CT2 int8: "
+              f"**{paired_ratio(w.sentences_per_s['aiayn int8'], w.sentences_per_s['CT2 int8']):.3g}×** "
+              "(median of per-round ratios of sentences/s)", ""]
+    return lines

@@ -1,0 +1,125 @@
+"""Prepacked weights for CPU inference (oneDNN).
+
+A plain ``nn.Linear`` hands its weight to the BLAS on every call, and the GEMM repacks it into
+the blocked layout its micro-kernel reads, every time. At decoding sizes (a handful of rows per
+step) that repacking is a large share of the call. oneDNN can reorder a weight into its blocked
+layout once (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly
+(``torch.ops.mkldnn._linear_pointwise``), optionally with the ReLU fused into the same kernel.
+Measured on an Intel Xeon (Sapphire Rapids class), one thread: 1.1-1.9x faster per linear,
+e.g. the 37000x512 output projection at 4 rows 3.06 ms instead of 5.52 ms.
+
+The packed model computes the same function: only the summation order inside each dot product
+differs, so logits agree to ~1e-5 and searches agree except at exact near-ties.
+
+The plain weight stays referenced too (single rows use it, see `PackedLinear.forward`), so a
+packed model holds its Linear weights twice. Packing is for inference only: the packed weights are not parameters (training, state_dict and
+``.to()`` do not see them) and they are fp32 on the CPU. Where oneDNN is missing (a build without
+mkldnn, another device) `pack_for_inference` leaves the model as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether this torch build can reorder and multiply oneDNN-packed linear weights (probed once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.ones(3, 2), torch.ones(1, 2)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.equal(y, x @ w.T))
+    except (RuntimeError, AttributeError) as e:  # op missing or unsupported on this CPU
+        log.debug("oneDNN packed linear unavailable: %s", e)
+        return False
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W held in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "relu"):
+            raise ValueError(f"unsupported fused activation {activation!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = activation
+        with torch.no_grad():
+            # Plain attributes, not buffers: the opaque mkldnn tensor must not enter a state_dict.
+            self.weight = linear.weight.detach()
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.float().contiguous())
+            self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == self.in_features:
+            # A single row (greedy search of one sentence) is a matrix-vector product, bound by
+            # reading the weight from memory: MKL's gemv on the plain weight is 5-15% faster
+            # there than the blocked kernel (measured, one thread), so that row takes it.
+            y = F.linear(x, self.weight, self.bias)
+            return F.relu(y) if self.activation == "relu" else y
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+
+
+class PackedFeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3) with the ReLU fused into the first product."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.w1 = PackedLinear(ffn.w1, activation="relu")
+        self.w2 = PackedLinear(ffn.w2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.w1(x))
+
+
+def _packable(model: nn.Module) -> bool:
+    """fp32 weights on the CPU, and plain nn.Linear layers (not an int8-quantised model)."""
+    params = list(model.parameters())
+    plain = any(type(m) is nn.Linear for m in model.modules())
+    return plain and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def pack_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with every ``nn.Linear`` (the tied output projection included) replaced by a
+    `PackedLinear`, and each feed-forward block by a `PackedFeedForward` (ReLU fused).
+
+    Returns ``model`` itself, unchanged, where packing is impossible: oneDNN unavailable, or
+    weights not fp32 on the CPU (e.g. a model already quantised to int8, whose Linear layers
+    are no longer ``nn.Linear``). Without ``inplace`` the model is copied first, so the caller's
+    model keeps training as before. The packed model is for inference: it is put in eval mode.
+    """
+    from .model import PositionwiseFeedForward
+
+    if not onednn_available() or not _packable(model) or is_packed(model):
+        return model
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def replace(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, PositionwiseFeedForward) and type(child.w1) is nn.Linear and type(child.w2) is nn.Linear:
+                setattr(parent, name, PackedFeedForward(child))
+            elif type(child) is nn.Linear:  # exactly nn.Linear: not a quantised or other subclass
+                setattr(parent, name, PackedLinear(child))
+            else:
+                replace(child)
+
+    replace(model)
+    return model.eval()

@@ -1,0 +1,153 @@
+"""The inference fast path: oneDNN-packed weights (aiayn.packed) and the preallocated KV buffers.
+
+The packed model computes the same function with a different summation order inside each dot
+product, so logits agree to rounding and searches agree unless two candidates are (nearly) tied.
+Every comparison is against the plain path on the same machine and instruction set.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aiayn import packed
+from aiayn.decode import Translator, beam_search, greedy_search, greedy_search_scored, quantize_int8
+from aiayn.model import KeyValueBuffer, Transformer, TransformerConfig
+from aiayn.packed import PackedFeedForward, PackedLinear, is_packed, pack_for_inference
+from conftest import TEXT, UNSEEN_COPY_INPUTS
+from test_decode import LENGTHS, batch_of, model_log_prob, toy_model
+
+needs_onednn = pytest.mark.skipif(not packed.onednn_available(), reason="this torch has no oneDNN packed linear")
+
+
+@needs_onednn
+def test_packing_replaces_every_linear_and_leaves_the_original_alone():
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = pack_for_inference(model)
+    assert is_packed(fast) and not is_packed(model)
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert isinstance(fast.generator, PackedLinear)
+    assert all(isinstance(layer.ffn, PackedFeedForward) for layer in fast.decoder.layers)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert pack_for_inference(fast) is fast  # packing twice is a no-op
+    with pytest.raises(ValueError):
+        quantize_int8(fast)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 32), (4, 32), (3, 5, 32)])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_packed_linear_equals_linear(shape, activation):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 48)
+    x = torch.randn(*shape)
+    expected = linear(x)
+    if activation == "relu":
+        expected = expected.relu()
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear, activation)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_packed_logits_equal_plain_logits(norm_first):
+    model = toy_model(norm_first=norm_first)
+    fast = pack_for_inference(model)
+    src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(src, tgt), model(src, tgt), atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_packed_search_equals_plain_search_up_to_ties():
+    """Same hypotheses, or, where they differ, hypotheses the plain model scores the same (a tie)."""
+    model, src = toy_model(), batch_of(LENGTHS)
+    fast = pack_for_inference(model)
+    plain_nbest = beam_search(model, src, beam=4, alpha=0.6, max_len_b=10, nbest=4)
+    fast_nbest = beam_search(fast, src, beam=4, alpha=0.6, max_len_b=10, nbest=4)
+    for row, (a, b) in enumerate(zip(plain_nbest, fast_nbest)):
+        assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-4)
+        for h in b:  # every packed hypothesis's log-prob is the plain model's
+            assert h.log_prob == pytest.approx(model_log_prob(model, src[row], h.tokens), abs=1e-4)
+    plain_greedy = greedy_search_scored(model, src, max_len_b=10)
+    fast_greedy = greedy_search_scored(fast, src, max_len_b=10)
+    for (a, la), (b, lb) in zip(plain_greedy, fast_greedy):
+        assert a == b or lb == pytest.approx(la, abs=1e-4)
+    # The search invariants hold on the packed path too.
+    assert greedy_search(fast, src, max_len_b=10) == greedy_search(fast, src, max_len_b=10, use_cache=False)
+    beam1 = beam_search(fast, src, beam=1, alpha=0.0, max_len_b=10)
+    assert [h[0].tokens for h in beam1] == greedy_search(fast, src, max_len_b=10)
+
+
+def test_without_onednn_packing_falls_back_to_the_plain_model(monkeypatch):
+    monkeypatch.setattr(packed, "onednn_available", lambda: False)
+    model = toy_model()
+    assert pack_for_inference(model) is model
+    assert not is_packed(model)
+
+
+def test_int8_and_non_cpu_float_models_are_not_packed():
+    model = toy_model()
+    int8 = quantize_int8(model)
+    assert pack_for_inference(int8) is int8
+    double = toy_model().double()
+    assert pack_for_inference(double) is double
+
+
+@needs_onednn
+def test_translator_packs_by_default_and_on_request_not(random_checkpoint, copy_checkpoint):
+    fast, plain = Translator(random_checkpoint, beam=2, max_len_b=5), Translator(random_checkpoint, beam=2, max_len_b=5,
+                                                                                prepack=False)
+    assert is_packed(fast.model) and not is_packed(plain.model)
+    for a, b in zip(fast.translate_nbest(TEXT, nbest=2), plain.translate_nbest(TEXT, nbest=2)):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+    # A trained model: the packed path copies unseen inputs exactly, as the plain one does.
+    copy = Translator(copy_checkpoint, beam=4)
+    assert is_packed(copy.model)
+    assert copy.translate(UNSEEN_COPY_INPUTS) == UNSEEN_COPY_INPUTS
+
+
+def test_translator_threads_are_set_while_translating_and_restored(random_checkpoint, monkeypatch):
+    seen = []
+    translator = Translator(random_checkpoint, beam=1, max_len_b=3, threads=1)
+    original = translator._search
+    monkeypatch.setattr(translator, "_search", lambda *a: (seen.append(torch.get_num_threads()), original(*a))[1])
+    before = torch.get_num_threads()
+    translator.translate(TEXT[:2])
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    with pytest.raises(Exception, match="--threads"):
+        Translator(random_checkpoint, threads=0)
+
+
+def test_key_value_buffer_grows_and_reorders_like_concatenation():
+    """Appending past the capacity, reordering rows, and dropping rows give what torch.cat and
+    index_select on the full history give."""
+    g = torch.Generator().manual_seed(0)
+    buf = KeyValueBuffer(capacity=1)
+    ref_k = ref_v = None
+    for step, rows in enumerate([None, torch.tensor([1, 1, 0, 3]), None, torch.tensor([2, 0]), None]):
+        if rows is not None:
+            buf.reorder(rows)
+            ref_k, ref_v = ref_k[rows], ref_v[rows]
+        n = 4 if ref_k is None else ref_k.size(0)
+        k, v = torch.randn(n, 2, 1 + step % 2, 3, generator=g), torch.randn(n, 2, 1 + step % 2, 3, generator=g)
+        ref_k = k if ref_k is None else torch.cat([ref_k, k], 2)
+        ref_v = v if ref_v is None else torch.cat([ref_v, v], 2)
+        got_k, got_v = buf.append(k, v)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    assert buf.length == ref_k.size(2)
+
+
+def test_a_model_with_a_small_cache_capacity_decodes_like_the_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab_size=20, d_model=16, d_ff=32, n_heads=2, n_encoder_layers=1,
+                                         n_decoder_layers=2, dropout=0.0)).eval()
+    src, tgt = torch.randint(4, 20, (2, 5)), torch.randint(4, 20, (2, 9))
+    with torch.inference_mode():
+        full = model(src, tgt)
+        mask, memory = model.source_mask(src), model.encode(src)
+        cache = model.new_cache(capacity=2)
+        steps = [model.decode(tgt[:, t : t + 1], memory, mask, cache) for t in range(9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
