@@ -58,6 +58,9 @@ def test_bleu_and_chrf_equal_the_sacrebleu_command_line(files, capsys):
     assert result["bleu_lowercase_signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
     assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
     assert "nc:6|nw:0" in result["chrf_signature"]
+    # the empty hypothesis makes the output shorter than the references: BP < 1, as sacreBLEU reports it
+    assert result["brevity_penalty"] == pytest.approx(float(result["bleu_detail"].split("BP = ")[1].split()[0]), abs=1e-3)
+    assert result["brevity_penalty"] < 0.95
     assert result == {**score(HYPS, REFS), "ref": str(ref), "hyp": str(hyp)}
 
 

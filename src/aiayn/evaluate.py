@@ -67,6 +67,7 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
         "bleu": bleu_result.score,
         "bleu_signature": str(bleu.get_signature()),
         "bleu_detail": str(bleu_result),
+        "brevity_penalty": bleu_result.bp,  # < 1: the output is shorter than the references
         "bleu_lowercase": lc_result.score,
         "bleu_lowercase_signature": str(bleu_lc.get_signature()),
         "chrf": chrf_result.score,
