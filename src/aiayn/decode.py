@@ -88,6 +88,12 @@ def max_output_lengths(model: Transformer, src_mask: Tensor, a: float, b: float)
     return limit.clamp(min=0, max=model.config.max_positions - 1)
 
 
+def _new_cache(model: Transformer, max_len: Tensor):
+    """A decoder cache sized for the longest output allowed (BOS + tokens + EOS), so its
+    buffers never grow during the search."""
+    return model.new_cache(capacity=int(max_len.max()) + 2 if max_len.numel() else 1)
+
+
 def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache, force: Tensor,
               width: int) -> tuple[Tensor, Tensor]:
     """The ``width`` most probable next tokens of each row of ``tokens`` (N, t), best first:
@@ -140,7 +146,7 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
         alive = torch.arange(batch, device=src.device)  # original index of each decoding row
         tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
         total = torch.zeros(batch, device=src.device)
-        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
+        cache = _new_cache(model, max_len) if use_cache else None
         results: list[tuple[list[int], float]] = [([], 0.0)] * batch
         for step in range(int(max_len.max()) + 1 if batch else 0):
             best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1)
@@ -196,7 +202,7 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         # The K beams start identical: only the first is live, or each output would appear K times.
         scores = torch.full((batch, k), -math.inf, device=device)
         scores[:, 0] = 0.0
-        cache = model.new_cache(capacity=int(max_len.max()) + 2 if batch else 1) if use_cache else None
+        cache = _new_cache(model, max_len) if use_cache else None
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
         beam_range = torch.arange(k, device=device)

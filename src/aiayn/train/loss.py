@@ -53,6 +53,12 @@ class LossSums:
     n_tokens: int
 
 
+def _check_vocab(vocab: int, epsilon: float) -> None:
+    """ε/(V-2) needs a class besides the target and padding."""
+    if vocab < 3 and epsilon > 0:
+        raise ValueError("label smoothing needs a vocabulary of at least 3 classes")
+
+
 class _SmoothedCrossEntropy(torch.autograd.Function):
     """(hidden (N, d), weight (V, d), target (N,)) -> (Σ H, Σ NLL, Σ correct); see the module
     docstring. Gradients flow to ``hidden`` and ``weight`` only."""
@@ -131,8 +137,7 @@ def smoothed_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, epsil
     Equal to projecting and taking `label_smoothed_loss`, without materialising the logits.
     """
     vocab = weight.size(0)
-    if vocab < 3 and epsilon > 0:
-        raise ValueError("label smoothing needs a vocabulary of at least 3 classes")
+    _check_vocab(vocab, epsilon)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, nll, correct = _SmoothedCrossEntropy.apply(hidden, weight, target, float(epsilon), int(pad_id), needs_grad)
     return LossSums(loss=loss, nll=nll, n_correct=correct, n_tokens=int(target.numel()))
@@ -143,8 +148,7 @@ def label_smoothed_loss(logits: Tensor, target: Tensor, epsilon: float, pad_id: 
     textbook route (a full log-softmax): the reference `smoothed_cross_entropy` is tested
     against, and a loss for models that only expose logits. Computed in fp32."""
     vocab = logits.size(-1)
-    if vocab < 3 and epsilon > 0:
-        raise ValueError("label smoothing needs a vocabulary of at least 3 classes")
+    _check_vocab(vocab, epsilon)
     keep = target.reshape(-1).ne(pad_id)
     lprobs = F.log_softmax(logits.float(), dim=-1).reshape(-1, vocab)[keep]
     target = target.reshape(-1)[keep]
