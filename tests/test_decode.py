@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import subprocess
 import sys
 import warnings
@@ -28,6 +29,7 @@ from aiayn.decode import (
     greedy_search_scored,
     length_penalty,
     quantize_int8,
+    topk_last,
 )
 from aiayn.model import Transformer, TransformerConfig
 
@@ -116,6 +118,42 @@ def test_greedy_log_prob_is_the_models():
     model, src = toy_model(), batch_of(LENGTHS)
     for row, (tokens, log_prob) in enumerate(greedy_search_scored(model, src, max_len_b=10)):
         assert log_prob == pytest.approx(model_log_prob(model, src[row], tokens), abs=1e-4)
+
+
+@pytest.mark.parametrize("vocab", [300, 643, 1024])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_topk_last_equals_torch_topk(vocab, k):
+    """The two-pass top-k (blocks of 64 columns, a short last block when 64 does not divide V)
+    returns torch.topk's values and indices, including rows whose best values share a block,
+    sit in the short last block, or are mostly -inf (a row forced to EOS)."""
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(16, vocab, generator=g)
+    x[1, :64] += 10.0  # all of the best in one block
+    x[2, -(vocab % 64 or 64):] += 10.0  # all of the best in the last block
+    x[3] = -math.inf
+    x[3, EOS_ID] = 0.5
+    x[4, -1] += 20.0  # the best in the last column (643: a last block of 3 columns)
+    top, index = topk_last(x, k)
+    ref_top, ref_index = x.topk(k, dim=-1)
+    assert torch.equal(top, ref_top)
+    assert torch.equal(index[torch.isfinite(top)], ref_index[torch.isfinite(ref_top)])
+
+
+def test_large_vocabulary_searches_score_with_the_models_log_probs():
+    """A vocabulary large enough for the two-pass top-k and the in-place log Z: beam and greedy
+    log-probabilities (forced EOS included: max_len_b is short) equal teacher-forced ones, and
+    beam 1 still equals greedy."""
+    vocab = 700
+    model, src = toy_model(vocab=vocab), batch_of(LENGTHS, vocab=vocab)
+    for row, hyps in enumerate(beam_search(model, src, beam=4, alpha=0.6, max_len_b=4, nbest=4)):
+        for h in hyps:
+            assert h.log_prob == pytest.approx(model_log_prob(model, src[row], h.tokens), abs=1e-4)
+    greedy = greedy_search_scored(model, src, max_len_b=4)
+    for row, (tokens, log_prob) in enumerate(greedy):
+        assert log_prob == pytest.approx(model_log_prob(model, src[row], tokens), abs=1e-4)
+    assert any(len(tokens) == 4 + LENGTHS[row] for row, (tokens, _) in enumerate(greedy))  # some were forced
+    beam = beam_search(model, src, beam=1, alpha=0.0, max_len_b=4)
+    assert [h[0].tokens for h in beam] == [tokens for tokens, _ in greedy]
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
