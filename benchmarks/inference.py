@@ -11,6 +11,9 @@ HF ``max_new_tokens=T``, CTranslate2 ``max_decoding_length=T``, aiayn ``max_len_
 max_len_b=T-1`` (T-1 tokens, then the forced </s> step). No min-length option is used, so
 no system pays for a logits processor the others skip. Generated tokens = decoder steps per
 sentence × sentences, counted from each system's actual output (not assumed).
+
+CTranslate2 runs in a child process (`ct2_process`: in this one it would slow the torch systems
+down); each system's time is that of its search call alone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import peers
 from aiayn import decode
 from aiayn.packed import pack_for_inference
 from common import Series, paired_ratio, timed
+from ct2_process import CT2Process
 
 SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8"]
 
@@ -58,35 +62,44 @@ class Runner:
         self.int8 = decode.quantize_int8(plain).eval()
         self.hf_dir = peers.export_hf(plain, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
-        ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
-        self.ct2 = {ct: peers.ct2_translator(ct2_dir, ct, threads) for ct in ("float32", "int8")}
+        self.ct2 = CT2Process(peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}"), threads)
         self.pieces = peers.ct2_pieces(self.hf_dir)
         self.index = {p: i for i, p in self.pieces.items()}
         self.log = log
 
     def run(self, system: str, search: str, src: torch.Tensor, steps: int) -> list[list[int]]:
+        return self.timed_run(system, search, src, steps)[1]
+
+    def timed_run(self, system: str, search: str, src: torch.Tensor, steps: int) -> tuple[float, list[list[int]]]:
+        """Wall-clock seconds of the system's search call, and its outputs as token ids."""
         beam = 1 if search == "greedy" else 4
         if system.startswith("aiayn"):
             model = self.model if system == "aiayn fp32" else self.int8
             if beam == 1:
-                out = decode.greedy_search(model, src, max_len_a=0.0, max_len_b=steps - 1)
+                seconds, out = timed(lambda: decode.greedy_search(model, src, max_len_a=0.0, max_len_b=steps - 1))
             else:
-                out = [h[0].tokens for h in decode.beam_search(model, src, beam=4, alpha=0.6, max_len_a=0.0, max_len_b=steps - 1)]
-            return [o + [peers.EOS] for o in out]  # the forced </s> was a decoder step too
+                seconds, nbest = timed(lambda: decode.beam_search(model, src, beam=4, alpha=0.6, max_len_a=0.0,
+                                                                  max_len_b=steps - 1))
+                out = [h[0].tokens for h in nbest]
+            return seconds, [o + [peers.EOS] for o in out]  # the forced </s> was a decoder step too
         if system == "HF generate":
             ids, mask = peers.hf_inputs(src, self.v)
             options = dict(num_beams=4, early_stopping=False, length_penalty=0.6) if beam > 1 else dict(num_beams=1)
             with torch.inference_mode():
-                gen = self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, **options)
-            return [_strip(row[1:].tolist(), pad=self.v) for row in gen]
-        translator = self.ct2["float32" if system == "CT2 float32" else "int8"]
-        results = translator.translate_batch(peers.ct2_tokens(src, self.pieces), beam_size=beam,
-                                             max_decoding_length=steps, length_penalty=0.6)
+                seconds, gen = timed(lambda: self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                                              max_new_tokens=steps, **options))
+            return seconds, [_strip(row[1:].tolist(), pad=self.v) for row in gen]
+        hypotheses, seconds, _ = self.ct2.translate("float32" if system == "CT2 float32" else "int8",
+                                                    peers.ct2_tokens(src, self.pieces), beam_size=beam,
+                                                    max_decoding_length=steps, length_penalty=0.6)
         out = []
-        for r in results:
-            ids = [self.index[p] for p in r.hypotheses[0]]
+        for tokens in hypotheses:
+            ids = [self.index[p] for p in tokens]
             out.append(ids + [peers.EOS] if len(ids) < steps else ids)  # CT2 drops the final </s>
-        return out
+        return seconds, out
+
+    def close(self) -> None:
+        self.ct2.close()
 
 
 def _strip(ids: list[int], pad: int) -> list[int]:
@@ -132,10 +145,11 @@ def run_inference(name: str, batches: list[int], steps: int, rounds: int, workdi
                 for system in order:
                     if r == 0:  # untimed warm-up call of each configuration
                         runner.run(system, search, sources[b], steps)
-                    seconds, out = timed(lambda: runner.run(system, search, sources[b], steps))
+                    seconds, out = runner.timed_run(system, search, sources[b], steps)
                     generated = sum(len(o) for o in out)
                     result.lengths_ok[system] = result.lengths_ok.get(system, True) and all(len(o) == steps for o in out)
                     result.tokens_per_s[(system, search, b)].add(generated / seconds)
                 log(f"inference {name} round {r + 1}/{rounds} {search} batch {b}: "
                     + ", ".join(f"{s} {result.tokens_per_s[(s, search, b)].values[-1]:.0f}" for s in SYSTEMS) + " tok/s")
+    runner.close()
     return result

@@ -180,10 +180,3 @@ def ct2_pieces(hf_dir: Path) -> dict[int, str]:
 
 def ct2_tokens(src: Tensor, pieces: dict[int, str]) -> list[list[str]]:
     return [[pieces[int(i)] for i in row if int(i) != PAD] for row in src]
-
-
-def ct2_translator(ct2_dir: Path, compute_type: str, threads: int):
-    import ctranslate2
-
-    return ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                  inter_threads=1, intra_threads=threads)
