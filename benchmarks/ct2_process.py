@@ -13,7 +13,7 @@ environment (the same allocator), and times itself: wall-clock and CPU seconds o
 ``translate_batch`` alone, like the in-process timing of the torch systems.
 
 Protocol: one JSON object per line on stdin (a request) and stdout (its answer); no pickle.
-Run as ``python ct2_process.py CT2_DIR THREADS``; `CT2Process` is the parent's side.
+Run as ``python ct2_process.py CT2_DIR INTRA_THREADS INTER_THREADS``; `CT2Process` is the parent's side.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from pathlib import Path
 class CT2Process:
     """A child process holding CTranslate2 translators (float32 and int8) of one converted model."""
 
-    def __init__(self, ct2_dir: Path, threads: int):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(ct2_dir), str(threads)],
+    def __init__(self, ct2_dir: Path, threads: int, inter_threads: int = 1):
+        """``threads``: CTranslate2's intra_threads (the threads of one batch); ``inter_threads``: how
+        many batches it translates at once (each on ``threads`` threads)."""
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(ct2_dir), str(threads),
+                                      str(inter_threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
 
     def translate(self, compute_type: str, tokens: list[list[str]], **options) -> tuple[list[list[str]], float, float]:
@@ -55,7 +58,7 @@ class CT2Process:
         self.close()
 
 
-def _serve(ct2_dir: str, threads: int) -> None:
+def _serve(ct2_dir: str, threads: int, inter_threads: int) -> None:
     import time
 
     import ctranslate2
@@ -67,7 +70,7 @@ def _serve(ct2_dir: str, threads: int) -> None:
             ct = request["compute_type"]
             if ct not in translators:
                 translators[ct] = ctranslate2.Translator(ct2_dir, device="cpu", compute_type=ct,
-                                                         inter_threads=1, intra_threads=threads)
+                                                         inter_threads=inter_threads, intra_threads=threads)
             wall, cpu = time.perf_counter(), time.process_time()
             results = translators[ct].translate_batch(request["tokens"], **request["options"])
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -79,4 +82,4 @@ def _serve(ct2_dir: str, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -13,7 +13,9 @@ no system pays for a logits processor the others skip. Generated tokens = decode
 sentence × sentences, counted from each system's actual output (not assumed).
 
 CTranslate2 runs in a child process (`ct2_process`: in this one it would slow the torch systems
-down); each system's time is that of its search call alone.
+down); each system's time is that of its search call alone. CTranslate2 is measured twice: on the
+same threads as the others, and on one thread, which is faster for it at batch 1 on 2 cores; the
+summary also compares aiayn with the better of the two, round by round.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from aiayn.packed import pack_for_inference
 from common import Series, paired_ratio, timed
 from ct2_process import CT2Process
 
-SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8"]
+SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8", "CT2 float32, 1 thread",
+           "CT2 int8, 1 thread"]
 
 
 @dataclass
@@ -48,6 +51,11 @@ class InferenceResult:
     def ratio(self, a: str, b: str, search: str, batch: int) -> float:
         return paired_ratio(self.tokens_per_s[(a, search, batch)], self.tokens_per_s[(b, search, batch)])
 
+    def ratio_best(self, a: str, others: list[str], search: str, batch: int) -> float:
+        """``a`` ÷ the fastest of ``others`` in each round (a peer's better setting), median over rounds."""
+        best = Series([max(v) for v in zip(*(self.tokens_per_s[(o, search, batch)].values for o in others))])
+        return paired_ratio(self.tokens_per_s[(a, search, batch)], best)
+
 
 class Runner:
     """Each system as one callable per (search, batch): returns the output token lists."""
@@ -62,7 +70,8 @@ class Runner:
         self.int8 = decode.quantize_int8(plain).eval()
         self.hf_dir = peers.export_hf(plain, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
-        self.ct2 = CT2Process(peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}"), threads)
+        ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
+        self.ct2 = {t: CT2Process(ct2_dir, t) for t in sorted({threads, 1})}  # by intra_threads
         self.pieces = peers.ct2_pieces(self.hf_dir)
         self.index = {p: i for i, p in self.pieces.items()}
         self.log = log
@@ -89,9 +98,10 @@ class Runner:
                 seconds, gen = timed(lambda: self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                                               max_new_tokens=steps, **options))
             return seconds, [_strip(row[1:].tolist(), pad=self.v) for row in gen]
-        hypotheses, seconds, _ = self.ct2.translate("float32" if system == "CT2 float32" else "int8",
-                                                    peers.ct2_tokens(src, self.pieces), beam_size=beam,
-                                                    max_decoding_length=steps, length_penalty=0.6)
+        process = self.ct2[1 if system.endswith("1 thread") else max(self.ct2)]
+        hypotheses, seconds, _ = process.translate("float32" if "float32" in system else "int8",
+                                                   peers.ct2_tokens(src, self.pieces), beam_size=beam,
+                                                   max_decoding_length=steps, length_penalty=0.6)
         out = []
         for tokens in hypotheses:
             ids = [self.index[p] for p in tokens]
@@ -99,7 +109,8 @@ class Runner:
         return seconds, out
 
     def close(self) -> None:
-        self.ct2.close()
+        for process in self.ct2.values():
+            process.close()
 
 
 def _strip(ids: list[int], pad: int) -> list[int]:

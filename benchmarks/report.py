@@ -13,6 +13,9 @@ from attention import LAYERS, AttentionResult  # noqa: E402
 from common import Series, paired_ratio  # noqa: E402
 from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
 from inference import SYSTEMS, InferenceResult  # noqa: E402
+
+# CTranslate2 at its two thread settings (the same threads as aiayn, and one thread).
+BEST_CT2 = {"fp32": ["CT2 float32", "CT2 float32, 1 thread"], "int8": ["CT2 int8", "CT2 int8, 1 thread"]}
 from training import TrainingResult  # noqa: E402
 
 TRAIN_PEERS = ["nn.Transformer", "HF Marian"]
@@ -34,7 +37,8 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines += ["> **Smoke run (`--quick`)**: tiny sizes and few repeats; the figures only show that the suite works.", ""]
     lines += [
         "Written by `make bench` (`python benchmarks/run.py`). Every figure below was measured in the one run",
-        "that wrote this file: the systems compared alternate round by round in one process, each figure is",
+        "that wrote this file: the systems compared alternate round by round (CTranslate2 in a child process,",
+        "the others in this one; `benchmarks/ct2_process.py` says why), each figure is",
         "the median over rounds (the min–max range shows the noise), and each ratio is the median of the",
         "per-round ratios. Raw values: `results.json`.",
         "",
@@ -47,7 +51,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
     if load and float(load.split()[0]) > 1.0:
         lines += ["The cores were shared with other work during this run (see the load averages): single figures",
                   "are noisy, as their min–max ranges show; the ratios pair systems measured side by side.", ""]
-    lines += _summary(demo, train, infer)
+    lines += _summary(demo, train, infer, threads)
 
     # 1. matmul --------------------------------------------------------------------------------
     lines += ["## 1. The machine's limit: matmul", ""]
@@ -108,7 +112,8 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             "Marian layout; CTranslate2 converts that directory with its stock converter). </s>, <s> and pad are made",
             f"unreachable (`benchmarks/peers.py`), so every system decodes exactly {infer.steps} steps per sentence and",
             "the work is equal; generated tokens are counted from each system's actual output.",
-            "Sources: 20–30 random subwords + </s>. Threads: all torch threads; CTranslate2 `intra_threads` the same.",
+            "Sources: 20–30 random subwords + </s>. Threads: all torch threads; CTranslate2 `intra_threads` the same,",
+            "in a process of its own (`benchmarks/ct2_process.py`: in this one it would slow the torch systems down).",
             f"HF attention implementation: `{infer.hf_attention}`. Beam search: 4 beams, length penalty α = 0.6 in",
             "each system's own form. All hypotheses have the same length, yet beam outputs can differ: aiayn's",
             "end with the forced </s>, whose probability counts in the final ranking; the peers' stop at the limit.",
@@ -131,14 +136,18 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         for search in ("greedy", "beam4"):
             for b in batches:
                 lines.append(f"| {search} | {b} | " + " | ".join(_fmt(infer.median(s, search, b), 4) for s in SYSTEMS) + " |")
-        lines += ["", "Ratios (aiayn ÷ peer, median of per-round ratios):", "",
-                  "| search | batch | aiayn fp32 ÷ HF | aiayn fp32 ÷ CT2 float32 | aiayn int8 ÷ CT2 int8 | aiayn int8 ÷ aiayn fp32 |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Ratios (aiayn ÷ peer, median of per-round ratios; \"best CT2\": the faster of CTranslate2 on the",
+                  "same threads and on one thread, in each round):", "",
+                  "| search | batch | aiayn fp32 ÷ HF | aiayn fp32 ÷ CT2 float32 | aiayn int8 ÷ CT2 int8 "
+                  "| aiayn fp32 ÷ best CT2 float32 | aiayn int8 ÷ best CT2 int8 | aiayn int8 ÷ aiayn fp32 |",
+                  "|---|---|---|---|---|---|---|---|"]
         for search in ("greedy", "beam4"):
             for b in batches:
                 lines.append(f"| {search} | {b} | {_fmt(infer.ratio('aiayn fp32', 'HF generate', search, b))} | "
                              f"{_fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} | "
                              f"{_fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} | "
+                             f"{_fmt(infer.ratio_best('aiayn fp32', BEST_CT2['fp32'], search, b))} | "
+                             f"{_fmt(infer.ratio_best('aiayn int8', BEST_CT2['int8'], search, b))} | "
                              f"{_fmt(infer.ratio('aiayn int8', 'aiayn fp32', search, b))} |")
         lines.append("")
         for b in batches:
@@ -219,7 +228,8 @@ def _demo_section(demo: DemoTrainingResult) -> list[str]:
     return lines
 
 
-def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer: InferenceResult | None) -> list[str]:
+def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer: InferenceResult | None,
+             threads: int) -> list[str]:
     """The issue's targets, each a ratio measured in this run (aiayn ÷ peer; > 1: aiayn faster)."""
     rows = []
     if demo is not None and demo.tokens_per_s:
@@ -237,6 +247,10 @@ def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer
             for search, name in (("greedy", "greedy"), ("beam4", "beam-4")):
                 rows.append(f"| {name} decoding, batch {b}, fp32 | CTranslate2 float32 | ≥ 1 | {_fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} |")
                 rows.append(f"| {name} decoding, batch {b}, int8 | CTranslate2 int8 | ≥ 1 | {_fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} |")
+                for kind, peer in (("fp32", "float32"), ("int8", "int8")):
+                    rows.append(f"| {name} decoding, batch {b}, {kind} | CTranslate2 {peer}, the faster of its "
+                                f"{threads} and 1 threads | ≥ 1 | "
+                                f"{_fmt(infer.ratio_best(f'aiayn {kind}', BEST_CT2[kind], search, b))} |")
     if not rows:
         return []
     return ["## Summary: aiayn ÷ peer", "", "| measure | peer | target | measured |", "|---|---|---|---|", *rows, ""]
@@ -262,7 +276,7 @@ def _plot_training(path: Path, train: list[TrainingResult]) -> None:
 def _plot_inference(path: Path, infer: InferenceResult, batches: list[int]) -> None:
     panels = [(s, b) for s in ("greedy", "beam4") for b in batches]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    colors = ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive"]
+    colors = ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:green", "tab:olive"]
     for ax, (search, b) in zip(axes[0], panels):
         values = [infer.median(s, search, b) for s in SYSTEMS]
         ax.bar(range(len(SYSTEMS)), values, color=colors)
