@@ -19,7 +19,8 @@ process (`ct2_process`: in this one it would slow the torch systems down); its w
 is measured here, around the whole call as for aiayn, and its CPU seconds are the child's.
 CTranslate2 is measured twice: on the same threads for each batch (``intra_threads``), and with
 one thread per batch and as many batches at once as there are threads (``inter_threads``, its
-throughput setting), which is much faster for it on a small model.
+throughput setting), which is much faster for it on a small model; aiayn likewise with
+``workers`` (as ``aiayn translate --workers N``): worker processes on one thread each.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import peers
 from common import Series
 from ct2_process import CT2Process
 
-SYSTEMS = ["aiayn fp32", "aiayn int8", "CT2 float32", "CT2 int8", "CT2 float32, parallel batches",
-           "CT2 int8, parallel batches"]
+SYSTEMS = ["aiayn fp32", "aiayn int8", "CT2 float32", "CT2 int8", "aiayn fp32, parallel batches",
+           "aiayn int8, parallel batches", "CT2 float32, parallel batches", "CT2 int8, parallel batches"]
 
 
 @dataclass
@@ -123,24 +124,30 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     for process, suffix in zip(processes, ("", ", parallel batches")):
         for ct in ("float32", "int8"):
             ct2[f"CT2 {ct}{suffix}"] = _CT2(process, hf_dir, ct, fp32.tokenizer, fp32.max_src_len)
-    run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate, **{s: c.translate for s, c in ct2.items()}}
+    workers = {q: Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize=q, threads=1,
+                             workers=threads) for q in (None, "int8")}
+    run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate, **{s: c.translate for s, c in ct2.items()},
+           "aiayn fp32, parallel batches": workers[None].translate,
+           "aiayn int8, parallel batches": workers["int8"].translate}
 
     subwords = sum(len(s) for s in fp32.tokenizer.encode_batch(lines))
     result = WorkloadResult(f"`{Path(checkpoint).name}` ({how})", len(lines), subwords)
     outputs: dict[str, list[str]] = {}
     for system in SYSTEMS:
         result.sentences_per_s[system], result.cpu_seconds[system] = Series(), Series()
-        outputs[system] = run[system](lines[:64])  # warm-up: thread pools, kernel selection
+        outputs[system] = run[system](lines[:128])  # warm-up: thread pools, worker processes, kernels
     for r in range(rounds):
         for system in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]:
             wall, cpu = time.perf_counter(), time.process_time()
             outputs[system] = run[system](lines)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             result.sentences_per_s[system].add(len(lines) / wall)
+            if system.startswith("aiayn") and system.endswith("parallel batches"):
+                cpu = float("nan")  # the worker processes' CPU time is not visible from here
             result.cpu_seconds[system].add(cpu + (ct2[system].cpu if system in ct2 else 0.0))
         log(f"workload round {r + 1}/{rounds}: " + ", ".join(
             f"{s} {result.sentences_per_s[s].values[-1]:.1f}" for s in SYSTEMS) + " sentences/s")
-    for process in processes:
+    for process in [*processes, *workers.values()]:
         process.close()
     for system in SYSTEMS:
         result.bleu[system] = score(outputs[system], refs)["bleu"]
@@ -158,7 +165,8 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for s in SYSTEMS:
-        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {w.cpu_seconds[s].median:.4g} "
+        cpu = w.cpu_seconds[s].median
+        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {'–' if cpu != cpu else f'{cpu:.4g}'} "
                      f"| {w.bleu[s]:.2f} | {100 * w.same_as_fp32[s]:.0f}% |")
     fp32, ct2 = w.sentences_per_s["aiayn fp32"], w.sentences_per_s["CT2 float32"]
     from common import paired_ratio
@@ -166,8 +174,10 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
     lines += ["", f"- aiayn fp32 ÷ CT2 float32: **{paired_ratio(fp32, ct2):.3g}×**; aiayn int8 ÷ CT2 int8: "
               f"**{paired_ratio(w.sentences_per_s['aiayn int8'], w.sentences_per_s['CT2 int8']):.3g}×** "
               "(median of per-round ratios of sentences/s)",
-              f"- with CTranslate2 translating {threads} batches at once on one thread each (`inter_threads={threads}, "
-              f"intra_threads=1`): aiayn fp32 ÷ CT2 float32 **{paired_ratio(fp32, w.sentences_per_s['CT2 float32, parallel batches']):.3g}×**; "
-              f"aiayn int8 ÷ CT2 int8 **{paired_ratio(w.sentences_per_s['aiayn int8'], w.sentences_per_s['CT2 int8, parallel batches']):.3g}×**",
+              f"- each translating {threads} batches at once on one thread each (aiayn `--workers {threads}`, CTranslate2 "
+              f"`inter_threads={threads}, intra_threads=1`): aiayn fp32 ÷ CT2 float32 "
+              f"**{paired_ratio(*(w.sentences_per_s[f'{s}, parallel batches'] for s in ('aiayn fp32', 'CT2 float32'))):.3g}×**; "
+              f"aiayn int8 ÷ CT2 int8 "
+              f"**{paired_ratio(*(w.sentences_per_s[f'{s}, parallel batches'] for s in ('aiayn int8', 'CT2 int8'))):.3g}×**",
               ""]
     return lines

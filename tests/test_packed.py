@@ -7,6 +7,8 @@ Every comparison is against the plain path on the same machine and instruction s
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -151,3 +153,18 @@ def test_a_model_with_a_small_cache_capacity_decodes_like_the_full_forward():
         cache = model.new_cache(capacity=2)
         steps = [model.decode(tgt[:, t : t + 1], memory, mask, cache) for t in range(9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_worker_processes_translate_as_one_process_does(random_checkpoint):
+    """--workers: batches searched in spawned worker processes (one thread each) come back in
+    input order with the same translations, n-best lists and scores as in this process."""
+    lines = [f"{w} the cat sat" * (1 + i % 3) for i, w in enumerate("abcdefghij")]
+    kwargs = dict(beam=2, max_len_b=6, batch_size=3, threads=1)
+    here = Translator(random_checkpoint, **kwargs).translate_nbest(lines, nbest=2)
+    with contextlib.closing(Translator(random_checkpoint, workers=2, **kwargs)) as translator:
+        there = translator.translate_nbest(lines, nbest=2)
+        assert translator._pool is not None  # 4 batches: the workers did search
+    assert [[(t.text, t.tokens) for t in n] for n in there] == [[(t.text, t.tokens) for t in n] for n in here]
+    assert [t.score for n in there for t in n] == pytest.approx([t.score for n in here for t in n], abs=1e-5)
+    with pytest.raises(Exception, match="--workers"):
+        Translator(random_checkpoint, workers=0)

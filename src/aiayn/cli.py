@@ -177,7 +177,11 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, help="padded source tokens per batch (instead of --batch-size)")
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, all cores)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: torch's, all cores; 1 per worker with --workers)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="CPU: worker processes translating different batches at once (default 1; a small model "
+                        "on several cores translates faster with --workers set to the cores)")
     g.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
                    help="fp32 on the CPU: oneDNN-packed weights, same outputs, faster (default: on)")
 

@@ -358,7 +358,9 @@ class Translator:
     back in input order. An empty line translates to an empty line. A source longer than
     ``max_src_len`` subwords (default ``config.max_positions - 1``, room for the EOS) is
     truncated with a warning. ``threads``: torch's intra-op threads while translating (default:
-    unchanged). ``prepack`` (default on): fp32 CPU models run with oneDNN-packed weights
+    unchanged). ``workers`` > 1 (CPU): that many worker processes translate different batches at
+    once, each on ``threads`` threads (default 1), like CTranslate2's ``inter_threads``; a small
+    model gains most, as its batches are too small to keep several threads busy. ``prepack`` (default on): fp32 CPU models run with oneDNN-packed weights
     (`aiayn.packed`), the same function with faster matrix products. ``beam=1`` is greedy search. Every translation is one line of
     text: byte pieces that spell a newline or another control character become spaces
     (`Tokenizer.decode_line`), so output line i is always the translation of input line i.
@@ -367,13 +369,17 @@ class Translator:
     def __init__(self, checkpoint, device: str | torch.device | None = None, beam: int = 4, alpha: float = 0.6,
                  max_len_a: float = 1.0, max_len_b: float = 50, batch_size: int = 64, batch_tokens: int | None = None,
                  quantize: str | None = None, max_src_len: int | None = None, threads: int | None = None,
-                 prepack: bool = True):
+                 prepack: bool = True, workers: int = 1):
         from .checkpoint import Checkpoint, load_checkpoint
 
         owned = not isinstance(checkpoint, Checkpoint)  # loaded here: nobody else holds the model
         ckpt = load_checkpoint(Path(checkpoint), device="cpu") if owned else checkpoint
         if threads is not None and threads < 1:
             raise UserError(f"--threads must be at least 1 (got {threads})")
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {workers})")
+        if workers > 1 and not owned:
+            raise UserError("workers > 1 needs the checkpoint's path (each worker process loads it)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() and quantize is None else "cpu"
         self.device = torch.device(device)
@@ -393,7 +399,14 @@ class Translator:
             # A caller's model is copied, not altered; one loaded here is packed in place.
             model = pack_for_inference(model, inplace=owned)
         self.model, self.tokenizer, self.config = model, ckpt.tokenizer, ckpt.model.config
+        if workers > 1 and self.device.type != "cpu":
+            raise UserError(f"--workers runs on the CPU only (device {self.device})")
         self.threads = threads
+        # Worker processes (started on first use): each builds this Translator with workers=1.
+        self.workers, self._pool = workers, None
+        self._worker_args = dict(checkpoint=str(checkpoint), device="cpu", beam=beam, alpha=alpha, max_len_a=max_len_a,
+                                 max_len_b=max_len_b, quantize=quantize, max_src_len=max_src_len,
+                                 threads=threads or 1, prepack=prepack)
         self.beam, self.alpha, self.max_len_a, self.max_len_b = beam, alpha, max_len_a, max_len_b
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.max_src_len = max_src_len or self.config.max_positions - 1
@@ -418,13 +431,38 @@ class Translator:
                 ids[number - 1] = sentence[: self.max_src_len]
         results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in texts]
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        batches = list(self._batches(order, ids))
+        if self.workers > 1 and len(batches) > 1:
+            pool = self._worker_pool()
+            searched = (f.result() for f in [pool.submit(_worker_search, [ids[i] for i in batch], nbest)
+                                             for batch in batches])
+        else:
+            searched = (self._search([ids[i] for i in batch], nbest) for batch in batches)
         with _torch_threads(self.threads), tqdm(total=len(order), disable=not progress, file=sys.stderr, unit="sent", desc="translate") as bar:
-            for batch in self._batches(order, ids):
-                for i, hyps in zip(batch, self._search([ids[i] for i in batch], nbest)):
+            for batch, hyps_of_batch in zip(batches, searched):
+                for i, hyps in zip(batch, hyps_of_batch):
                     results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
                                   for h in hyps]
                 bar.update(len(batch))
         return results
+
+    def _worker_pool(self):
+        """``workers`` processes, each with its own copy of the model. Spawned, not forked: a fork of a
+        process whose OpenMP threads are running is unsafe. They inherit the environment (the same
+        memory allocator) and end with this Translator (`close`) or with the process."""
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(self._worker_args,))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (a later translation starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
         """Consecutive runs of ``order`` (longest first) within the sentence or token budget."""
@@ -450,12 +488,25 @@ class Translator:
         return beam_search(self.model, src, self.beam, self.alpha, self.max_len_a, self.max_len_b, nbest)
 
 
+_WORKER: Translator | None = None  # in a worker process: its own Translator
+
+
+def _worker_init(kwargs: dict) -> None:
+    global _WORKER
+    torch.set_num_threads(kwargs["threads"])
+    _WORKER = Translator(**kwargs)
+
+
+def _worker_search(sentences: list[list[int]], nbest: int) -> list[list[Hypothesis]]:
+    return _WORKER._search(sentences, nbest)
+
+
 def translator_from_args(args) -> Translator:
     """A Translator from the search options of ``aiayn translate`` / ``aiayn evaluate``."""
     return Translator(args.checkpoint, device=args.device, beam=args.beam, alpha=args.alpha,
                       max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
                       batch_tokens=args.batch_tokens, quantize=args.quantize, threads=args.threads,
-                      prepack=args.prepack)
+                      prepack=args.prepack, workers=args.workers)
 
 
 # ---------------------------------------------------------------------------------------------
