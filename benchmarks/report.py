@@ -13,10 +13,10 @@ from attention import LAYERS, AttentionResult  # noqa: E402
 from common import Series, paired_ratio  # noqa: E402
 from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
 from inference import SYSTEMS, InferenceResult  # noqa: E402
+from training import TrainingResult  # noqa: E402
 
 # CTranslate2 at its two thread settings (the same threads as aiayn, and one thread).
 BEST_CT2 = {"fp32": ["CT2 float32", "CT2 float32, 1 thread"], "int8": ["CT2 int8", "CT2 int8, 1 thread"]}
-from training import TrainingResult  # noqa: E402
 
 TRAIN_PEERS = ["nn.Transformer", "HF Marian"]
 

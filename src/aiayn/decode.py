@@ -360,8 +360,9 @@ class Translator:
     truncated with a warning. ``threads``: torch's intra-op threads while translating (default:
     unchanged). ``workers`` > 1 (CPU): that many worker processes translate different batches at
     once, each on ``threads`` threads (default 1), like CTranslate2's ``inter_threads``; a small
-    model gains most, as its batches are too small to keep several threads busy. ``prepack`` (default on): fp32 CPU models run with oneDNN-packed weights
-    (`aiayn.packed`), the same function with faster matrix products. ``beam=1`` is greedy search. Every translation is one line of
+    model gains most, as its batches are too small to keep several threads busy. ``prepack``
+    (default on): fp32 CPU models run with oneDNN-packed weights (`aiayn.packed`), the same
+    function with faster matrix products. ``beam=1`` is greedy search. Every translation is one line of
     text: byte pieces that spell a newline or another control character become spaces
     (`Tokenizer.decode_line`), so output line i is always the translation of input line i.
     """
