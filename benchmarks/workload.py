@@ -124,11 +124,11 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     for process, suffix in zip(processes, ("", ", parallel batches")):
         for ct in ("float32", "int8"):
             ct2[f"CT2 {ct}{suffix}"] = _CT2(process, hf_dir, ct, fp32.tokenizer, fp32.max_src_len)
-    workers = {q: Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize=q, threads=1,
-                             workers=threads) for q in (None, "int8")}
-    run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate, **{s: c.translate for s, c in ct2.items()},
-           "aiayn fp32, parallel batches": workers[None].translate,
-           "aiayn int8, parallel batches": workers["int8"].translate}
+    parallel = {f"aiayn {name}, parallel batches": Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64,
+                                                             quantize=q, threads=1, workers=threads)
+                for name, q in (("fp32", None), ("int8", "int8"))}
+    run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate,
+           **{s: c.translate for s, c in ct2.items()}, **{s: t.translate for s, t in parallel.items()}}
 
     subwords = sum(len(s) for s in fp32.tokenizer.encode_batch(lines))
     result = WorkloadResult(f"`{Path(checkpoint).name}` ({how})", len(lines), subwords)
@@ -142,12 +142,12 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
             outputs[system] = run[system](lines)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             result.sentences_per_s[system].add(len(lines) / wall)
-            if system.startswith("aiayn") and system.endswith("parallel batches"):
+            if system in parallel:
                 cpu = float("nan")  # the worker processes' CPU time is not visible from here
             result.cpu_seconds[system].add(cpu + (ct2[system].cpu if system in ct2 else 0.0))
         log(f"workload round {r + 1}/{rounds}: " + ", ".join(
             f"{s} {result.sentences_per_s[s].values[-1]:.1f}" for s in SYSTEMS) + " sentences/s")
-    for process in [*processes, *workers.values()]:
+    for process in [*processes, *parallel.values()]:
         process.close()
     for system in SYSTEMS:
         result.bleu[system] = score(outputs[system], refs)["bleu"]
@@ -164,12 +164,13 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
         "| system | sentences/s (median) | range | CPU s per pass (median) | BLEU | outputs = aiayn fp32's |",
         "|---|---|---|---|---|---|",
     ]
+    from common import paired_ratio
+    from report import _fmt
+
     for s in SYSTEMS:
-        cpu = w.cpu_seconds[s].median
-        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {'–' if cpu != cpu else f'{cpu:.4g}'} "
+        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {_fmt(w.cpu_seconds[s].median, 4)} "
                      f"| {w.bleu[s]:.2f} | {100 * w.same_as_fp32[s]:.0f}% |")
     fp32, ct2 = w.sentences_per_s["aiayn fp32"], w.sentences_per_s["CT2 float32"]
-    from common import paired_ratio
 
     lines += ["", f"- aiayn fp32 ÷ CT2 float32: **{paired_ratio(fp32, ct2):.3g}×**; aiayn int8 ÷ CT2 int8: "
               f"**{paired_ratio(w.sentences_per_s['aiayn int8'], w.sentences_per_s['CT2 int8']):.3g}×** "

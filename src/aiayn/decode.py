@@ -384,6 +384,8 @@ class Translator:
         if device is None:
             device = "cuda" if torch.cuda.is_available() and quantize is None else "cpu"
         self.device = torch.device(device)
+        if workers > 1 and self.device.type != "cpu":
+            raise UserError(f"--workers runs on the CPU only (device {self.device})")
         if beam < 1:
             raise UserError(f"--beam must be at least 1 (got {beam})")
         if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
@@ -400,8 +402,6 @@ class Translator:
             # A caller's model is copied, not altered; one loaded here is packed in place.
             model = pack_for_inference(model, inplace=owned)
         self.model, self.tokenizer, self.config = model, ckpt.tokenizer, ckpt.model.config
-        if workers > 1 and self.device.type != "cpu":
-            raise UserError(f"--workers runs on the CPU only (device {self.device})")
         self.threads = threads
         # Worker processes (started on first use): each builds this Translator with workers=1.
         self.workers, self._pool = workers, None
