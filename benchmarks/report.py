@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from attention import LAYERS, AttentionResult  # noqa: E402
 from common import Series, paired_ratio  # noqa: E402
 from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
-from inference import SYSTEMS, InferenceResult  # noqa: E402
+from inference import SINGLE_SENTENCES, SYSTEMS, InferenceResult  # noqa: E402
 from training import TrainingResult  # noqa: E402
 
 # CTranslate2 at its two thread settings (the same threads as aiayn, and one thread).
@@ -112,7 +112,8 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             "Marian layout; CTranslate2 converts that directory with its stock converter). </s>, <s> and pad are made",
             f"unreachable (`benchmarks/peers.py`), so every system decodes exactly {infer.steps} steps per sentence and",
             "the work is equal; generated tokens are counted from each system's actual output.",
-            "Sources: 20–30 random subwords + </s>. Threads: all torch threads; CTranslate2 `intra_threads` the same,",
+            f"Sources: 20–30 random subwords + </s>; batch 1 is {SINGLE_SENTENCES} sentences per system and round, one search call",
+            "each (times summed). Threads: all torch threads; CTranslate2 `intra_threads` the same,",
             "in a process of its own (`benchmarks/ct2_process.py`: in this one it would slow the torch systems down).",
             f"HF attention implementation: `{infer.hf_attention}`. Beam search: 4 beams, length penalty α = 0.6 in",
             "each system's own form. All hypotheses have the same length, yet beam outputs can differ: aiayn's",

@@ -208,9 +208,11 @@ def test_padding_invariance(norm_first):
     torch.testing.assert_close(model(batch, tgt)[1], model(short, tgt[1:])[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
-def test_cached_incremental_decoding_equals_full_forward(positions):
-    model = small_model(positions=positions)
+@pytest.mark.parametrize("positions,norm_first", [("sinusoidal", False), ("learned", False), ("sinusoidal", True)])
+def test_cached_incremental_decoding_equals_full_forward(positions, norm_first):
+    # One position at a time in eval mode takes the flat step (`Transformer._decode_step`);
+    # the full forward and the several-positions call take the module path.
+    model = small_model(positions=positions, norm_first=norm_first)
     src, tgt = random_ids(3, 7), random_ids(3, 6, seed=2)
     src[2, 5:] = PAD
     full = model(src, tgt)

@@ -72,8 +72,13 @@ def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while searching; the caller's mode (e.g. the trainer's) is restored after."""
+    """Dropout off while searching; the caller's mode (e.g. the trainer's) is restored after.
+    A model already in eval mode is left alone: switching walks every module, twice per
+    search, which is not free next to a short sentence's decoding."""
     was_training = model.training
+    if not was_training:
+        yield
+        return
     model.eval()
     try:
         yield
