@@ -8,6 +8,7 @@ Each subcommand parses its options here and hands them to the module that owns t
     plot      -> aiayn.train      (loss and BLEU curves from a run's metrics log)
     translate -> aiayn.decode     (greedy and beam search)
     evaluate  -> aiayn.evaluate   (sacreBLEU, chrF, paper-comparable BLEU)
+    shortlist -> aiayn.shortlist  (vocabulary shortlist for faster decoding)
     attention -> aiayn.inspect    (attention weights as heatmaps and JSON)
     export    -> aiayn.export     (Hugging Face Marian layout, for CTranslate2)
     serve     -> aiayn.serve      (HTTP API with dynamic batching, and the attention explorer)
@@ -117,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     _search_options(p)
     p.set_defaults(func=_handler("evaluate:evaluate_main"))
 
+    # -- shortlist -----------------------------------------------------------------------------
+    p = sub.add_parser("shortlist", help="build a vocabulary shortlist from a dataset (faster decoding)")
+    p.add_argument("--data", required=True, help="prepared dataset directory (its training split is read)")
+    p.add_argument("--out", required=True, help="output file (JSON)")
+    p.add_argument("--frequent", type=int, default=100, help="most frequent target subwords always allowed")
+    p.add_argument("--per-source", type=int, default=100,
+                   help="target subwords allowed per source subword (highest Dice coefficient)")
+    p.add_argument("--max-pairs", type=int, help="read at most this many training pairs (default: all)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_handler("shortlist:shortlist_main"))
+
     # -- attention -----------------------------------------------------------------------------
     p = sub.add_parser("attention", help="export attention weights as heatmaps and JSON")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
@@ -184,6 +196,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
                         "on several cores translates faster with --workers set to the cores)")
     g.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
                    help="fp32 on the CPU: oneDNN-packed weights, same outputs, faster (default: on)")
+    g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist): outputs restricted to "
+                                       "each batch's candidates; faster, scores normalised over them")
 
 
 # Subcommands that run the model: they get a fast memory allocator (aiayn.allocator).

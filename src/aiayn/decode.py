@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .errors import UserError
 from .model import Transformer
 from .packed import is_packed, pack_for_inference
+from .shortlist import RestrictedOutput, Shortlist
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache, force: Tensor,
-              width: int) -> tuple[Tensor, Tensor]:
+              width: int, output: RestrictedOutput | None = None) -> tuple[Tensor, Tensor]:
     """The ``width`` most probable next tokens of each row of ``tokens`` (N, t), best first:
     (log-probabilities (N, width), token ids (N, width)).
 
@@ -144,24 +145,32 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
     needed (one read-write pass fewer than torch.logsumexp, and no (N, V) temporary).
     """
     inp = tokens[:, -1:] if cache is not None else tokens
-    logits = model.decode(inp, memory, src_mask, cache=cache, last_only=True)[:, -1].float()
-    specials = [model.config.pad_id, BOS_ID]
+    if output is None:
+        logits = model.decode(inp, memory, src_mask, cache=cache, last_only=True)[:, -1].float()
+        specials, eos_col = [model.config.pad_id, BOS_ID], EOS_ID
+    else:  # a shortlist: logits of its candidates only, and Z over them (pad, bos are not among them)
+        logits = output.logits(model.decode_states(inp, memory, src_mask, cache)[:, -1])
+        specials, eos_col = [], output.eos
     special = logits[:, specials]  # a copy: their mass belongs to Z
     forced = force.nonzero().squeeze(1) if force.any() else None
     if forced is not None:  # only EOS may follow; Z of these few rows before any masking
         log_z_forced = torch.logsumexp(logits[forced], dim=-1)
-        eos = logits[forced, EOS_ID]
+        eos = logits[forced, eos_col]
         logits[forced] = -math.inf
-        logits[forced, EOS_ID] = eos
+        logits[forced, eos_col] = eos
     logits[:, specials] = -math.inf
     top, index = topk_last(logits, min(width, logits.size(-1)))
     # Z in place, shifted by the row maximum (the best token, or pad/bos if larger) so no exp
     # overflows: log Z = m + log Σ exp(logit - m).
-    shift = torch.maximum(top[:, :1], special.amax(dim=-1, keepdim=True))
-    mass = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True) + (special - shift).exp().sum(dim=-1, keepdim=True)
+    shift = torch.maximum(top[:, :1], special.amax(dim=-1, keepdim=True)) if specials else top[:, :1]
+    mass = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True)
+    if specials:
+        mass = mass + (special - shift).exp().sum(dim=-1, keepdim=True)
     log_z = shift + mass.log()
     if forced is not None:
         log_z[forced, 0] = log_z_forced
+    if output is not None:
+        index = output.ids[index]
     return top - log_z, index
 
 
@@ -171,16 +180,17 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
 
 
 def greedy_search(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: float = 50,
-                  use_cache: bool = True) -> list[list[int]]:
+                  use_cache: bool = True, shortlist: Shortlist | None = None) -> list[list[int]]:
     """The most probable next token at every step. src: (B, S) padded ids (tokens + EOS).
     Returns the output tokens of each sentence, without bos/eos."""
-    return [tokens for tokens, _ in greedy_search_scored(model, src, max_len_a, max_len_b, use_cache)]
+    return [tokens for tokens, _ in greedy_search_scored(model, src, max_len_a, max_len_b, use_cache, shortlist)]
 
 
 @torch.inference_mode()
 def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: float = 50,
-                         use_cache: bool = True) -> list[tuple[list[int], float]]:
-    """Greedy search that also returns each output's log P(Y | X) (tokens + EOS)."""
+                         use_cache: bool = True, shortlist: Shortlist | None = None) -> list[tuple[list[int], float]]:
+    """Greedy search that also returns each output's log P(Y | X) (tokens + EOS); with a
+    ``shortlist`` (`aiayn.shortlist`) only its candidates for this batch, P normalised over them."""
     with _eval_mode(model):
         src_mask = model.source_mask(src)
         memory = model.encode(src, src_mask)
@@ -190,9 +200,10 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
         tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
         total = torch.zeros(batch, device=src.device)
         cache = _new_cache(model, max_len) if use_cache else None
+        restricted = shortlist.output_layer(model, src) if shortlist is not None else None
         results: list[tuple[list[int], float]] = [([], 0.0)] * batch
         for step in range(int(max_len.max()) + 1 if batch else 0):
-            best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1)
+            best, token = _top_next(model, tokens, memory, src_mask, cache, max_len == step, width=1, output=restricted)
             best, token = best[:, 0], token[:, 0]
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             total = total + best
@@ -219,7 +230,8 @@ def greedy_search_scored(model: Transformer, src: Tensor, max_len_a: float = 1.0
 
 @torch.inference_mode()
 def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0.6, max_len_a: float = 1.0,
-                max_len_b: float = 50, nbest: int = 1, use_cache: bool = True) -> list[list[Hypothesis]]:
+                max_len_b: float = 50, nbest: int = 1, use_cache: bool = True,
+                shortlist: Shortlist | None = None) -> list[list[Hypothesis]]:
     """Beam search with the GNMT length penalty (module docstring). src: (B, S) padded ids
     (tokens + EOS). Returns, per sentence, the ``nbest`` best hypotheses, best first.
 
@@ -229,7 +241,8 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
 
     Each step takes the 2K best (beam, token) extensions. EOS candidates among the first K
     finish (as in fairseq, so beam 1 with α = 0 is exactly greedy search); the K best non-EOS
-    candidates are the next live beams.
+    candidates are the next live beams. With a ``shortlist`` (`aiayn.shortlist`) the search
+    considers only its candidates for this batch, with P normalised over them.
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise UserError(f"need beam >= 1 and 1 <= nbest <= beam (beam {beam}, nbest {nbest})")
@@ -249,10 +262,11 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
         beam_range = torch.arange(k, device=device)
+        restricted = shortlist.output_layer(model, src) if shortlist is not None else None
         for step in range(int(max_len.max()) + 1 if batch else 0):
             n = alive.numel()
             force = (max_len == step).repeat_interleave(k)
-            log_probs, words = _top_next(model, tokens, memory, src_mask, cache, force, width=2 * k)
+            log_probs, words = _top_next(model, tokens, memory, src_mask, cache, force, width=2 * k, output=restricted)
             width = log_probs.size(-1)
             candidates = (scores[:, :, None] + log_probs.view(n, k, width)).view(n, k * width)
             top_scores, top_index = candidates.topk(2 * k, dim=1)  # sorted, best first
@@ -367,7 +381,9 @@ class Translator:
     once, each on ``threads`` threads (default 1), like CTranslate2's ``inter_threads``; a small
     model gains most, as its batches are too small to keep several threads busy. ``prepack``
     (default on): fp32 CPU models run with oneDNN-packed weights (`aiayn.packed`), the same
-    function with faster matrix products. ``beam=1`` is greedy search. Every translation is one line of
+    function with faster matrix products. ``shortlist``: a vocabulary shortlist file (`aiayn.shortlist`,
+    built by ``aiayn shortlist``): each batch's outputs are restricted to its candidates, which is
+    faster and changes scores (P normalised over the candidates). ``beam=1`` is greedy search. Every translation is one line of
     text: byte pieces that spell a newline or another control character become spaces
     (`Tokenizer.decode_line`), so output line i is always the translation of input line i.
     """
@@ -375,7 +391,7 @@ class Translator:
     def __init__(self, checkpoint, device: str | torch.device | None = None, beam: int = 4, alpha: float = 0.6,
                  max_len_a: float = 1.0, max_len_b: float = 50, batch_size: int = 64, batch_tokens: int | None = None,
                  quantize: str | None = None, max_src_len: int | None = None, threads: int | None = None,
-                 prepack: bool = True, workers: int = 1):
+                 prepack: bool = True, workers: int = 1, shortlist: str | Path | None = None):
         from .checkpoint import Checkpoint, load_checkpoint
 
         owned = not isinstance(checkpoint, Checkpoint)  # loaded here: nobody else holds the model
@@ -395,6 +411,10 @@ class Translator:
             raise UserError(f"--beam must be at least 1 (got {beam})")
         if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
             raise UserError("--batch-size and --batch-tokens must be positive")
+        self.shortlist = None
+        if shortlist is not None:  # read and checked before any model work
+            self.shortlist = Shortlist.load(shortlist)
+            self.shortlist.check(ckpt.tokenizer, path=shortlist)
         model = ckpt.model.to(self.device)  # the searches switch to eval mode (and back) themselves
         if quantize is not None:
             if quantize != "int8":
@@ -412,7 +432,8 @@ class Translator:
         self.workers, self._pool = workers, None
         self._worker_args = dict(checkpoint=str(checkpoint), device="cpu", beam=beam, alpha=alpha, max_len_a=max_len_a,
                                  max_len_b=max_len_b, quantize=quantize, max_src_len=max_src_len,
-                                 threads=threads or 1, prepack=prepack)
+                                 threads=threads or 1, prepack=prepack,
+                                 shortlist=None if shortlist is None else str(shortlist))
         self.beam, self.alpha, self.max_len_a, self.max_len_b = beam, alpha, max_len_a, max_len_b
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.max_src_len = max_src_len or self.config.max_positions - 1
@@ -490,8 +511,10 @@ class Translator:
         src = src.to(self.device)
         if self.beam == 1:
             return [[Hypothesis(tokens, log_prob / length_penalty(len(tokens) + 1, self.alpha), log_prob)]
-                    for tokens, log_prob in greedy_search_scored(self.model, src, self.max_len_a, self.max_len_b)]
-        return beam_search(self.model, src, self.beam, self.alpha, self.max_len_a, self.max_len_b, nbest)
+                    for tokens, log_prob in greedy_search_scored(self.model, src, self.max_len_a, self.max_len_b,
+                                                                 shortlist=self.shortlist)]
+        return beam_search(self.model, src, self.beam, self.alpha, self.max_len_a, self.max_len_b, nbest,
+                           shortlist=self.shortlist)
 
 
 _WORKER: Translator | None = None  # in a worker process: its own Translator
@@ -512,7 +535,7 @@ def translator_from_args(args) -> Translator:
     return Translator(args.checkpoint, device=args.device, beam=args.beam, alpha=args.alpha,
                       max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
                       batch_tokens=args.batch_tokens, quantize=args.quantize, threads=args.threads,
-                      prepack=args.prepack, workers=args.workers)
+                      prepack=args.prepack, workers=args.workers, shortlist=args.shortlist)
 
 
 # ---------------------------------------------------------------------------------------------

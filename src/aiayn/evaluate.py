@@ -115,7 +115,7 @@ def evaluate_main(args) -> int:
         hyps = translator.translate(src, progress=len(src) >= 100)
         info.update(checkpoint=args.checkpoint, src=args.src, beam=args.beam, alpha=args.alpha,
                     max_len_a=args.max_len_a, max_len_b=args.max_len_b, quantize=args.quantize,
-                    device=str(translator.device), translate_seconds=round(time.perf_counter() - start, 3))
+                    shortlist=args.shortlist, device=str(translator.device), translate_seconds=round(time.perf_counter() - start, 3))
     result = {**score(hyps, refs), "ref": args.ref, **info}
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -1,0 +1,244 @@
+"""Vocabulary shortlist: the target subwords a batch may produce, for faster decoding.
+
+The output layer is the largest matrix product of a decoder step (V × d_model: 37,000 × 512 for
+the paper's vocabulary) and the normaliser and top-k read all V logits of every hypothesis. Most
+of them cannot be right for a given source. A shortlist, as in Marian's lexical shortlist and
+CTranslate2's vocabulary mapping, restricts a batch's outputs to the subwords its source
+makes plausible:
+
+    candidates(batch) = frequent ∪ {EOS} ∪ ⋃_{s ∈ batch's source} (translations(s) ∪ {s})
+
+- ``frequent``: the most frequent target subwords of the training data (function words,
+  punctuation: what any sentence may need);
+- ``translations(s)``: the target subwords t with the highest Dice coefficient
+  2·c(s, t) / (c(s) + c(t)) with the source subword s, where c counts training pairs (a pair
+  counts once, however often a subword occurs in it) and c(s, t) ≥ 2;
+- s itself: the vocabulary is joint, so names and numbers copied from the source stay possible.
+
+Built once from a prepared dataset (``aiayn shortlist``) and used with ``--shortlist FILE``.
+The search then computes logits for the candidates only and **normalises over them**: log P is
+a softmax over the shortlist (Marian does the same), so scores and, rarely, outputs differ from
+the full-vocabulary search. The BLEU cost is measured, not assumed (README, "Vocabulary
+shortlist"). A shortlist that contains every subword gives exactly the full search's outputs
+(the tests check it).
+
+The file is JSON: the settings, the vocabulary size, a SHA-256 of the subword model it was built
+with (a checkpoint with another vocabulary is refused) and the lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .errors import UserError
+
+FORMAT = "aiayn-shortlist"
+VERSION = 1
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """SHA-256 of the serialised sentencepiece model: identifies the vocabulary."""
+    return hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()
+
+
+def _cooccurrence(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], vocab: int, chunk: int = 20000):
+    """Sentence-level counts: (pair codes s·V + t, their counts), c(s), c(t).
+
+    Each pair contributes the product of its distinct source and target subwords once. Chunks
+    of pairs are reduced with np.unique and merged, so memory follows the number of distinct
+    (s, t) pairs, not the corpus size.
+    """
+    src_count = np.zeros(vocab, dtype=np.int64)
+    tgt_count = np.zeros(vocab, dtype=np.int64)
+    codes = np.zeros(0, dtype=np.int64)
+    counts = np.zeros(0, dtype=np.int64)
+    for start in range(0, len(src), chunk):
+        parts = []
+        for s, t in zip(src[start : start + chunk], tgt[start : start + chunk]):
+            s, t = np.unique(s).astype(np.int64), np.unique(t).astype(np.int64)
+            src_count[s] += 1
+            tgt_count[t] += 1
+            parts.append((s[:, None] * vocab + t[None, :]).ravel())
+        if not parts:
+            continue
+        new, new_counts = np.unique(np.concatenate(parts), return_counts=True)
+        merged, inverse = np.unique(np.concatenate([codes, new]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([counts, new_counts]), minlength=len(merged))
+        codes, counts = merged, counts.astype(np.int64)
+    return codes, counts, src_count, tgt_count
+
+
+def build(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], vocab: int, frequent: int = 100,
+          per_source: int = 100, min_count: int = 2) -> tuple[list[int], list[list[int]]]:
+    """(frequent target ids, translations of each source id) from encoded training pairs
+    (int arrays of subword ids without specials). Ids are sorted; specials never appear."""
+    if frequent < 0 or per_source < 0:
+        raise UserError(f"--frequent and --per-source must be >= 0 (got {frequent}, {per_source})")
+    codes, counts, src_count, tgt_count = _cooccurrence(src, tgt, vocab)
+    specials = np.array([PAD_ID, BOS_ID, EOS_ID])
+    by_frequency = np.argsort(-tgt_count, kind="stable")
+    top = [int(i) for i in by_frequency[: frequent + len(specials)] if tgt_count[i] > 0 and i not in specials]
+    keep = counts >= min_count
+    codes, counts = codes[keep], counts[keep]
+    s, t = codes // vocab, codes % vocab
+    dice = 2.0 * counts / (src_count[s] + tgt_count[t])
+    # Best first within each source id: sort by source, then by descending Dice (then by id).
+    order = np.lexsort((t, -dice, s))
+    s, t = s[order], t[order]
+    starts = np.searchsorted(s, np.arange(vocab + 1))
+    translations = []
+    for i in range(vocab):
+        row = t[starts[i] : starts[i + 1]]
+        translations.append(sorted(int(x) for x in row[np.isin(row, specials, invert=True)][:per_source]))
+    return sorted(top[:frequent]), translations
+
+
+@dataclass
+class Shortlist:
+    vocab_size: int
+    frequent: list[int]
+    translations: list[list[int]]  # indexed by source id
+    tokenizer_sha256: str
+    settings: dict
+
+    # -- building and files ---------------------------------------------------------------------
+    @classmethod
+    def from_dataset(cls, data, frequent: int = 100, per_source: int = 100, max_pairs: int | None = None) -> "Shortlist":
+        """Built from a prepared dataset's training split (`aiayn.data.load_dataset`)."""
+        split = data.split("train")
+        n = len(split) if max_pairs is None else min(max_pairs, len(split))
+        vocab = data.tokenizer.vocab_size
+        top, translations = build(split.src[:n], split.tgt[:n], vocab, frequent, per_source)
+        return cls(vocab, top, translations, tokenizer_digest(data.tokenizer),
+                   dict(frequent=frequent, per_source=per_source, pairs=n, dataset=str(data.path)))
+
+    def save(self, path: str | Path) -> None:
+        payload = dict(format=FORMAT, version=VERSION, vocab_size=self.vocab_size,
+                       tokenizer_sha256=self.tokenizer_sha256, settings=self.settings,
+                       frequent=self.frequent, translations=self.translations)
+        Path(path).write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Shortlist":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError("shortlist file not found (build one with aiayn shortlist)", path=path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"not a shortlist file ({e})", path=path) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError("not an aiayn shortlist (build one with aiayn shortlist)", path=path)
+        if data.get("version") != VERSION:
+            raise UserError(f"shortlist format version {data.get('version')}, this aiayn reads {VERSION}", path=path)
+        vocab = data.get("vocab_size")
+        lists = [data.get("frequent")] + list(data.get("translations") or [])
+        valid = isinstance(vocab, int) and len(lists) == vocab + 1 and all(
+            isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < vocab for i in ids) for ids in lists)
+        if not valid:
+            raise UserError("malformed shortlist: the lists must hold ids below vocab_size, one list per source id",
+                            path=path)
+        return cls(vocab, lists[0], lists[1:], str(data.get("tokenizer_sha256")), dict(data.get("settings") or {}))
+
+    def check(self, tokenizer, path: str | Path | None = None) -> None:
+        """Refuse a shortlist built with another subword vocabulary than the checkpoint's."""
+        if tokenizer.vocab_size != self.vocab_size or tokenizer_digest(tokenizer) != self.tokenizer_sha256:
+            raise UserError("this shortlist was built with another subword vocabulary than the checkpoint's "
+                            "(rebuild it from the checkpoint's dataset)", path=path)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def candidates(self, src: Tensor) -> Tensor:
+        """Sorted target ids a batch of source ids (B, S) may produce: frequent ∪ {EOS} ∪ each
+        source subword and its translations. pad and bos are never candidates."""
+        ids = set(self.frequent)
+        ids.add(EOS_ID)
+        for s in torch.unique(src).tolist():
+            if s in (PAD_ID, BOS_ID, EOS_ID) or not 0 <= s < self.vocab_size:
+                continue
+            ids.add(s)
+            ids.update(self.translations[s])
+        return torch.tensor(sorted(ids), dtype=torch.long, device=src.device)
+
+    def output_layer(self, model, src: Tensor) -> "RestrictedOutput":
+        return RestrictedOutput.of(model, self.candidates(src))
+
+
+@dataclass
+class RestrictedOutput:
+    """The output projection restricted to ``ids`` (sorted, with EOS): logits of those subwords.
+
+    The rows are taken from the model's fp32 output weight (the tied embedding, or the
+    dequantised int8 weight), so a shortlisted int8 model computes its small output layer in fp32.
+    """
+
+    ids: Tensor  # (C,) target ids, sorted
+    weight: Tensor  # (C, d_model) fp32
+    eos: int  # column of EOS
+
+    @classmethod
+    def of(cls, model, ids: Tensor) -> "RestrictedOutput":
+        weight = model.generator.weight
+        weight = weight() if callable(weight) else weight  # a quantised Linear returns its int8 weight
+        if weight.is_quantized:
+            weight = weight.dequantize()
+        eos = int(torch.searchsorted(ids, torch.tensor(EOS_ID, device=ids.device)))
+        if eos >= ids.numel() or int(ids[eos]) != EOS_ID:
+            raise ValueError("a restricted output layer must include EOS")
+        return cls(ids, weight.detach().index_select(0, ids).float(), eos)
+
+    def logits(self, states: Tensor) -> Tensor:
+        return torch.nn.functional.linear(states.float(), self.weight)
+
+    @property
+    def size(self) -> int:
+        return self.ids.numel()
+
+
+def coverage(shortlist: Shortlist, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> float:
+    """The share of reference target subwords that each pair's candidates contain (a quick check
+    of a shortlist on held-out data; 1.0 means no reference subword is cut)."""
+    covered = total = 0
+    for s, t in zip(src, tgt):
+        ids = set(shortlist.candidates(torch.tensor(list(s) or [EOS_ID])).tolist())
+        covered += sum(int(i) in ids for i in t)
+        total += len(t)
+    return covered / total if total else math.nan
+
+
+def shortlist_main(args) -> int:
+    """``aiayn shortlist --data DIR --out FILE``: build from the training split, report coverage."""
+    import sys
+
+    from .data import load_dataset
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError("is a directory, not a file", path=out)
+    if out.exists() and not args.force:
+        raise UserError("already exists; pass --force to overwrite it", path=out)
+    if not out.parent.is_dir():
+        raise UserError("no such directory", path=out.parent)
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise UserError(f"--max-pairs must be at least 1 (got {args.max_pairs})")
+    data = load_dataset(args.data)
+    shortlist = Shortlist.from_dataset(data, args.frequent, args.per_source, args.max_pairs)
+    shortlist.save(out)
+    valid = data.split("valid")
+    sizes = [shortlist.candidates(torch.tensor(list(s) or [EOS_ID])).numel() for s in valid.src[:1000]]
+    print(f"wrote {out}: {shortlist.settings['pairs']} training pairs, {len(shortlist.frequent)} frequent subwords, "
+          f"up to {args.per_source} per source subword", file=sys.stderr)
+    if sizes:
+        print(f"valid (first {len(sizes)} sentences): {np.mean(sizes):.0f} candidates per sentence of "
+              f"{shortlist.vocab_size}; reference subwords covered: "
+              f"{coverage(shortlist, valid.src[:1000], valid.tgt[:1000]):.2%}", file=sys.stderr)
+    return 0
