@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload-ref", help="workload section: reference file (default: the demo data's test.tgt)")
     parser.add_argument("--workload-sentences", type=int, help="workload section: sentences translated per pass")
     parser.add_argument("--workload-minutes", type=float, help="workload section: training minutes of the quick model")
+    parser.add_argument("--workload-shortlist", help="workload section: a vocabulary shortlist for the model (aiayn "
+                                                     "shortlist; default: built here for the quick model, none otherwise)")
     parser.add_argument("--data", help="demo section: the demo's prepared dataset (default: prepare it into "
                         "~/.cache/aiayn/bench/lo-en-de, fetching the LibreOffice help packages once)")
     args = parser.parse_args(argv)
@@ -153,7 +155,8 @@ def _workload(args, sizes: dict, work: Path, threads: int, log):
         checkpoint=Path(args.workload_checkpoint) if args.workload_checkpoint else None,
         src=Path(args.workload_src) if args.workload_src else None,
         ref=Path(args.workload_ref) if args.workload_ref else None,
-        sentences=args.workload_sentences or sentences, rounds=rounds, train_minutes=args.workload_minutes or minutes)
+        sentences=args.workload_sentences or sentences, rounds=rounds, train_minutes=args.workload_minutes or minutes,
+        shortlist=Path(args.workload_shortlist) if args.workload_shortlist else None)
 
 
 def _demo_data(path: str | None, log) -> Path | None:

@@ -21,10 +21,18 @@ CTranslate2 is measured twice: on the same threads for each batch (``intra_threa
 one thread per batch and as many batches at once as there are threads (``inter_threads``, its
 throughput setting), which is much faster for it on a small model; aiayn likewise with
 ``workers`` (as ``aiayn translate --workers N``): worker processes on one thread each.
+
+With a vocabulary shortlist (`aiayn.shortlist`: built here from the training data of the model
+trained here, or ``--workload-shortlist FILE``), the parallel-batches systems run once more with
+it: aiayn with ``shortlist=``, CTranslate2 with the same candidates written as its vocabulary
+mapping (``vmap.txt``: the frequent subwords under the empty key, each source subword's
+translations and itself under that subword; ``use_vmap=True``). Both then restrict each batch's
+outputs to the union of its sentences' candidates.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +43,8 @@ from ct2_process import CT2Process
 
 SYSTEMS = ["aiayn fp32", "aiayn int8", "CT2 float32", "CT2 int8", "aiayn fp32, parallel batches",
            "aiayn int8, parallel batches", "CT2 float32, parallel batches", "CT2 int8, parallel batches"]
+SHORTLIST = ", shortlist"  # suffix of the systems that run with the vocabulary shortlist
+SHORTLIST_SYSTEMS = [f"{s}{SHORTLIST}" for s in SYSTEMS if s.endswith("parallel batches")]
 
 
 @dataclass
@@ -42,6 +52,8 @@ class WorkloadResult:
     model: str  # what was translated with: the checkpoint and how it came about
     sentences: int
     source_subwords: int
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    shortlist: str = ""  # where the shortlist came from, if the shortlist systems ran
     sentences_per_s: dict[str, Series] = field(default_factory=dict)
     cpu_seconds: dict[str, Series] = field(default_factory=dict)
     bleu: dict[str, float] = field(default_factory=dict)
@@ -74,14 +86,14 @@ class _CT2:
         self.tokenizer, self.max_src_len = tokenizer, max_src_len
         self.cpu = 0.0  # the child's CPU seconds of the last call
 
-    def translate(self, lines: list[str]) -> list[str]:
+    def translate(self, lines: list[str], **options) -> list[str]:
         from aiayn.data.text import clean
 
         ids = self.tokenizer.encode_batch([clean(line) for line in lines])
         rows = [i for i, s in enumerate(ids) if s]
         batch = [[self.pieces[t] for t in ids[i][: self.max_src_len]] + [self.pieces[peers.EOS]] for i in rows]
         hypotheses, _, self.cpu = self.process.translate(self.compute_type, batch, beam_size=4, length_penalty=0.6,
-                                                         max_batch_size=64, max_decoding_length=256)
+                                                         max_batch_size=64, max_decoding_length=256, **options)
         out = [""] * len(lines)
         for i, tokens in zip(rows, hypotheses):
             out[i] = self.tokenizer.decode_line([self.index[p] for p in tokens])
@@ -100,17 +112,37 @@ def _convert(checkpoint: Path, workdir: Path) -> tuple[Path, Path]:
     return hf_dir, ct2_dir
 
 
+def write_vmap(shortlist, pieces: dict[int, str], path: Path) -> None:
+    """The shortlist as CTranslate2's vocabulary mapping: ``SOURCE<TAB>CANDIDATES`` per line, the
+    always-allowed subwords under the empty source (CTranslate2 adds unk, bos and eos itself)."""
+    lines = ["\t" + " ".join(pieces[i] for i in shortlist.frequent)]
+    for s, translations in enumerate(shortlist.translations):
+        if s in pieces and s > peers.EOS:  # not pad/unk/bos/eos
+            lines.append(pieces[s] + "\t" + " ".join(pieces[t] for t in sorted({*translations, s}) if t in pieces))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, checkpoint: Path | None = None,
                  src: Path | None = None, ref: Path | None = None, sentences: int = 500, rounds: int = 3,
-                 train_minutes: float = 3.0) -> WorkloadResult:
+                 train_minutes: float = 3.0, shortlist: Path | None = None) -> WorkloadResult:
     from aiayn.decode import Translator
     from aiayn.evaluate import score
 
     if checkpoint is None:
         checkpoint = train_quick_model(data_dir, workdir / "model", train_minutes, log)
         how = f"libreoffice-small trained here for {train_minutes:g} min on the demo's data"
+        if shortlist is None:  # from the same training data, with the defaults of `aiayn shortlist`
+            from aiayn.data import load_dataset
+            from aiayn.shortlist import Shortlist
+
+            shortlist = workdir / "shortlist.json"
+            Shortlist.from_dataset(load_dataset(data_dir)).save(shortlist)
+            where = "built here from the model's training data with `aiayn shortlist`'s defaults"
+        else:
+            where = f"`{shortlist}`"
     else:
         how = "given with --workload-checkpoint"
+        where = f"`{shortlist}`" if shortlist else ""
     src = src or data_dir / "test.src"
     ref = ref or data_dir / "test.tgt"
     lines = src.read_text(encoding="utf-8").splitlines()[:sentences]
@@ -119,6 +151,10 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     fp32 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64)
     int8 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize="int8")
     hf_dir, ct2_dir = _convert(checkpoint, workdir / "ct2")
+    if shortlist is not None:
+        from aiayn.shortlist import Shortlist
+
+        write_vmap(Shortlist.load(shortlist), peers.ct2_pieces(hf_dir), ct2_dir / "vmap.txt")
     processes = [CT2Process(ct2_dir, threads), CT2Process(ct2_dir, 1, inter_threads=threads)]
     ct2 = {}
     for process, suffix in zip(processes, ("", ", parallel batches")):
@@ -127,29 +163,38 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     parallel = {f"aiayn {name}, parallel batches": Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64,
                                                              quantize=q, threads=1, workers=threads)
                 for name, q in (("fp32", None), ("int8", "int8"))}
+    if shortlist is not None:
+        parallel.update({f"aiayn {name}, parallel batches{SHORTLIST}": Translator(
+            checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize=q, threads=1, workers=threads,
+            shortlist=shortlist) for name, q in (("fp32", None), ("int8", "int8"))})
     run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate,
-           **{s: c.translate for s, c in ct2.items()}, **{s: t.translate for s, t in parallel.items()}}
+           **{s: c.translate for s, c in ct2.items()}, **{s: t.translate for s, t in parallel.items()},
+           **{f"{s}{SHORTLIST}": functools.partial(c.translate, use_vmap=True)
+              for s, c in ct2.items() if s.endswith("parallel batches")}}
 
     subwords = sum(len(s) for s in fp32.tokenizer.encode_batch(lines))
-    result = WorkloadResult(f"`{Path(checkpoint).name}` ({how})", len(lines), subwords)
+    result = WorkloadResult(f"`{Path(checkpoint).name}` ({how})", len(lines), subwords,
+                            systems=SYSTEMS + (SHORTLIST_SYSTEMS if shortlist is not None else []), shortlist=where)
+    systems = result.systems
     outputs: dict[str, list[str]] = {}
-    for system in SYSTEMS:
+    for system in systems:
         result.sentences_per_s[system], result.cpu_seconds[system] = Series(), Series()
         outputs[system] = run[system](lines[:128])  # warm-up: thread pools, worker processes, kernels
     for r in range(rounds):
-        for system in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]:
+        for system in systems[r % len(systems):] + systems[: r % len(systems)]:
             wall, cpu = time.perf_counter(), time.process_time()
             outputs[system] = run[system](lines)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             result.sentences_per_s[system].add(len(lines) / wall)
             if system in parallel:
                 cpu = float("nan")  # the worker processes' CPU time is not visible from here
-            result.cpu_seconds[system].add(cpu + (ct2[system].cpu if system in ct2 else 0.0))
+            child = ct2.get(system.removesuffix(SHORTLIST))  # a CTranslate2 system: its child's CPU time too
+            result.cpu_seconds[system].add(cpu + (child.cpu if child is not None else 0.0))
         log(f"workload round {r + 1}/{rounds}: " + ", ".join(
-            f"{s} {result.sentences_per_s[s].values[-1]:.1f}" for s in SYSTEMS) + " sentences/s")
+            f"{s} {result.sentences_per_s[s].values[-1]:.1f}" for s in systems) + " sentences/s")
     for process in [*processes, *parallel.values()]:
         process.close()
-    for system in SYSTEMS:
+    for system in systems:
         result.bleu[system] = score(outputs[system], refs)["bleu"]
         result.same_as_fp32[system] = sum(a == b for a, b in zip(outputs[system], outputs["aiayn fp32"])) / len(lines)
     return result
@@ -167,7 +212,7 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
     from common import paired_ratio
     from report import _fmt
 
-    for s in SYSTEMS:
+    for s in w.systems:
         lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {_fmt(w.cpu_seconds[s].median, 4)} "
                      f"| {w.bleu[s]:.2f} | {100 * w.same_as_fp32[s]:.0f}% |")
     fp32, ct2 = w.sentences_per_s["aiayn fp32"], w.sentences_per_s["CT2 float32"]
@@ -179,6 +224,15 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
               f"`inter_threads={threads}, intra_threads=1`): aiayn fp32 ÷ CT2 float32 "
               f"**{paired_ratio(*(w.sentences_per_s[f'{s}, parallel batches'] for s in ('aiayn fp32', 'CT2 float32'))):.3g}×**; "
               f"aiayn int8 ÷ CT2 int8 "
-              f"**{paired_ratio(*(w.sentences_per_s[f'{s}, parallel batches'] for s in ('aiayn int8', 'CT2 int8'))):.3g}×**",
-              ""]
-    return lines
+              f"**{paired_ratio(*(w.sentences_per_s[f'{s}, parallel batches'] for s in ('aiayn int8', 'CT2 int8'))):.3g}×**"]
+    if SHORTLIST_SYSTEMS[0] in w.systems:
+        def ratio(a: str, b: str) -> float:
+            return paired_ratio(w.sentences_per_s[f"{a}, parallel batches{SHORTLIST}"],
+                                w.sentences_per_s[f"{b}, parallel batches{SHORTLIST}"])
+
+        gain = paired_ratio(w.sentences_per_s[f"aiayn fp32, parallel batches{SHORTLIST}"],
+                            w.sentences_per_s["aiayn fp32, parallel batches"])
+        lines += [f"- the same with the vocabulary shortlist ({w.shortlist}; aiayn `--shortlist`, CTranslate2 "
+                  f"its vocabulary mapping with the same candidates): aiayn fp32 ÷ CT2 float32 **{ratio('aiayn fp32', 'CT2 float32'):.3g}×**; "
+                  f"aiayn int8 ÷ CT2 int8 **{ratio('aiayn int8', 'CT2 int8'):.3g}×**; the shortlist makes aiayn fp32 {gain:.3g}× as fast"]
+    return lines + [""]

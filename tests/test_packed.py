@@ -38,17 +38,22 @@ def test_packing_replaces_every_linear_and_leaves_the_original_alone():
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape", [(1, 32), (4, 32), (3, 5, 32)])
+@pytest.mark.parametrize("shape,d_in,d_out,packed_call", [((1, 32), 32, 48, False), ((4, 32), 32, 48, False),
+                                                          ((3, 5, 32), 32, 48, False), ((80, 256), 256, 512, True),
+                                                          ((2, 40, 256), 256, 512, True)])
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_packed_linear_equals_linear(shape, activation):
+def test_packed_linear_equals_linear(shape, d_in, d_out, packed_call, activation):
+    """Both of its paths: MKL on the plain weight for small products, the packed oneDNN call otherwise."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(32, 48)
+    linear = torch.nn.Linear(d_in, d_out)
     x = torch.randn(*shape)
     expected = linear(x)
     if activation == "relu":
         expected = expected.relu()
+    packed = PackedLinear(linear, activation)
+    assert packed.plain_is_faster(x.numel() // d_in) is not packed_call
     with torch.inference_mode():
-        torch.testing.assert_close(PackedLinear(linear, activation)(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_onednn

@@ -6,7 +6,9 @@ step) that repacking is a large share of the call. oneDNN can reorder a weight i
 layout once (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly
 (``torch.ops.mkldnn._linear_pointwise``), optionally with the ReLU fused into the same kernel.
 Measured on an Intel Xeon (Sapphire Rapids class), one thread: 1.1-1.9x faster per linear,
-e.g. the 37000x512 output projection at 4 rows 3.06 ms instead of 5.52 ms.
+e.g. the 37000x512 output projection at 4 rows 3.06 ms instead of 5.52 ms. Small products
+are the exception (`PackedLinear.forward`): there the packed call's fixed cost dominates and
+MKL on the plain weight is faster.
 
 The packed model computes the same function: only the summation order inside each dot product
 differs, so logits agree to ~1e-5 and searches agree except at exact near-ties.
@@ -45,6 +47,10 @@ def onednn_available() -> bool:
         return False
 
 
+SMALL_PRODUCT = 1_500_000  # multiply-adds (rows × in × out) up to which MKL's plain product is faster
+SMALL_WEIGHT = 65_536  # weight entries up to which MKL is faster at up to 64 rows
+
+
 class PackedLinear(nn.Module):
     """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W held in oneDNN's blocked layout."""
 
@@ -59,15 +65,22 @@ class PackedLinear(nn.Module):
             self.weight = linear.weight.detach()
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.float().contiguous())
             self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.small = self.weight.numel() <= SMALL_WEIGHT
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == self.in_features:
-            # A single row (greedy search of one sentence) is a matrix-vector product, bound by
-            # reading the weight from memory: MKL's gemv on the plain weight is 5-15% faster
-            # there than the blocked kernel (measured, one thread), so that row takes it.
+        if self.plain_is_faster(x.numel() // self.in_features):
+            # Small products take MKL on the plain weight. oneDNN's packed call costs ~20-30 µs
+            # whatever the size, MKL's grows with it: a single row (a matrix-vector product,
+            # bound by reading the weight) is as fast or 5-15% faster with MKL, and so are
+            # products of up to ~1.5M multiply-adds and a small model's weights (≤ 65,536
+            # entries, e.g. 128×512) at up to 64 rows: 3-4× faster for 4 beams of one sentence
+            # (measured on a Xeon with AVX-512, one and two threads, 128 ≤ d ≤ 2048).
             y = F.linear(x, self.weight, self.bias)
             return F.relu(y) if self.activation == "relu" else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
+
+    def plain_is_faster(self, rows: int) -> bool:
+        return rows == 1 or rows * self.weight.numel() <= SMALL_PRODUCT or (self.small and rows <= 64)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
