@@ -257,6 +257,19 @@ def test_int8_server_translates(copy_checkpoint):
         assert client.get("/api/info").json()["quantize"] == "int8"
 
 
+def test_a_server_with_a_shortlist_translates(copy_checkpoint, copy_dataset, tmp_path, capsys):
+    from aiayn.data import load_dataset
+    from aiayn.shortlist import Shortlist
+
+    path = tmp_path / "copy.shortlist.json"
+    Shortlist.from_dataset(load_dataset(copy_dataset)).save(path)
+    with TestClient(create_app(Engine(copy_checkpoint, ServeSettings(shortlist=str(path))))) as client:
+        assert post(client, "/api/translate", {"text": "a b c d"}) == (200, {"translations": ["a b c d"]})
+        assert client.get("/api/info").json()["search"]["shortlist"] is True
+    assert main(["serve", "--checkpoint", str(copy_checkpoint), "--shortlist", str(tmp_path / "none.json")]) == 2
+    assert "shortlist file not found" in capsys.readouterr().err
+
+
 # -- the command line --------------------------------------------------------------------------------
 
 

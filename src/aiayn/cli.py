@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist) for every search")
     g = p.add_argument_group("limits and batching")
     g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default 64)")
     g.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default 1000)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Union
@@ -122,14 +121,16 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
 
 
 def create_app(engine: Engine) -> FastAPI:
-    """The ASGI application serving ``engine``. Its batcher and worker thread live as long as
-    the application's lifespan (uvicorn, or ``with TestClient(app)``)."""
+    """The ASGI application serving ``engine``. Its batcher lives as long as the application's
+    lifespan (uvicorn, or ``with TestClient(app)``); the searches run in the engine's model
+    thread, which lives as long as the engine."""
     settings = engine.settings
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiayn-model")
+        # The engine's own model thread: the one that loaded the model (see `Engine.__init__`).
+        executor = engine.executor
         batcher = DynamicBatcher(engine.translate, executor, max_wait=settings.batch_wait_ms / 1000,
                                  max_items=settings.max_batch_lines)
         batcher.start()
@@ -138,7 +139,6 @@ def create_app(engine: Engine) -> FastAPI:
             yield
         finally:
             await batcher.stop()
-            executor.shutdown(wait=True)
             state.clear()
 
     app = FastAPI(title="aiayn", version=__version__, lifespan=lifespan,

@@ -1,7 +1,7 @@
 """The model side of ``aiayn serve``: settings, translation batches and attention maps.
 
-Everything here runs in the server's one worker thread (see `aiayn.serve.batching`), never on
-the event loop. The web layer (`aiayn.serve.app`) validates requests before they get here;
+Everything here runs in the engine's one model thread (`Engine.executor`, which the batcher of
+`aiayn.serve.batching` and the attention requests use), never on the event loop. The web layer (`aiayn.serve.app`) validates requests before they get here;
 what is still the request's fault at this point (a source too long for the model) is a
 `UserError`, which the web layer answers with a 422.
 """
@@ -9,6 +9,7 @@ what is still the request's fault at this point (a source too long for the model
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class ServeSettings:
     max_batch_lines: int = 64  # lines translated in one search
     device: str | None = None  # None: cuda if available, else cpu
     quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU)
+    shortlist: str | None = None  # a vocabulary shortlist file (aiayn shortlist)
 
     def check(self) -> "ServeSettings":
         """Raise a UserError naming the flag of the first setting out of range."""
@@ -73,6 +75,21 @@ class Engine:
 
     def __init__(self, checkpoint: Checkpoint | str | Path, settings: ServeSettings | None = None):
         self.settings = (settings or ServeSettings()).check()
+        # The one thread that runs every model operation, loading included. torch's OpenMP
+        # runtime keeps a team of threads per thread that starts parallel work: a model loaded
+        # (packed, quantised) on one thread and searched on another leaves two teams, more
+        # threads than a 2-core machine has cores, and libgomp then stops spinning between
+        # parallel regions, so every small operation waits for a woken thread. Measured on the
+        # demo-size model, beam 4, one sentence at a time: 9-10 sentences/s loaded on the main
+        # thread and searched on a worker, 32 with both on the worker.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiayn-model")
+        try:
+            self.executor.submit(self._load, checkpoint).result()
+        except BaseException:
+            self.executor.shutdown(wait=False)
+            raise
+
+    def _load(self, checkpoint: Checkpoint | str | Path) -> None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
         # Only the directory's name (resolved, so that "." has one): /api/info must not reveal
         # the server's file tree.
@@ -93,12 +110,16 @@ class Engine:
         self.config = ckpt.model.config
         self.max_subwords = self.config.max_positions - 1  # room for the EOS / the BOS
 
+    def close(self) -> None:
+        """Stop the model thread (after the work already given to it)."""
+        self.executor.shutdown(wait=True)
+
     def translator(self, beam: int) -> Translator:
         if beam not in self._translators:
             s = self.settings
             self._translators[beam] = Translator(
                 self.checkpoint, device=s.device if not s.quantize else "cpu", beam=beam, alpha=s.alpha,
-                max_len_a=s.max_len_a, max_len_b=s.max_len_b, batch_size=s.max_batch_lines)
+                max_len_a=s.max_len_a, max_len_b=s.max_len_b, batch_size=s.max_batch_lines, shortlist=s.shortlist)
         return self._translators[beam]
 
     def translate(self, key: tuple[int, int], lines: list[str]) -> list[list[Translation]]:
@@ -138,7 +159,8 @@ class Engine:
             "vocab_size": self.checkpoint.tokenizer.vocab_size,
             "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers}, "heads": cfg.n_heads,
             "device": str(self.device), "quantize": s.quantize,
-            "search": {"beam": s.beam, "alpha": s.alpha, "max_len_a": s.max_len_a, "max_len_b": s.max_len_b},
+            "search": {"beam": s.beam, "alpha": s.alpha, "max_len_a": s.max_len_a, "max_len_b": s.max_len_b,
+                       "shortlist": s.shortlist is not None},  # whether, not where: no server paths
             "limits": {"max_lines": s.max_lines, "max_chars": s.max_chars, "max_beam": s.max_beam,
                        "max_subwords": self.max_subwords, "max_body_bytes": s.max_body_bytes},
             "batching": {"batch_wait_ms": s.batch_wait_ms, "max_batch_lines": s.max_batch_lines},

@@ -113,7 +113,7 @@ def serve_main(args) -> int:
     settings = ServeSettings(
         beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b, max_beam=args.max_beam,
         max_lines=args.max_lines, max_chars=args.max_chars, batch_wait_ms=args.batch_wait_ms,
-        max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize,
+        max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize, shortlist=args.shortlist,
     ).check()
     if not is_loopback(args.host):
         print(f"aiayn: warning: listening on {args.host}, beyond this machine: the API has no authentication, "
@@ -133,5 +133,6 @@ def serve_main(args) -> int:
         pass
     finally:
         sock.close()
+        engine.close()
     print("aiayn: server stopped", file=sys.stderr)
     return 0
