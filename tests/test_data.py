@@ -325,7 +325,7 @@ def test_load_dataset_rejects_missing_or_corrupt(tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         load_dataset(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(UserError, match="corrupt manifest"):
+    with pytest.raises(UserError, match="corrupt dataset manifest"):
         load_dataset(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "aiayn-dataset", "version": 1}))
     with pytest.raises(UserError, match="spm.model is missing"):

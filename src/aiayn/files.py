@@ -37,6 +37,22 @@ ARTEFACTS = {
 }
 
 
+def read_versioned_json(file: Path, fmt: str, version: int, *, what: str, remedy: str) -> dict:
+    """A JSON object that aiayn wrote with "format": ``fmt`` and "version": ``version`` (a dataset
+    manifest, a shortlist). A file that is not valid JSON, is of another format or has another
+    version is a UserError naming it; ``remedy`` says how to make a new one."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt {what} ({e})", path=file) from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"not an aiayn {what}", path=file)
+    if data.get("version") != version:
+        raise UserError(f"{what} format version {data.get('version')}, this aiayn reads {version}; {remedy}",
+                        path=file)
+    return data
+
+
 def artefact_kind(path: str | Path) -> str | None:
     """Which kind of aiayn directory ``path`` is (a key of `ARTEFACTS`), or None."""
     path = Path(path)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .errors import UserError
+from .files import read_versioned_json
 
 FORMAT = "aiayn-shortlist"
 VERSION = 1
@@ -133,14 +134,7 @@ class Shortlist:
         path = Path(path)
         if not path.is_file():
             raise UserError("shortlist file not found (build one with aiayn shortlist)", path=path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"not a shortlist file ({e})", path=path) from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UserError("not an aiayn shortlist (build one with aiayn shortlist)", path=path)
-        if data.get("version") != VERSION:
-            raise UserError(f"shortlist format version {data.get('version')}, this aiayn reads {VERSION}", path=path)
+        data = read_versioned_json(path, FORMAT, VERSION, what="shortlist", remedy="build one with aiayn shortlist")
         vocab = data.get("vocab_size")
         lists = [data.get("frequent")] + list(data.get("translations") or [])
         valid = isinstance(vocab, int) and len(lists) == vocab + 1 and all(

@@ -14,7 +14,6 @@ for split in train, valid, test. Arrays are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..files import read_versioned_json
 from .batching import Batch, TokenBatchSampler, collate
 from .tokenizer import Tokenizer
 
@@ -135,16 +135,8 @@ def read_manifest(path: Path) -> dict:
     if not file.is_file():
         raise UserError(f"not a prepared dataset: no {MANIFEST} (create it with aiayn prepare)",
                         path=path)
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt manifest ({e})", path=file) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError("not an aiayn dataset manifest", path=file)
-    if manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"dataset format version {manifest.get('version')}, this aiayn reads "
-                        f"{FORMAT_VERSION}; re-run aiayn prepare --force", path=file)
-    return manifest
+    return read_versioned_json(file, FORMAT, FORMAT_VERSION, what="dataset manifest",
+                               remedy="re-run aiayn prepare --force")
 
 
 def load_dataset(path: str | Path) -> PreparedData:
