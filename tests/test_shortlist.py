@@ -12,7 +12,7 @@ import torch
 from aiayn.cli import main
 from aiayn.decode import BOS_ID, EOS_ID, Translator, beam_search, greedy_search_scored
 from aiayn.errors import UserError
-from aiayn.shortlist import Shortlist, build
+from aiayn.shortlist import Shortlist, _cooccurrence, build
 from test_decode import LENGTHS, VOCAB, batch_of, toy_model
 
 
@@ -26,6 +26,11 @@ def test_build_finds_the_cooccurring_subword_and_the_frequent_ones():
     assert translations[13] == []  # c(s, t) = 1 < min_count
     _, wide = build(src, tgt, vocab=30, frequent=3, per_source=10)
     assert set(wide[10]) == {5, 20} and not any(set(row) & {0, BOS_ID, EOS_ID} for row in wide)
+    # counting chunk by chunk (the merge of sorted counts) gives the counts of one pass
+    one_pass, by_twos = _cooccurrence(src, tgt, 30, chunk=100), _cooccurrence(src, tgt, 30, chunk=2)
+    for a, b in zip(one_pass, by_twos):
+        np.testing.assert_array_equal(a, b)
+    assert dict(zip(one_pass[0].tolist(), one_pass[1].tolist()))[10 * 30 + 20] == 3
 
 
 def _shortlist(frequent: list[int], translations: dict[int, list[int]] | None = None) -> Shortlist:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,40 +53,49 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()
 
 
-def _cooccurrence(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], vocab: int, chunk: int = 20000):
-    """Sentence-level counts: (pair codes s·V + t, their counts), c(s), c(t).
+def _cooccurrence(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], vocab: int, chunk: int = 50000,
+                  progress: bool = False):
+    """Sentence-level counts: (pair codes s·V + t, sorted, and their counts), c(s), c(t).
 
-    Each pair contributes the product of its distinct source and target subwords once. Chunks
-    of pairs are reduced with np.unique and merged, so memory follows the number of distinct
+    Each pair contributes the product of its distinct source and target subwords once. Each
+    chunk of pairs is reduced with np.unique and merged into the running counts by a sorted
+    merge (linear in the distinct pairs so far), so memory follows the number of distinct
     (s, t) pairs, not the corpus size.
     """
+    from tqdm import tqdm
+
     src_count = np.zeros(vocab, dtype=np.int64)
     tgt_count = np.zeros(vocab, dtype=np.int64)
     codes = np.zeros(0, dtype=np.int64)
     counts = np.zeros(0, dtype=np.int64)
-    for start in range(0, len(src), chunk):
-        parts = []
-        for s, t in zip(src[start : start + chunk], tgt[start : start + chunk]):
-            s, t = np.unique(s).astype(np.int64), np.unique(t).astype(np.int64)
-            src_count[s] += 1
-            tgt_count[t] += 1
-            parts.append((s[:, None] * vocab + t[None, :]).ravel())
-        if not parts:
-            continue
-        new, new_counts = np.unique(np.concatenate(parts), return_counts=True)
-        merged, inverse = np.unique(np.concatenate([codes, new]), return_inverse=True)
-        counts = np.bincount(inverse, weights=np.concatenate([counts, new_counts]), minlength=len(merged))
-        codes, counts = merged, counts.astype(np.int64)
+    with tqdm(total=len(src), disable=not progress, unit="pair", desc="shortlist", file=sys.stderr) as bar:
+        for start in range(0, len(src), chunk):
+            parts = []
+            for s, t in zip(src[start : start + chunk], tgt[start : start + chunk]):
+                s, t = np.unique(s).astype(np.int64), np.unique(t).astype(np.int64)
+                src_count[s] += 1
+                tgt_count[t] += 1
+                parts.append((s[:, None] * vocab + t[None, :]).ravel())
+            bar.update(len(parts))
+            if not parts:
+                continue
+            new, new_counts = np.unique(np.concatenate(parts), return_counts=True)
+            pos = np.searchsorted(codes, new)
+            seen = pos < len(codes)
+            seen[seen] = codes[pos[seen]] == new[seen]
+            counts[pos[seen]] += new_counts[seen]
+            codes = np.insert(codes, pos[~seen], new[~seen])
+            counts = np.insert(counts, pos[~seen], new_counts[~seen])
     return codes, counts, src_count, tgt_count
 
 
 def build(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], vocab: int, frequent: int = 100,
-          per_source: int = 100, min_count: int = 2) -> tuple[list[int], list[list[int]]]:
+          per_source: int = 100, min_count: int = 2, progress: bool = False) -> tuple[list[int], list[list[int]]]:
     """(frequent target ids, translations of each source id) from encoded training pairs
     (int arrays of subword ids without specials). Ids are sorted; specials never appear."""
     if frequent < 0 or per_source < 0:
         raise UserError(f"--frequent and --per-source must be >= 0 (got {frequent}, {per_source})")
-    codes, counts, src_count, tgt_count = _cooccurrence(src, tgt, vocab)
+    codes, counts, src_count, tgt_count = _cooccurrence(src, tgt, vocab, progress=progress)
     specials = np.array([PAD_ID, BOS_ID, EOS_ID])
     by_frequency = np.argsort(-tgt_count, kind="stable")
     top = [int(i) for i in by_frequency[: frequent + len(specials)] if tgt_count[i] > 0 and i not in specials]
@@ -119,7 +129,7 @@ class Shortlist:
         split = data.split("train")
         n = len(split) if max_pairs is None else min(max_pairs, len(split))
         vocab = data.tokenizer.vocab_size
-        top, translations = build(split.src[:n], split.tgt[:n], vocab, frequent, per_source)
+        top, translations = build(split.src[:n], split.tgt[:n], vocab, frequent, per_source, progress=n >= 100_000)
         return cls(vocab, top, translations, tokenizer_digest(data.tokenizer),
                    dict(frequent=frequent, per_source=per_source, pairs=n, dataset=str(data.path)))
 
@@ -211,8 +221,6 @@ def coverage(shortlist: Shortlist, src: Sequence[Sequence[int]], tgt: Sequence[S
 
 def shortlist_main(args) -> int:
     """``aiayn shortlist --data DIR --out FILE``: build from the training split, report coverage."""
-    import sys
-
     from .data import load_dataset
 
     out = Path(args.out)
