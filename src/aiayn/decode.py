@@ -152,7 +152,7 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
         logits = output.logits(model.decode_states(inp, memory, src_mask, cache)[:, -1])
         specials, eos_col = [], output.eos
     special = logits[:, specials]  # a copy: their mass belongs to Z
-    forced = force.nonzero().squeeze(1) if force.any() else None
+    forced = force.nonzero().squeeze(1) if force is not None and force.any() else None
     if forced is not None:  # only EOS may follow; Z of these few rows before any masking
         log_z_forced = torch.logsumexp(logits[forced], dim=-1)
         eos = logits[forced, eos_col]
@@ -261,11 +261,15 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         cache = _new_cache(model, max_len) if use_cache else None
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
-        beam_range = torch.arange(k, device=device)
+        beam_range, ranks = torch.arange(k, device=device), torch.arange(2 * k, device=device)
+        row_base = torch.arange(batch, device=device)[:, None] * k  # first decoder row of each sentence
         restricted = shortlist.output_layer(model, src) if shortlist is not None else None
+        # Python copies of the live sentences' ids and length limits: the per-step decisions
+        # below read them without a tensor operation or a host sync.
+        alive_l, limits = alive.tolist(), max_len.tolist()
         for step in range(int(max_len.max()) + 1 if batch else 0):
             n = alive.numel()
-            force = (max_len == step).repeat_interleave(k)
+            force = (max_len == step).repeat_interleave(k) if step in limits else None
             log_probs, words = _top_next(model, tokens, memory, src_mask, cache, force, width=2 * k, output=restricted)
             width = log_probs.size(-1)
             candidates = (scores[:, :, None] + log_probs.view(n, k, width)).view(n, k * width)
@@ -277,7 +281,7 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
             ends = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
             if ends:
                 penalty = length_penalty(step + 1, alpha)
-                alive_l, beams_l, scores_l = alive.tolist(), top_beam.tolist(), top_scores.tolist()
+                beams_l, scores_l = top_beam.tolist(), top_scores.tolist()
                 for i, j in ends:
                     sentence, log_prob = alive_l[i], scores_l[i][j]
                     output = tokens[i * k + beams_l[i][j], 1:].tolist()
@@ -286,26 +290,33 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
                         nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[nbest - 1]
 
             # The K best non-EOS candidates continue (EOS ones ranked after all others).
-            rank = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)
+            rank = is_eos.long() * (2 * k) + ranks
             pick = rank.topk(k, dim=1, largest=False).indices  # ascending rank: best first
             scores = top_scores.gather(1, pick)
-            rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+            rows = (row_base[:n] + top_beam.gather(1, pick)).view(-1)
             tokens = torch.cat([tokens[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
             if cache is not None:
                 cache.reorder(rows)
 
-            # Done: the nbest-th finished score beats anything a live beam could still reach.
+            # Done: the nbest-th finished score beats anything a live beam could still reach, or
+            # the length limit is reached. Neither can hold before a sentence has nbest finished
+            # hypotheses or its limit (a sentence whose live beams all fall to -inf then runs on
+            # to its limit instead of stopping early: the same outputs).
+            if step < min(limits) and all(nth_best[s] == -math.inf for s in alive_l):
+                continue
             best_possible = scores[:, 0] / torch.maximum(
                 length_penalty(torch.full_like(scores[:, 0], step + 2), alpha),
                 length_penalty((max_len + 1).float(), alpha),
             )
-            threshold = torch.tensor([nth_best[s] for s in alive.tolist()], device=device)
+            threshold = torch.tensor([nth_best[s] for s in alive_l], device=device)
             done = (threshold >= best_possible) | (max_len <= step)
             if done.any():
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
                 keep_rows = (keep[:, None] * k + beam_range).view(-1)
+                keep_l = keep.tolist()
+                alive_l, limits = [alive_l[i] for i in keep_l], [limits[i] for i in keep_l]
                 alive, scores, max_len = alive[keep], scores[keep], max_len[keep]
                 tokens, memory, src_mask = tokens[keep_rows], memory[keep], src_mask[keep]
                 if cache is not None:  # finished sentences leave the batch
