@@ -65,7 +65,6 @@ class PackedLinear(nn.Module):
             self.weight = linear.weight.detach()
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.float().contiguous())
             self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.small = self.weight.numel() <= SMALL_WEIGHT
 
     def forward(self, x: Tensor) -> Tensor:
         if self.plain_is_faster(x.numel() // self.in_features):
@@ -80,7 +79,8 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
 
     def plain_is_faster(self, rows: int) -> bool:
-        return rows == 1 or rows * self.weight.numel() <= SMALL_PRODUCT or (self.small and rows <= 64)
+        size = self.weight.numel()
+        return rows == 1 or rows * size <= SMALL_PRODUCT or (size <= SMALL_WEIGHT and rows <= 64)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"

@@ -203,44 +203,36 @@ class RestrictedOutput:
     def logits(self, states: Tensor) -> Tensor:
         return torch.nn.functional.linear(states.float(), self.weight)
 
-    @property
-    def size(self) -> int:
-        return self.ids.numel()
 
-
-def coverage(shortlist: Shortlist, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> float:
-    """The share of reference target subwords that each pair's candidates contain (a quick check
-    of a shortlist on held-out data; 1.0 means no reference subword is cut)."""
-    covered = total = 0
+def coverage(shortlist: Shortlist, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """A quick check of a shortlist on held-out pairs, each taken as a batch of its own: the share
+    of reference target subwords among the candidates (1.0: none is cut) and the mean number of
+    candidates per sentence."""
+    covered = total = candidates = 0
     for s, t in zip(src, tgt):
         ids = set(shortlist.candidates(torch.tensor(list(s) or [EOS_ID])).tolist())
         covered += sum(int(i) in ids for i in t)
         total += len(t)
-    return covered / total if total else math.nan
+        candidates += len(ids)
+    return (covered / total if total else math.nan), (candidates / len(src) if len(src) else math.nan)
 
 
 def shortlist_main(args) -> int:
     """``aiayn shortlist --data DIR --out FILE``: build from the training split, report coverage."""
     from .data import load_dataset
+    from .decode import check_output_path
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError("is a directory, not a file", path=out)
-    if out.exists() and not args.force:
-        raise UserError("already exists; pass --force to overwrite it", path=out)
-    if not out.parent.is_dir():
-        raise UserError("no such directory", path=out.parent)
+    check_output_path(args.out, args.force)
     if args.max_pairs is not None and args.max_pairs < 1:
         raise UserError(f"--max-pairs must be at least 1 (got {args.max_pairs})")
     data = load_dataset(args.data)
     shortlist = Shortlist.from_dataset(data, args.frequent, args.per_source, args.max_pairs)
-    shortlist.save(out)
+    shortlist.save(args.out)
+    print(f"wrote {args.out}: {shortlist.settings['pairs']} training pairs, {len(shortlist.frequent)} frequent "
+          f"subwords, up to {args.per_source} per source subword", file=sys.stderr)
     valid = data.split("valid")
-    sizes = [shortlist.candidates(torch.tensor(list(s) or [EOS_ID])).numel() for s in valid.src[:1000]]
-    print(f"wrote {out}: {shortlist.settings['pairs']} training pairs, {len(shortlist.frequent)} frequent subwords, "
-          f"up to {args.per_source} per source subword", file=sys.stderr)
-    if sizes:
-        print(f"valid (first {len(sizes)} sentences): {np.mean(sizes):.0f} candidates per sentence of "
-              f"{shortlist.vocab_size}; reference subwords covered: "
-              f"{coverage(shortlist, valid.src[:1000], valid.tgt[:1000]):.2%}", file=sys.stderr)
+    if len(valid):
+        covered, size = coverage(shortlist, valid.src[:1000], valid.tgt[:1000])
+        print(f"valid (first {min(len(valid), 1000)} sentences): {size:.0f} candidates per sentence of "
+              f"{shortlist.vocab_size}; reference subwords covered: {covered:.2%}", file=sys.stderr)
     return 0
