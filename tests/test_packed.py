@@ -8,6 +8,7 @@ Every comparison is against the plain path on the same machine and instruction s
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from aiayn import packed
 from aiayn.decode import Translator, beam_search, greedy_search, greedy_search_scored, quantize_int8
 from aiayn.model import KeyValueBuffer, Transformer, TransformerConfig
-from aiayn.packed import PackedFeedForward, PackedLinear, is_packed, pack_for_inference
+from aiayn.packed import Int8Linear, PackedFeedForward, PackedLinear, is_packed, pack_for_inference
 from conftest import TEXT, UNSEEN_COPY_INPUTS
 from test_decode import LENGTHS, batch_of, model_log_prob, toy_model
 
@@ -54,6 +55,42 @@ def test_packed_linear_equals_linear(shape, d_in, d_out, packed_call, activation
     assert packed.plain_is_faster(x.numel() // d_in) is not packed_call
     with torch.inference_mode():
         torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _torch_ao_int8(model):
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (4, 32), (3, 5, 32)])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_int8_linear_equals_torch_ao_module(shape, activation):
+    """The same fbgemm kernel on the same packed weight: identical outputs, ReLU fused or not."""
+    torch.manual_seed(0)
+    reference = _torch_ao_int8(torch.nn.Sequential(torch.nn.Linear(32, 48)))[0]
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        expected = reference(x).relu() if activation == "relu" else reference(x)
+        assert torch.equal(Int8Linear(reference, activation)(x), expected)
+    rows = torch.tensor([0, 7, 47])
+    assert torch.equal(Int8Linear(reference).weight_rows(rows), reference.weight().dequantize()[rows])
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_int8_model_runs_int8_linears_with_torch_ao_outputs(norm_first):
+    model = toy_model(norm_first=norm_first)
+    int8, reference = quantize_int8(model), _torch_ao_int8(model)
+    linears = [m for m in int8.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert all(isinstance(layer.ffn, PackedFeedForward) and layer.ffn.w1.activation == "relu"
+               for layer in int8.decoder.layers)
+    src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
+    with torch.inference_mode():
+        assert torch.equal(int8(src, tgt), reference(src, tgt))
+    assert beam_search(int8, src, beam=4, max_len_b=8, nbest=2) == beam_search(reference, src, beam=4, max_len_b=8, nbest=2)
 
 
 @needs_onednn

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .model import Transformer
-from .packed import is_packed, pack_for_inference
+from .packed import is_packed, pack_for_inference, use_int8_kernels
 from .shortlist import RestrictedOutput, Shortlist
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,8 @@ def quantize_int8(model: Transformer) -> nn.Module:
 
     Weights are stored as int8 with one scale per output channel; activations are quantised
     on the fly per batch. Embeddings stay fp32 (with tied embeddings the output projection
-    gets its own int8 copy). torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic``
+    gets its own int8 copy). The quantised layers run as `aiayn.packed.Int8Linear`: torch's
+    fbgemm kernels on the same packed weights, without the per-call Python of torch.ao's module. torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic``
     and its fbgemm/x86 kernels, but warns that the module is deprecated in favour of torchao
     (not a dependency here); the conversion runs with exactly those warnings silenced. The
     quantised model itself runs without warnings.
@@ -349,7 +350,8 @@ def quantize_int8(model: Transformer) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+        quantized = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+    return use_int8_kernels(quantized)
 
 
 # ---------------------------------------------------------------------------------------------

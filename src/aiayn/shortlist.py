@@ -191,14 +191,13 @@ class RestrictedOutput:
 
     @classmethod
     def of(cls, model, ids: Tensor) -> "RestrictedOutput":
-        weight = model.generator.weight
-        weight = weight() if callable(weight) else weight  # a quantised Linear returns its int8 weight
-        if weight.is_quantized:
-            weight = weight.dequantize()
         eos = int(torch.searchsorted(ids, torch.tensor(EOS_ID, device=ids.device)))
         if eos >= ids.numel() or int(ids[eos]) != EOS_ID:
             raise ValueError("a restricted output layer must include EOS")
-        return cls(ids, weight.detach().index_select(0, ids).float(), eos)
+        generator = model.generator
+        if hasattr(generator, "weight_rows"):  # int8 (aiayn.packed.Int8Linear): only these rows dequantised
+            return cls(ids, generator.weight_rows(ids), eos)
+        return cls(ids, generator.weight.detach().index_select(0, ids).float(), eos)
 
     def logits(self, states: Tensor) -> Tensor:
         return torch.nn.functional.linear(states.float(), self.weight)
