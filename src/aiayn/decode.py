@@ -335,11 +335,12 @@ def quantize_int8(model: Transformer) -> nn.Module:
 
     Weights are stored as int8 with one scale per output channel; activations are quantised
     on the fly per batch. Embeddings stay fp32 (with tied embeddings the output projection
-    gets its own int8 copy). The quantised layers run as `aiayn.packed.Int8Linear`: torch's
-    fbgemm kernels on the same packed weights, without the per-call Python of torch.ao's module. torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic``
-    and its fbgemm/x86 kernels, but warns that the module is deprecated in favour of torchao
-    (not a dependency here); the conversion runs with exactly those warnings silenced. The
-    quantised model itself runs without warnings.
+    gets its own int8 copy). The quantised layers then run as `aiayn.packed.Int8Linear`:
+    torch's fbgemm kernels on the same packed weights, without the per-call Python of
+    torch.ao's module. torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic`` and
+    its fbgemm/x86 kernels, but warns that the module is deprecated in favour of torchao (not a
+    dependency here); the conversion runs with exactly those warnings silenced. The quantised
+    model itself runs without warnings.
     """
     if is_packed(model):
         raise ValueError("quantize_int8 needs the plain fp32 model, not one packed by pack_for_inference")
