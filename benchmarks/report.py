@@ -49,8 +49,9 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
               "there is no separate GPU record.", ""]
     load = machine.get("load average at start", "")
     if load and float(load.split()[0]) > 1.0:
-        lines += ["The cores were shared with other work during this run (see the load averages): single figures",
-                  "are noisy, as their min–max ranges show; the ratios pair systems measured side by side.", ""]
+        lines += ["The load average was above 1 when the run started (other work running, or just finished; see",
+                  "the load averages): single figures may be noisy, as their min–max ranges show; the ratios pair",
+                  "systems measured side by side.", ""]
     lines += _summary(demo, train, infer, threads)
 
     # 1. matmul --------------------------------------------------------------------------------
