@@ -1,4 +1,5 @@
-"""The inference fast path: oneDNN-packed weights (aiayn.packed) and the preallocated KV buffers.
+"""The inference fast path: oneDNN-packed weights and int8 layers (aiayn.packed) and the
+preallocated KV buffers.
 
 The packed model computes the same function with a different summation order inside each dot
 product, so logits agree to rounding and searches agree unless two candidates are (nearly) tied.
