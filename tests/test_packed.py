@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from aiayn import model as model_module
 from aiayn import packed
 from aiayn.decode import Translator, beam_search, greedy_search, greedy_search_scored, quantize_int8
 from aiayn.model import KeyValueBuffer, Transformer, TransformerConfig
@@ -166,9 +167,13 @@ def test_translator_threads_are_set_while_translating_and_restored(random_checkp
         Translator(random_checkpoint, threads=0)
 
 
-def test_key_value_buffer_grows_and_reorders_like_concatenation():
+@pytest.mark.parametrize("split", [False, True])
+def test_key_value_buffer_grows_and_reorders_like_concatenation(split, monkeypatch):
     """Appending past the capacity, reordering rows, and dropping rows give what torch.cat and
-    index_select on the full history give."""
+    index_select on the full history give; also with reorders split across threads."""
+    if split:
+        monkeypatch.setattr(model_module, "SPLIT_REORDER", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     g = torch.Generator().manual_seed(0)
     buf = KeyValueBuffer(capacity=1)
     ref_k = ref_v = None
