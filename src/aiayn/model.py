@@ -507,17 +507,17 @@ class KeyValueBuffer:
         if self._spare is None or self._spare[0].size(1) != n:
             self._spare = (self.k.new_empty(cap, n, h, d), self.v.new_empty(cap, n, h, d))
         k, v = self._spare
-        if length * n * h * d >= SPLIT_REORDER and torch.get_num_threads() > 1:
-            # The same copy, as rows of the (N, L, h, d) views: index_select along dim 1 runs on
-            # one thread, along dim 0 torch splits it across threads. Measured on 2 threads (Xeon,
-            # AVX-512): 25 positions × 256 beams of the base model 1.0 -> 0.6 ms per tensor, and
-            # beam-4 search at batch 64 1.15x as fast (fp32; int8 1.16x); below ~200k elements
-            # the split costs more than it saves, and on 1 thread it is 10% slower.
-            torch.index_select(self.k[:length].transpose(0, 1), 0, index, out=k[:length].transpose(0, 1))
-            torch.index_select(self.v[:length].transpose(0, 1), 0, index, out=v[:length].transpose(0, 1))
-        else:
-            torch.index_select(self.k[:length], 1, index, out=k[:length])
-            torch.index_select(self.v[:length], 1, index, out=v[:length])
+        # Large reorders copy rows of the (N, L, h, d) views instead: index_select along dim 1
+        # runs on one thread, along dim 0 torch splits it across threads. Measured on 2 threads
+        # (Xeon, AVX-512): 25 positions × 256 beams of the base model 1.0 -> 0.6 ms per tensor,
+        # and beam-4 search at batch 64 1.15x as fast (fp32; int8 1.16x); below ~200k elements
+        # the split costs more than it saves, and on 1 thread it is 10% slower.
+        split = length * n * h * d >= SPLIT_REORDER and torch.get_num_threads() > 1
+        for old, new in ((self.k, k), (self.v, v)):
+            if split:
+                torch.index_select(old[:length].transpose(0, 1), 0, index, out=new[:length].transpose(0, 1))
+            else:
+                torch.index_select(old[:length], 1, index, out=new[:length])
         # The old block becomes the spare only if it has the new row count.
         self._spare = (self.k, self.v) if self.k.size(1) == n else None
         self.k, self.v = k, v
