@@ -99,6 +99,20 @@ def test_cache_equals_no_cache(norm_first):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
+def test_beam_search_first_step_decodes_one_row_per_sentence():
+    """The K beams all start from BOS: the first step decodes each sentence once, later steps
+    K rows per live sentence."""
+    model, src = toy_model(), batch_of(LENGTHS)
+    rows = []
+    hook = model.generator.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    try:
+        beam_search(model, src, beam=3, alpha=0.6, max_len_b=10)
+    finally:
+        hook.remove()
+    assert rows[0] == len(LENGTHS)
+    assert rows[1] == 3 * len(LENGTHS) and all(r % 3 == 0 for r in rows[1:])
+
+
 def test_nbest_scores_sorted_and_equal_model_log_probs():
     model, src = toy_model(), batch_of(LENGTHS)
     alpha = 0.6

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
@@ -235,9 +236,10 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
     """Beam search with the GNMT length penalty (module docstring). src: (B, S) padded ids
     (tokens + EOS). Returns, per sentence, the ``nbest`` best hypotheses, best first.
 
-    Layout: the K beams of sentence i are decoder rows i·K ... i·K+K-1. The encoder output and
-    the encoder-decoder keys/values stay one per sentence; the model's attention groups the K
-    rows onto them, so nothing is copied per beam.
+    Layout: the K beams of sentence i are decoder rows i·K ... i·K+K-1 (the first step, from
+    BOS alone, has one row per sentence). The encoder output and the encoder-decoder
+    keys/values stay one per sentence; the model's attention groups the K rows onto them, so
+    nothing is copied per beam.
 
     Each step takes the 2K best (beam, token) extensions. EOS candidates among the first K
     finish (as in fairseq, so beam 1 with α = 0 is exactly greedy search); the K best non-EOS
@@ -254,27 +256,35 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
         max_len = max_output_lengths(model, src_mask, max_len_a, max_len_b)
         batch = src.size(0)
         alive = torch.arange(batch, device=device)
-        tokens = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)
-        # The K beams start identical: only the first is live, or each output would appear K times.
-        scores = torch.full((batch, k), -math.inf, device=device)
-        scores[:, 0] = 0.0
+        # The first step extends one hypothesis per sentence (BOS alone): K identical rows would
+        # cost K times the work and put each output in the beam K times. Its 2K best tokens
+        # become the K beams; from then on each sentence has K rows.
+        live = 1  # decoder rows per sentence
+        tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=device)
+        scores = torch.zeros(batch, 1, device=device)
         cache = _new_cache(model, max_len) if use_cache else None
         finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
         nth_best = [-math.inf] * batch  # the nbest-th best finished score of each sentence
         beam_range, ranks = torch.arange(k, device=device), torch.arange(2 * k, device=device)
-        row_base = torch.arange(batch, device=device)[:, None] * k  # first decoder row of each sentence
+        sentence_index = torch.arange(batch, device=device)[:, None]
         restricted = shortlist.output_layer(model, src) if shortlist is not None else None
         # Python copies of the live sentences' ids and length limits: the per-step decisions
         # below read them without a tensor operation or a host sync.
         alive_l, limits = alive.tolist(), max_len.tolist()
         for step in range(int(max_len.max()) + 1 if batch else 0):
             n = alive.numel()
-            force = (max_len == step).repeat_interleave(k) if step in limits else None
+            force = (max_len == step).repeat_interleave(live) if step in limits else None
             log_probs, words = _top_next(model, tokens, memory, src_mask, cache, force, width=2 * k, output=restricted)
             width = log_probs.size(-1)
-            candidates = (scores[:, :, None] + log_probs.view(n, k, width)).view(n, k * width)
+            candidates = (scores[:, :, None] + log_probs.view(n, live, width)).view(n, live * width)
+            words = words.view(n, live * width)
+            if live * width < 2 * k:  # fewer than 2K candidates (tiny vocabulary): add impossible ones
+                pad = 2 * k - live * width
+                candidates = F.pad(candidates, (0, pad), value=-math.inf)
+                words = F.pad(words, (0, pad), value=model.config.pad_id)
             top_scores, top_index = candidates.topk(2 * k, dim=1)  # sorted, best first
-            top_beam, top_token = top_index // width, words.view(n, k * width).gather(1, top_index)
+            top_beam = (top_index // width).clamp_(max=live - 1)  # (a pad's beam: any, it is -inf)
+            top_token = words.gather(1, top_index)
             is_eos = top_token == EOS_ID
 
             # EOS among the K best: that hypothesis is finished (|Y| = step + 1 with its EOS).
@@ -284,7 +294,7 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
                 beams_l, scores_l = top_beam.tolist(), top_scores.tolist()
                 for i, j in ends:
                     sentence, log_prob = alive_l[i], scores_l[i][j]
-                    output = tokens[i * k + beams_l[i][j], 1:].tolist()
+                    output = tokens[i * live + beams_l[i][j], 1:].tolist()
                     finished[sentence].append(Hypothesis(output, log_prob / penalty, log_prob))
                     if len(finished[sentence]) >= nbest:
                         nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[nbest - 1]
@@ -293,10 +303,11 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
             rank = is_eos.long() * (2 * k) + ranks
             pick = rank.topk(k, dim=1, largest=False).indices  # ascending rank: best first
             scores = top_scores.gather(1, pick)
-            rows = (row_base[:n] + top_beam.gather(1, pick)).view(-1)
+            rows = (sentence_index[:n] * live + top_beam.gather(1, pick)).view(-1)
             tokens = torch.cat([tokens[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
             if cache is not None:
                 cache.reorder(rows)
+            live = k
 
             # Done: the nbest-th finished score beats anything a live beam could still reach, or
             # the length limit is reached. Neither can hold before a sentence has nbest finished
