@@ -40,7 +40,7 @@ from common import Series, bf16_supported, machine_description, matmul_gflops  #
 # Sizes of the full suite and of --quick. Training batches hold about 4k target tokens
 # (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
 FULL = dict(demo=(5, 20), train=[("small", 136, 26, 34, 5), ("base", 136, 26, 34, 3)], infer="base",
-            batches=[1, 64], steps=24, infer_rounds=3, lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
+            batches=[1, 64], steps=24, infer_rounds=5, lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
             probe_repeats=10, workload=(500, 3, 3.0))
 QUICK = dict(demo=(2, 3), train=[("tiny", 16, 6, 10, 2)], infer="tiny", batches=[1, 8], steps=8, infer_rounds=2,
              lengths=[128, 256, 512], probe_repeats=3, workload=(64, 1, 0.3))
