@@ -152,14 +152,15 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
     else:  # a shortlist: logits of its candidates only, and Z over them (pad, bos are not among them)
         logits = output.logits(model.decode_states(inp, memory, src_mask, cache)[:, -1])
         specials, eos_col = [], output.eos
-    special = logits[:, specials]  # a copy: their mass belongs to Z
+    special = logits[:, specials] if specials else None  # a copy: their mass belongs to Z
     forced = force.nonzero().squeeze(1) if force is not None and force.any() else None
     if forced is not None:  # only EOS may follow; Z of these few rows before any masking
         log_z_forced = torch.logsumexp(logits[forced], dim=-1)
         eos = logits[forced, eos_col]
         logits[forced] = -math.inf
         logits[forced, eos_col] = eos
-    logits[:, specials] = -math.inf
+    if specials:
+        logits[:, specials] = -math.inf
     top, index = topk_last(logits, min(width, logits.size(-1)))
     # Z in place, shifted by the row maximum (the best token, or pad/bos if larger) so no exp
     # overflows: log Z = m + log Σ exp(logit - m).
