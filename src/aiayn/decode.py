@@ -279,12 +279,14 @@ def beam_search(model: Transformer, src: Tensor, beam: int = 4, alpha: float = 0
             width = log_probs.size(-1)
             candidates = (scores[:, :, None] + log_probs.view(n, live, width)).view(n, live * width)
             words = words.view(n, live * width)
-            if live * width < 2 * k:  # fewer than 2K candidates (tiny vocabulary): add impossible ones
-                pad = 2 * k - live * width
-                candidates = F.pad(candidates, (0, pad), value=-math.inf)
-                words = F.pad(words, (0, pad), value=model.config.pad_id)
+            padded = live * width < 2 * k
+            if padded:  # fewer than 2K candidates (tiny vocabulary): add impossible ones
+                candidates = F.pad(candidates, (0, 2 * k - live * width), value=-math.inf)
+                words = F.pad(words, (0, 2 * k - live * width), value=model.config.pad_id)
             top_scores, top_index = candidates.topk(2 * k, dim=1)  # sorted, best first
-            top_beam = (top_index // width).clamp_(max=live - 1)  # (a pad's beam: any, it is -inf)
+            top_beam = top_index // width
+            if padded:  # a pad's beam: any live one (its score is -inf)
+                top_beam.clamp_(max=live - 1)
             top_token = words.gather(1, top_index)
             is_eos = top_token == EOS_ID
 
