@@ -33,6 +33,7 @@ chromium:
 	fi
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 # DEMO_ARGS: training overrides, e.g. make demo DEMO_ARGS="train.max_minutes=30"

@@ -70,7 +70,7 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int) -> No
         from aiayn.data.batching import collate
         from aiayn.model import Transformer, TransformerConfig
         from aiayn.train.step import Criterion, StepContext, train_update
-    from aiayn.data import load_dataset, TokenBatchSampler
+    from aiayn.data import TokenBatchSampler, load_dataset
     from aiayn.train.config import load_raw_config, resolve_config
     from aiayn.train.schedule import inverse_sqrt_lr
 
@@ -85,6 +85,10 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int) -> No
     batch_list = [collate([train.src[j] for j in i], [train.tgt[j] for j in i]) for i in plan]
     torch.manual_seed(seed)
     model = Transformer(TransformerConfig(**cfg.model.to_dict()))
+    if code != "before":
+        from aiayn.train.dropout import use_fast_dropout
+
+        use_fast_dropout(model)  # as the trainer builds it
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
     ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id, clip_norm=tc.clip_norm)

@@ -1,6 +1,6 @@
 """Inference: generated tokens/s of greedy and beam-4 search at batch 1 and batch 64.
 
-Systems: aiayn (`aiayn.decode`, fp32 with prepacked weights as ``aiayn translate`` runs it,
+Systems: aiayn (`aiayn.search`, fp32 with prepacked weights as ``aiayn translate`` runs it,
 and dynamic int8), Hugging Face `generate` and
 CTranslate2 (float32 and int8), all running the *same* weights: the aiayn model exported to
 the Marian layout (`aiayn.export`), which CTranslate2's stock converter reads.
@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aiayn.config import SearchConfig
+from aiayn.inference.packed import pack_for_inference, quantize_int8
+from aiayn.search import beam_search, greedy_search
+
 import peers
-from aiayn import decode
-from aiayn.packed import pack_for_inference
 from common import Series, paired_ratio, timed
 from ct2_process import CT2Process
 
@@ -67,9 +69,9 @@ class Runner:
         self.v = cfg.tgt_vocab_size
         plain = peers.aiayn_model(cfg).eval()
         peers.make_specials_unreachable(plain)
-        # aiayn fp32 as `aiayn translate` runs it: oneDNN-prepacked weights (aiayn.packed).
+        # aiayn fp32 as `aiayn translate` runs it: oneDNN-prepacked weights (aiayn.inference.packed).
         self.model = pack_for_inference(plain)
-        self.int8 = decode.quantize_int8(plain).eval()
+        self.int8 = quantize_int8(plain).eval()
         self.hf_dir = peers.export_hf(plain, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
         ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
@@ -87,10 +89,10 @@ class Runner:
         if system.startswith("aiayn"):
             model = self.model if system == "aiayn fp32" else self.int8
             if beam == 1:
-                seconds, out = timed(lambda: decode.greedy_search(model, src, max_len_a=0.0, max_len_b=steps - 1))
+                seconds, out = timed(lambda: greedy_search(model, src, SearchConfig(beam=1, max_len_a=0.0, max_len_b=steps - 1)))
             else:
-                seconds, nbest = timed(lambda: decode.beam_search(model, src, beam=4, alpha=0.6, max_len_a=0.0,
-                                                                  max_len_b=steps - 1))
+                seconds, nbest = timed(lambda: beam_search(model, src, SearchConfig(beam=4, alpha=0.6, max_len_a=0.0,
+                                                                                max_len_b=steps - 1)))
                 out = [h[0].tokens for h in nbest]
             return seconds, [o + [peers.EOS] for o in out]  # the forced </s> was a decoder step too
         if system == "HF generate":

@@ -56,8 +56,10 @@ def config(name: str) -> TransformerConfig:
 
 
 def aiayn_model(cfg: TransformerConfig, seed: int = 0) -> Transformer:
+    from aiayn.train.dropout import use_fast_dropout
+
     torch.manual_seed(seed)
-    return Transformer(cfg)
+    return use_fast_dropout(Transformer(cfg))  # as the trainer builds it
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
             demo_result = demo_training.run_demo_training(data_dir, config_path(), rounds, updates, log)
 
-    import training  # noqa: E402  (imports aiayn, transformers)
-    import inference  # noqa: E402
     import attention  # noqa: E402
+    import inference  # noqa: E402
     import report  # noqa: E402
+    import training  # noqa: E402  (imports aiayn, transformers)
 
     train_results, infer_result, attn_result, workload_result = [], None, None, None
     with tempfile.TemporaryDirectory(prefix="aiayn-bench-") as tmp:
@@ -163,15 +163,13 @@ def _demo_data(path: str | None, log) -> Path | None:
     """The demo's dataset: --data, or prepared once into ~/.cache/aiayn/bench (None if impossible)."""
     if path:
         return Path(path)
-    from argparse import Namespace
-
-    from aiayn.data import prepare_main
+    from aiayn.data import PrepareOptions, prepare
     from aiayn.demo import DATA
     from aiayn.errors import UserError
 
     out = Path.home() / ".cache" / "aiayn" / "bench" / f"lo-en-de-{DATA['vocab_size']}"
     try:
-        prepare_main(Namespace(out=str(out), **DATA))
+        prepare(PrepareOptions(out=str(out), **DATA))
     except UserError as e:
         log(f"demo section skipped: cannot prepare the demo's data ({e})")
         return None

@@ -57,12 +57,13 @@ def copy_model(workdir: Path) -> Path:
 
 def copy_sentences(checkpoint: Path, n: int, seed: int) -> list[str]:
     """Sequences of 3-12 symbols that the copy model copies exactly (so answers are checkable)."""
+    from aiayn.config import SearchConfig
     from aiayn.data.corpora import SYNTHETIC_SYMBOLS
-    from aiayn.decode import Translator
+    from aiayn.translator import Translator
 
     rng = random.Random(seed)
     candidates = [" ".join(rng.choice(SYNTHETIC_SYMBOLS) for _ in range(rng.randint(3, 12))) for _ in range(n + n // 3)]
-    good = [c for c, t in zip(candidates, Translator(checkpoint, beam=4).translate(candidates)) if c == t]
+    good = [c for c, t in zip(candidates, Translator(checkpoint, search=SearchConfig(beam=4)).translate(candidates)) if c == t]
     if len(good) < n:
         raise SystemExit(f"bench-serve: the copy model copied only {len(good)} of {len(candidates)} sequences")
     return good[:n]

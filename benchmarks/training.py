@@ -27,8 +27,8 @@ three systems, so their MFU ratios equal their throughput ratios.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,5 +166,4 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
         log(f"training {name} round {r + 1}/{rounds}: "
             + ", ".join(f"{s} {result.tokens_per_s[s].values[-1]:.0f} tok/s" for s in order)
             + f"; matmul {result.peak_gflops.values[-1]:.0f} GFLOP/s")
-    del steps, ours, theirs_torch, hf
-    return result
+    return result  # the models are freed with this frame

@@ -9,7 +9,7 @@ demo's data, `aiayn.demo.DATA`, for ``train_minutes``); ``--workload-checkpoint 
 trained checkpoint instead, and ``--workload-src/--workload-ref`` another test set.
 
 Systems, all on the same weights and the same source subwords, beam 4, α = 0.6, batches of 64
-sentences: aiayn fp32 (`aiayn.decode.Translator` as ``aiayn translate`` runs it, i.e. with
+sentences: aiayn fp32 (`aiayn.translator.Translator` as ``aiayn translate`` runs it, i.e. with
 prepacked weights), aiayn int8 (``--quantize int8``) and CTranslate2 float32 and int8 on the
 model exported with `aiayn.export` (CTranslate2's length limit is a fixed 256 tokens instead of
 aiayn's |x| + 50; neither is reached by these outputs). Systems alternate round by round; each
@@ -22,7 +22,7 @@ one thread per batch and as many batches at once as there are threads (``inter_t
 throughput setting), which is much faster for it on a small model; aiayn likewise with
 ``workers`` (as ``aiayn translate --workers N``): worker processes on one thread each.
 
-With a vocabulary shortlist (`aiayn.shortlist`: built here from the training data of the model
+With a vocabulary shortlist (`aiayn.inference.shortlist`: built here from the training data of the model
 trained here, or ``--workload-shortlist FILE``), the parallel-batches systems run once more with
 it: aiayn with ``shortlist=``, CTranslate2 with the same candidates written as its vocabulary
 mapping (``vmap.txt``: the frequent subwords under the empty key, each source subword's
@@ -125,15 +125,16 @@ def write_vmap(shortlist, pieces: dict[int, str], path: Path) -> None:
 def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, checkpoint: Path | None = None,
                  src: Path | None = None, ref: Path | None = None, sentences: int = 500, rounds: int = 3,
                  train_minutes: float = 3.0, shortlist: Path | None = None) -> WorkloadResult:
-    from aiayn.decode import Translator
+    from aiayn.config import SearchConfig
     from aiayn.evaluate import score
+    from aiayn.translator import Translator
 
     if checkpoint is None:
         checkpoint = train_quick_model(data_dir, workdir / "model", train_minutes, log)
         how = f"libreoffice-small trained here for {train_minutes:g} min on the demo's data"
         if shortlist is None:  # from the same training data, with the defaults of `aiayn shortlist`
             from aiayn.data import load_dataset
-            from aiayn.shortlist import Shortlist
+            from aiayn.inference.shortlist import Shortlist
 
             shortlist = workdir / "shortlist.json"
             Shortlist.from_dataset(load_dataset(data_dir)).save(shortlist)
@@ -148,11 +149,11 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     lines = src.read_text(encoding="utf-8").splitlines()[:sentences]
     refs = ref.read_text(encoding="utf-8").splitlines()[:sentences]
 
-    fp32 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64)
-    int8 = Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize="int8")
+    fp32 = Translator(checkpoint, search=SearchConfig(beam=4, alpha=0.6), device="cpu", batch_size=64)
+    int8 = Translator(checkpoint, search=SearchConfig(beam=4, alpha=0.6), device="cpu", batch_size=64, quantize="int8")
     hf_dir, ct2_dir = _convert(checkpoint, workdir / "ct2")
     if shortlist is not None:
-        from aiayn.shortlist import Shortlist
+        from aiayn.inference.shortlist import Shortlist
 
         write_vmap(Shortlist.load(shortlist), peers.ct2_pieces(hf_dir), ct2_dir / "vmap.txt")
     processes = [CT2Process(ct2_dir, threads), CT2Process(ct2_dir, 1, inter_threads=threads)]
@@ -160,13 +161,10 @@ def run_workload(data_dir: Path | None, workdir: Path, threads: int, log, *, che
     for process, suffix in zip(processes, ("", ", parallel batches")):
         for ct in ("float32", "int8"):
             ct2[f"CT2 {ct}{suffix}"] = _CT2(process, hf_dir, ct, fp32.tokenizer, fp32.max_src_len)
-    parallel = {f"aiayn {name}, parallel batches": Translator(checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64,
-                                                             quantize=q, threads=1, workers=threads)
+    parallel = {f"aiayn {name}, parallel batches": Translator(checkpoint, search=SearchConfig(beam=4, alpha=0.6), device="cpu", batch_size=64, quantize=q, threads=1, workers=threads)
                 for name, q in (("fp32", None), ("int8", "int8"))}
     if shortlist is not None:
-        parallel.update({f"aiayn {name}, parallel batches{SHORTLIST}": Translator(
-            checkpoint, device="cpu", beam=4, alpha=0.6, batch_size=64, quantize=q, threads=1, workers=threads,
-            shortlist=shortlist) for name, q in (("fp32", None), ("int8", "int8"))})
+        parallel.update({f"aiayn {name}, parallel batches{SHORTLIST}": Translator(checkpoint, search=SearchConfig(beam=4, alpha=0.6), device="cpu", batch_size=64, quantize=q, threads=1, workers=threads, shortlist=shortlist) for name, q in (("fp32", None), ("int8", "int8"))})
     run = {"aiayn fp32": fp32.translate, "aiayn int8": int8.translate,
            **{s: c.translate for s, c in ct2.items()}, **{s: t.translate for s, t in parallel.items()},
            **{f"{s}{SHORTLIST}": functools.partial(c.translate, use_vmap=True)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from aiayn.cli import main
-from conftest import COPY_CONFIG, TINY
+
+from helpers import COPY_CONFIG, TINY
 
 COMMANDS = ["prepare", "train", "average", "plot", "translate", "evaluate", "attention", "export", "demo"]
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from aiayn.cli import main
-from aiayn.decode import Translator
+from aiayn.config import SearchConfig
 from aiayn.evaluate import score, split_compounds, tokenized_bleu
-from conftest import BYTE_PIECE_TEXT
+from aiayn.translator import Translator
+
+from helpers import BYTE_PIECE_TEXT
 
 REFS = [
     "Ein Mann fährt mit dem Fahrrad über die Brücke.",
@@ -98,7 +100,7 @@ def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tm
             "--beam", "2", "--max-len-b", "4"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    hyps = Translator(random_checkpoint, beam=2, max_len_b=4).translate(src_lines)
+    hyps = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=4)).translate(src_lines)
     assert result["bleu"] == score(hyps, REFS[:4])["bleu"]
     assert result["beam"] == 2 and result["quantize"] is None
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from aiayn import Transformer, TransformerConfig
+from aiayn import config as config_io
 from aiayn.errors import UserError
 from aiayn.model import (
-    Dropout,
     DecoderLayer,
     EncoderLayer,
     MultiHeadAttention,
@@ -19,24 +19,7 @@ from aiayn.model import (
     sinusoidal_table,
 )
 
-PAD = 0
-
-
-def small_config(**overrides) -> TransformerConfig:
-    fields = dict(src_vocab_size=40, d_model=32, d_ff=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0)
-    fields.update(overrides)
-    return TransformerConfig(**fields)
-
-
-def small_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(small_config(**overrides)).eval()
-
-
-def random_ids(b: int, n: int, vocab: int = 40, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, vocab, (b, n), generator=g)  # ids >= 4: never pad/unk/bos/eos
-
+from helpers import PAD, random_ids, small_config, small_model
 
 # --------------------------------------------------------------------------------------------
 # §3.2.1 scaled dot-product attention
@@ -208,56 +191,6 @@ def test_padding_invariance(norm_first):
     torch.testing.assert_close(model(batch, tgt)[1], model(short, tgt[1:])[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("positions,norm_first", [("sinusoidal", False), ("learned", False), ("sinusoidal", True)])
-def test_cached_incremental_decoding_equals_full_forward(positions, norm_first):
-    # One position at a time in eval mode takes the flat step (`Transformer._decode_step`);
-    # the full forward and the several-positions call take the module path.
-    model = small_model(positions=positions, norm_first=norm_first)
-    src, tgt = random_ids(3, 7), random_ids(3, 6, seed=2)
-    src[2, 5:] = PAD
-    full = model(src, tgt)
-    src_mask = model.source_mask(src)
-    memory = model.encode(src)
-    cache = model.new_cache()
-    steps = [model.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(6)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
-    # several positions at once after a cached prefix, and last_only
-    cache = model.new_cache()
-    model.decode(tgt[:, :2], memory, src_mask, cache)
-    rest = model.decode(tgt[:, 2:], memory, src_mask, cache)
-    torch.testing.assert_close(rest, full[:, 2:], atol=1e-5, rtol=0)
-    last = model.decode(tgt, memory, src_mask, last_only=True)
-    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
-
-
-def test_beams_share_encoder_keys_and_values_without_copies():
-    """A decoder batch of K hypotheses per sentence equals decoding with the memory repeated K times."""
-    model = small_model()
-    k = 3
-    src, tgt = random_ids(2, 7), random_ids(2 * k, 4, seed=5)
-    src[1, 4:] = PAD
-    src_mask, memory = model.source_mask(src), model.encode(src)
-    repeated = model.decode(tgt, memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0))
-    grouped = model.decode(tgt, memory, src_mask)
-    torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=0)
-    cache = model.new_cache()
-    steps = [model.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(4)]
-    torch.testing.assert_close(torch.cat(steps, 1), repeated, atol=1e-5, rtol=0)
-    # reordering hypotheses and dropping a sentence keep the cache consistent
-    cache = model.new_cache()
-    model.decode(tgt[:, :2], memory, src_mask, cache)
-    order = torch.tensor([2, 2, 0, 4, 3, 5])  # beams stay within their sentence
-    cache.reorder(order)
-    step = model.decode(tgt[order, 2:3], memory, src_mask, cache)
-    expected = model.decode(torch.cat([tgt[order, :2], tgt[order, 2:3]], 1), memory, src_mask)[:, -1:]
-    torch.testing.assert_close(step, expected, atol=1e-5, rtol=0)
-    cache.select_sentences(torch.tensor([1]))
-    cache.reorder(torch.tensor([3, 4, 5]))
-    step = model.decode(tgt[order[3:], 3:4], memory[1:], src_mask[1:], cache)
-    expected = model.decode(torch.cat([tgt[order[3:], :3], tgt[order[3:], 3:4]], 1), memory[1:], src_mask[1:])[:, -1:]
-    torch.testing.assert_close(step, expected, atol=1e-5, rtol=0)
-
-
 def test_attention_weights_match_the_fused_forward():
     model = small_model()
     src, tgt = random_ids(2, 7), random_ids(2, 5, seed=2)
@@ -348,40 +281,24 @@ def test_pre_ln_adds_a_final_norm_per_stack():
     assert isinstance(pre.encoder.final_norm, nn.LayerNorm) and isinstance(pre.decoder.final_norm, nn.LayerNorm)
 
 
+def from_yaml(path) -> TransformerConfig:
+    """A config file's ``model:`` section, as a checkpoint's config.yaml is read."""
+    return TransformerConfig.from_dict(config_io.load_yaml(path)["model"], where=str(path))
+
+
 def test_yaml_round_trip_and_errors(tmp_path):
     cfg = TransformerConfig.big(vocab_size=1234, norm_first=True, positions="learned")
-    cfg.to_yaml(tmp_path / "model.yaml")
-    assert TransformerConfig.from_yaml(tmp_path / "model.yaml") == cfg
+    config_io.save_yaml({"model": cfg.to_dict()}, tmp_path / "model.yaml")
+    assert from_yaml(tmp_path / "model.yaml") == cfg
     (tmp_path / "preset.yaml").write_text("model:\n  preset: base\n  src_vocab_size: 99\n  dropout: 0.2\n")
-    loaded = TransformerConfig.from_yaml(tmp_path / "preset.yaml")
+    loaded = from_yaml(tmp_path / "preset.yaml")
     assert loaded == TransformerConfig.base(vocab_size=99, dropout=0.2)
     (tmp_path / "typo.yaml").write_text("model:\n  d_modle: 256\n")
     with pytest.raises(UserError, match="d_modle"):
-        TransformerConfig.from_yaml(tmp_path / "typo.yaml")
+        from_yaml(tmp_path / "typo.yaml")
     (tmp_path / "bad.yaml").write_text("model:\n  d_model: [1,\n")
     with pytest.raises(UserError, match=r"bad\.yaml:\d+"):
-        TransformerConfig.from_yaml(tmp_path / "bad.yaml")
+        from_yaml(tmp_path / "bad.yaml")
     (tmp_path / "type.yaml").write_text("model:\n  n_heads: lots\n")
     with pytest.raises(UserError, match="n_heads"):
-        TransformerConfig.from_yaml(tmp_path / "type.yaml")
-
-
-def test_dropout_rate_scaling_gradient_and_seeding():
-    """Dropout (§5.4): rate p, survivors scaled by 1/(1-p), identity in eval mode, gradient =
-    the same mask, reproducible from the seed; every 16-bit lane of the draws is uniform."""
-    p = 0.1
-    drop = Dropout(p)
-    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of 4: the tail is used too
-    torch.manual_seed(0)
-    y = drop(x)
-    kept = y.detach() != 0
-    assert abs(1 - kept.float().mean().item() - p) < 3e-3  # ~10 standard deviations
-    for lane in range(4):  # the four 16-bit lanes of each 64-bit draw
-        assert abs(1 - kept[lane::4].float().mean().item() - p) < 6e-3
-    assert torch.allclose(y.detach()[kept], torch.full((int(kept.sum()),), 1 / (1 - p)))
-    y.backward(torch.full_like(x, 2.0))
-    assert torch.equal(x.grad, 2.0 * y.detach())  # dropped where y is, scaled the same
-    torch.manual_seed(0)
-    assert torch.equal(drop(x).detach(), y.detach())
-    assert drop.eval()(x) is x
-    assert Dropout(0.0).train()(x) is x
+        from_yaml(tmp_path / "type.yaml")

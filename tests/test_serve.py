@@ -17,13 +17,14 @@ pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastap
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from aiayn.attention import attention_maps  # noqa: E402
 from aiayn.cli import main  # noqa: E402
-from aiayn.decode import Translator  # noqa: E402
+from aiayn.config import SearchConfig
 from aiayn.errors import UserError  # noqa: E402
-from aiayn.inspect import attention_maps  # noqa: E402
 from aiayn.serve.app import create_app  # noqa: E402
 from aiayn.serve.engine import Engine, ServeSettings  # noqa: E402
 from aiayn.serve.server import is_loopback  # noqa: E402
+from aiayn.translator import Translator  # noqa: E402
 
 SETTINGS = dict(max_lines=8, max_chars=200, max_beam=6)
 
@@ -59,7 +60,7 @@ def test_translate_one_sentence_and_a_list(client):
 def test_nbest_answers_have_the_translators_scores(client, copy_checkpoint):
     status, body = post(client, "/api/translate", {"text": ["a b c d", "e f"], "beam": 4, "nbest": 3})
     assert status == 200
-    expected = Translator(copy_checkpoint, beam=4).translate_nbest(["a b c d", "e f"], nbest=3)
+    expected = Translator(copy_checkpoint, search=SearchConfig(beam=4)).translate_nbest(["a b c d", "e f"], nbest=3)
     assert len(body["translations"]) == 2
     for got, want in zip(body["translations"], expected):
         assert [c["text"] for c in got] == [t.text for t in want]
@@ -259,7 +260,7 @@ def test_int8_server_translates(copy_checkpoint):
 
 def test_a_server_with_a_shortlist_translates(copy_checkpoint, copy_dataset, tmp_path, capsys):
     from aiayn.data import load_dataset
-    from aiayn.shortlist import Shortlist
+    from aiayn.inference.shortlist import Shortlist
 
     path = tmp_path / "copy.shortlist.json"
     Shortlist.from_dataset(load_dataset(copy_dataset)).save(path)

@@ -14,12 +14,13 @@ import pytest
 pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastapi, uvicorn)")
 httpx2 = pytest.importorskip("httpx2", reason="the load generator needs httpx2 (serve extra)")
 
+from aiayn.config import SearchConfig  # noqa: E402
 from aiayn.data.corpora import SYNTHETIC_SYMBOLS  # noqa: E402
-from aiayn.decode import Translator  # noqa: E402
 from aiayn.serve import BackgroundServer  # noqa: E402
 from aiayn.serve.app import create_app  # noqa: E402
 from aiayn.serve.engine import Engine  # noqa: E402
 from aiayn.serve.load import send_all  # noqa: E402
+from aiayn.translator import Translator  # noqa: E402
 
 REQUESTS, CLIENTS = 200, 16
 
@@ -30,8 +31,8 @@ def copied_exactly(checkpoint, n: int, seed: int) -> list[str]:
     uses inputs whose right answer the model is known to give."""
     rng = random.Random(seed)
     candidates = [" ".join(rng.choice(SYNTHETIC_SYMBOLS) for _ in range(rng.randint(3, 10))) for _ in range(n + n // 4)]
-    beam = Translator(checkpoint, beam=4).translate(candidates)
-    greedy = Translator(checkpoint, beam=1).translate(candidates)
+    beam = Translator(checkpoint, search=SearchConfig(beam=4)).translate(candidates)
+    greedy = Translator(checkpoint, search=SearchConfig(beam=1)).translate(candidates)
     good = [c for c, b, g in zip(candidates, beam, greedy) if b == c and g == c]
     assert len(good) >= n, f"the copy model copied only {len(good)} of {len(candidates)} sequences"
     return good[:n]

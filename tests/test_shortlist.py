@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from aiayn.cli import main
-from aiayn.decode import BOS_ID, EOS_ID, Translator, beam_search, greedy_search_scored
+from aiayn.config import SearchConfig
 from aiayn.errors import UserError
-from aiayn.shortlist import Shortlist, _cooccurrence, build
-from test_decode import LENGTHS, VOCAB, batch_of, toy_model
+from aiayn.inference.shortlist import Shortlist, _cooccurrence, build
+from aiayn.search import beam_search, greedy_search_scored
+from aiayn.translator import Translator
+
+from helpers import BOS_ID, EOS_ID, LENGTHS, VOCAB, batch_of, toy_model
 
 
 def test_build_finds_the_cooccurring_subword_and_the_frequent_ones():
@@ -55,8 +58,8 @@ def test_a_shortlist_of_every_subword_keeps_the_outputs():
     """Only normalisation changes (pad and bos leave Z): the same tokens, scores over the candidates."""
     model, src = toy_model(), batch_of(LENGTHS)
     everything = _shortlist([1] + list(range(4, VOCAB)))  # unk and every real subword
-    full = greedy_search_scored(model, src, max_len_b=10)
-    short = greedy_search_scored(model, src, max_len_b=10, shortlist=everything)
+    full = greedy_search_scored(model, src, SearchConfig(max_len_b=10))
+    short = greedy_search_scored(model, src, SearchConfig(max_len_b=10), shortlist=everything)
     assert [t for t, _ in short] == [t for t, _ in full]
     # (Beam search ranks prefixes by their normalised log-probabilities, so without pad and bos
     # in Z its choices may differ; the next test pins its scores instead.)
@@ -67,13 +70,15 @@ def test_a_restricted_search_uses_only_candidates_and_normalises_over_them():
     shortlist = _shortlist([4, 5, 6], {s: [s + 1] for s in range(4, VOCAB - 1)})
     candidates = shortlist.candidates(src)
     assert EOS_ID in candidates.tolist() and not {0, BOS_ID} & set(candidates.tolist())
-    for row, (tokens, log_prob) in enumerate(greedy_search_scored(model, src, max_len_b=10, shortlist=shortlist)):
-        assert set(tokens) <= set(candidates.tolist())
-        assert log_prob == pytest.approx(_restricted_log_prob(model, src[row], tokens, candidates), abs=1e-4)
-    for row, hyps in enumerate(beam_search(model, src, beam=4, alpha=0.6, max_len_b=10, nbest=4, shortlist=shortlist)):
+    own = [shortlist.candidates(src[row : row + 1]) for row in range(len(src))]  # each sentence's own
+    assert any(len(c) < len(candidates) for c in own)  # the batch's union is not what a sentence gets
+    for row, (tokens, log_prob) in enumerate(greedy_search_scored(model, src, SearchConfig(max_len_b=10), shortlist=shortlist)):
+        assert set(tokens) <= set(own[row].tolist())
+        assert log_prob == pytest.approx(_restricted_log_prob(model, src[row], tokens, own[row]), abs=1e-4)
+    for row, hyps in enumerate(beam_search(model, src, SearchConfig(beam=4, alpha=0.6, max_len_b=10), nbest=4, shortlist=shortlist)):
         for h in hyps:
-            assert set(h.tokens) <= set(candidates.tolist())
-            assert h.log_prob == pytest.approx(_restricted_log_prob(model, src[row], h.tokens, candidates), abs=1e-4)
+            assert set(h.tokens) <= set(own[row].tolist())
+            assert h.log_prob == pytest.approx(_restricted_log_prob(model, src[row], h.tokens, own[row]), abs=1e-4)
     # a single sentence's candidates: its own subwords, their translations, the frequent ones, EOS
     one = src[:1, : LENGTHS[0]]
     expected = {4, 5, 6, EOS_ID} | set(one[0].tolist()) | {s + 1 for s in one[0].tolist() if s < VOCAB - 1}
@@ -82,15 +87,14 @@ def test_a_restricted_search_uses_only_candidates_and_normalises_over_them():
 
 def test_int8_and_packed_models_take_the_restricted_output(random_checkpoint):
     from aiayn.checkpoint import load_checkpoint
-    from aiayn.shortlist import tokenizer_digest
 
     lines = ["the cat sat on the mat", "a dog runs"]
     tokenizer = load_checkpoint(random_checkpoint, device="cpu").tokenizer
     everything = Shortlist(tokenizer.vocab_size, [1] + list(range(4, tokenizer.vocab_size)),
-                           [[] for _ in range(tokenizer.vocab_size)], tokenizer_digest(tokenizer), {})
+                           [[] for _ in range(tokenizer.vocab_size)], tokenizer.sha256, {})
     for options in (dict(), dict(quantize="int8"), dict(prepack=False)):
-        plain = Translator(random_checkpoint, device="cpu", beam=1, max_len_b=8, **options)
-        short = Translator(random_checkpoint, device="cpu", beam=1, max_len_b=8, **options)
+        plain = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=8), device="cpu", **options)
+        short = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=8), device="cpu", **options)
         short.shortlist = everything
         for a, b in zip(plain.translate_nbest(lines), short.translate_nbest(lines)):
             if "quantize" in options:  # fp32 output rows against int8 ones: near-ties may differ
@@ -134,3 +138,37 @@ def test_a_shortlist_of_another_vocabulary_or_a_bad_file_is_refused(tmp_path, ra
         Shortlist.load(wrong)
     with pytest.raises(UserError, match="not found"):
         Shortlist.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("field", ["frequent", "translations"])
+@pytest.mark.parametrize("special", [0, 2])
+def test_a_shortlist_listing_pad_or_bos_is_refused(tmp_path, field, special, capsys):
+    """pad and bos are never outputs: a file that lists them is a one-line error naming it,
+    exit 2, before any model work (it used to make the searches write pad tokens)."""
+    rows = [[] for _ in range(VOCAB)]
+    frequent = [4, 5, 6]
+    if field == "frequent":
+        frequent = [special, 5, 6]
+    else:
+        rows[7] = [special, 8]
+    path = tmp_path / "specials.json"
+    Shortlist(VOCAB, frequent, rows, "x", {}).save(path)
+    with pytest.raises(UserError, match=rf"{path}: malformed shortlist: .*special id\(s\) \[{special}\]"):
+        Shortlist.load(path)
+
+
+def test_a_sentence_gets_the_same_result_alone_and_batched():
+    """Each sentence is restricted to its own candidates and normalised over them, so what it
+    is batched with (other sentences, other requests under aiayn serve) changes nothing."""
+    model, src = toy_model(), batch_of(LENGTHS)
+    shortlist = _shortlist([4, 5], {s: [s + 1, s + 2] for s in range(4, VOCAB - 2)})
+    config = SearchConfig(beam=3, alpha=0.6, max_len_b=10)
+    batched = beam_search(model, src, config, nbest=2, shortlist=shortlist)
+    greedy = greedy_search_scored(model, src, config, shortlist=shortlist)
+    for row, n in enumerate(LENGTHS):
+        one = src[row : row + 1, : n + 1]
+        alone = beam_search(model, one, config, nbest=2, shortlist=shortlist)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[row]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in batched[row]], abs=1e-5)
+        tokens, log_prob = greedy_search_scored(model, one, config, shortlist=shortlist)[0]
+        assert tokens == greedy[row][0] and log_prob == pytest.approx(greedy[row][1], abs=1e-5)

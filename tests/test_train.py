@@ -25,7 +25,8 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.distributed import DistContext
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import Criterion, StepContext, train_update
-from conftest import TINY
+
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 

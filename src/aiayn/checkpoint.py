@@ -4,7 +4,8 @@
     config.yaml         the TransformerConfig, under the key ``model``
     spm.model           the sentencepiece model the token ids refer to
     meta.json           where it came from (step, the run's and the dataset's directory names,
-                        the dataset fingerprint, ...): names only, no local paths
+                        the dataset fingerprint, ...): names only, no local paths; and the
+                        search settings recommended for it (``"search"``, a `SearchConfig`)
 
 Training adds its own resume state beside these files (see `aiayn.train`); translation,
 evaluation, averaging and inspection need only the four above.
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from . import config as config_io
+from .config import SearchConfig
 from .errors import UserError
 from .files import atomic_directory
 from .model import Transformer, TransformerConfig
@@ -35,6 +37,20 @@ class Checkpoint:
     tokenizer: object  # aiayn.data.Tokenizer
     path: Path
     meta: dict = field(default_factory=dict)
+
+    @property
+    def search(self) -> SearchConfig:
+        """The search settings recommended for this model (meta.json's ``search``: set by its
+        recipe's ``search:`` section or by whoever tuned it), else the paper's."""
+        return search_from_meta(self.meta, self.path / META)
+
+
+def search_from_meta(meta: dict, where: str | Path = META) -> SearchConfig:
+    """The `SearchConfig` a checkpoint's meta.json recommends (the paper's where it has none)."""
+    recorded = meta.get("search")
+    if not isinstance(recorded, dict):
+        return SearchConfig()
+    return config_io.from_dict(SearchConfig, recorded, f"{where}: search")
 
 
 def write_checkpoint_files(directory: Path, model: Transformer, tokenizer_file: str | Path, meta: dict | None = None) -> None:
@@ -109,5 +125,5 @@ def read_meta(path: str | Path) -> dict:
 def _unwrap(model: torch.nn.Module) -> Transformer:
     """The Transformer inside a DDP or torch.compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model

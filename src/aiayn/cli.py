@@ -1,20 +1,22 @@
 """The `aiayn` command: a thin argument parser over the pipeline's stages.
 
-Each subcommand parses its options here and hands them to the module that owns the stage:
+Each subcommand parses its options here and hands them to its command in `aiayn.commands`,
+which turns them into typed arguments for the library module that owns the stage:
 
-    prepare   -> aiayn.data       (corpora, subword vocabulary, encoded splits)
-    train     -> aiayn.train      (the paper's recipe; torchrun for several processes)
-    average   -> aiayn.train      (checkpoint averaging)
-    plot      -> aiayn.train      (loss and BLEU curves from a run's metrics log)
-    translate -> aiayn.decode     (greedy and beam search)
-    evaluate  -> aiayn.evaluate   (sacreBLEU, chrF, paper-comparable BLEU)
-    shortlist -> aiayn.shortlist  (vocabulary shortlist for faster decoding)
-    attention -> aiayn.inspect    (attention weights as heatmaps and JSON)
-    export    -> aiayn.export     (Hugging Face Marian layout, for CTranslate2)
-    serve     -> aiayn.serve      (HTTP API with dynamic batching, and the attention explorer)
-    demo      -> aiayn.demo       (the first run: all of the above on a real corpus)
+    prepare   -> aiayn.data               (corpora, subword vocabulary, encoded splits)
+    train     -> aiayn.train              (the paper's recipe; torchrun for several processes)
+    average   -> aiayn.train.average      (checkpoint averaging)
+    plot      -> aiayn.train.plot         (loss and BLEU curves from a run's metrics log)
+    translate -> aiayn.translator         (batching, workers; aiayn.search: greedy and beam search)
+    evaluate  -> aiayn.evaluate           (sacreBLEU, chrF, paper-comparable BLEU)
+    shortlist -> aiayn.inference.shortlist (vocabulary shortlist for faster decoding)
+    attention -> aiayn.attention          (attention weights as heatmaps and JSON)
+    export    -> aiayn.export             (Hugging Face Marian layout, for CTranslate2)
+    serve     -> aiayn.serve              (HTTP API with dynamic batching, and the attention explorer)
+    demo      -> aiayn.demo               (the first run: all of the above on a real corpus)
 
-Errors a user can fix are raised as `UserError` and printed as one line, exit status 2.
+Nothing here imports torch: ``--help`` and argument errors answer at once. Errors a user can
+fix are raised as `UserError` and printed as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ import argparse
 import importlib
 import sys
 
+from .config import SearchConfig
+from .data.options import PrepareOptions
 from .errors import UserError
+
+SEARCH = SearchConfig()  # the paper's settings, shown as the defaults
+PREPARE = PrepareOptions(out="")
 
 
 def _handler(target: str):
-    """'module:function' -> a callable, imported only when the subcommand runs (fast --help)."""
+    """'module:function' of `aiayn.commands` -> a callable, imported only when the subcommand
+    runs (fast --help)."""
 
     def run(args):
         module, func = target.split(":")
-        return getattr(importlib.import_module(f"aiayn.{module}"), func)(args)
+        return getattr(importlib.import_module(f"aiayn.commands.{module}"), func)(args)
 
     return run
 
@@ -61,20 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("--valid-tgt", help="target side of your validation (dev) set")
     held.add_argument("--test-src", help="source side of your test set")
     held.add_argument("--test-tgt", help="target side of your test set")
-    p.add_argument("--lang", default="de", help="libreoffice-help: target language (default de)")
+    p.add_argument("--lang", default=PREPARE.lang, help="libreoffice-help: target language (default %(default)s)")
     p.add_argument("--path", help="multi30k: directory with train/val/test2016 files")
-    p.add_argument("--pair", default="en-de", help="multi30k: language pair SRC-TGT (default en-de)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size")
-    p.add_argument("--valid-size", type=int, default=1000, help="validation pairs drawn from the training data")
-    p.add_argument("--test-size", type=int, default=1000, help="test pairs drawn from the training data")
-    p.add_argument("--max-len", type=int, default=256, help="drop training pairs longer (subwords)")
-    p.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a larger length ratio")
-    p.add_argument("--seed", type=int, default=1, help="seed for splits and synthetic data")
-    p.add_argument("--train-size", type=int, default=20000,
-                   help="copy/reverse: training pairs to generate (default 20000)")
-    p.add_argument("--cache-dir", help="where downloaded packages are unpacked (~/.cache/aiayn)")
+    p.add_argument("--pair", default=PREPARE.pair, help="multi30k: language pair SRC-TGT (default %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=PREPARE.vocab_size,
+                   help="joint BPE vocabulary size (default %(default)s; smaller for a small corpus)")
+    p.add_argument("--valid-size", type=int, default=PREPARE.valid_size,
+                   help="validation pairs drawn from the training data (default %(default)s)")
+    p.add_argument("--test-size", type=int, default=PREPARE.test_size,
+                   help="test pairs drawn from the training data (default %(default)s)")
+    p.add_argument("--max-len", type=int, default=PREPARE.max_len,
+                   help="drop training pairs longer than this many subwords (default %(default)s)")
+    p.add_argument("--max-ratio", type=float, default=PREPARE.max_ratio,
+                   help="drop training pairs with a larger length ratio (default %(default)s)")
+    p.add_argument("--seed", type=int, default=PREPARE.seed, help="seed for splits and synthetic data (default %(default)s)")
+    p.add_argument("--train-size", type=int, default=PREPARE.train_size,
+                   help="copy/reverse: training pairs to generate (default %(default)s)")
+    p.add_argument("--cache-dir", help="where downloaded packages are unpacked (default ~/.cache/aiayn)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=_handler("data:prepare_main"))
+    p.set_defaults(func=_handler("prepare:run"))
 
     # -- train ---------------------------------------------------------------------------------
     p = sub.add_parser("train", help="train a model (run under torchrun for several processes)")
@@ -84,19 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_updates=1000")
-    p.set_defaults(func=_handler("train:train_main"))
+    p.set_defaults(func=_handler("train:train"))
 
     p = sub.add_parser("average", help="average checkpoints (the paper averages the last 5 or 20)")
     p.add_argument("--out", required=True, help="directory for the averaged checkpoint")
     p.add_argument("checkpoints", nargs="+", help="checkpoint directories, or a run directory")
     p.add_argument("--last", type=int, help="with a run directory: average its last K checkpoints")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=_handler("train:average_main"))
+    p.set_defaults(func=_handler("train:average"))
 
     p = sub.add_parser("plot", help="draw loss and BLEU curves of a run as a PNG")
     p.add_argument("run_dir", help="run directory with metrics.jsonl")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
-    p.set_defaults(func=_handler("train:plot_main"))
+    p.set_defaults(func=_handler("train:plot"))
 
     # -- translate / evaluate ------------------------------------------------------------------
     p = sub.add_parser("translate", help="translate text with a trained checkpoint")
@@ -106,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --output file")
     _search_options(p)
     p.add_argument("--nbest", type=int, default=1,
-                   help="print the N best per line as INDEX<TAB>SCORE<TAB>LOG_PROB<TAB>TEXT")
-    p.set_defaults(func=_handler("decode:translate_main"))
+                   help="print the N best per line as INDEX<TAB>SCORE<TAB>LOG_PROB<TAB>TEXT (default %(default)s)")
+    p.set_defaults(func=_handler("translate:run"))
 
     p = sub.add_parser("evaluate", help="score translations with sacreBLEU and chrF")
     p.add_argument("--checkpoint", help="checkpoint to translate --src with")
@@ -116,18 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="reference translations")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _search_options(p)
-    p.set_defaults(func=_handler("evaluate:evaluate_main"))
+    p.set_defaults(func=_handler("evaluate:run"))
 
     # -- shortlist -----------------------------------------------------------------------------
     p = sub.add_parser("shortlist", help="build a vocabulary shortlist from a dataset (faster decoding)")
     p.add_argument("--data", required=True, help="prepared dataset directory (its training split is read)")
     p.add_argument("--out", required=True, help="output file (JSON)")
-    p.add_argument("--frequent", type=int, default=100, help="most frequent target subwords always allowed")
+    p.add_argument("--frequent", type=int, default=100,
+                   help="most frequent target subwords always allowed (default %(default)s)")
     p.add_argument("--per-source", type=int, default=100,
-                   help="target subwords allowed per source subword (highest Dice coefficient)")
+                   help="target subwords allowed per source subword, highest Dice coefficient (default %(default)s)")
     p.add_argument("--max-pairs", type=int, help="read at most this many training pairs (default: all)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
-    p.set_defaults(func=_handler("shortlist:shortlist_main"))
+    p.set_defaults(func=_handler("shortlist:run"))
 
     # -- attention -----------------------------------------------------------------------------
     p = sub.add_parser("attention", help="export attention weights as heatmaps and JSON")
@@ -136,14 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt", help="target sentence (default: the model's own translation)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=_handler("inspect:attention_main"))
+    _search_settings(p.add_argument_group(_SEARCH_TITLE))
+    p.set_defaults(func=_handler("attention:run"))
 
     # -- export --------------------------------------------------------------------------------
     p = sub.add_parser("export", help="export a checkpoint to the Hugging Face Marian layout (for CTranslate2)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--out", required=True, help="output directory for the Marian model")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=_handler("export:export_main"))
+    p.set_defaults(func=_handler("export:run"))
 
     # -- serve ---------------------------------------------------------------------------------
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP: a JSON API and the attention explorer")
@@ -151,13 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: loopback only; the API has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    g = p.add_argument_group("search (a request may choose its own beam and nbest)")
-    g.add_argument("--beam", type=int, default=4, help="default beam size; 1 is greedy search")
-    g.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha")
-    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b subwords")
-    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
+    g = p.add_argument_group(_SEARCH_TITLE + "; a request may choose its own beam, alpha and nbest")
+    _search_settings(g)
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
-    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist) for every search")
     g = p.add_argument_group("limits and batching")
     g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default 64)")
@@ -169,27 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log every request (default: on)")
-    p.set_defaults(func=_handler("serve:serve_main"))
+    p.set_defaults(func=_handler("serve:run"))
 
     # -- demo ----------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="the first run: prepare, train, average, evaluate, draw")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
-    p.set_defaults(func=_handler("demo:demo_main"))
+    p.set_defaults(func=_handler("demo:run"))
     return parser
 
 
+_SEARCH_TITLE = (f"search (default: the settings the checkpoint recommends, else the paper's: beam {SEARCH.beam}, "
+                 f"alpha {SEARCH.alpha}, max length {SEARCH.max_len_a:g}*|x|+{SEARCH.max_len_b})")
+
+
+def _search_settings(g) -> None:
+    """The `SearchConfig` flags; None (not given) means the checkpoint's recommended setting."""
+    g.add_argument("--beam", type=int, help=f"beam size; 1 is greedy search (paper: {SEARCH.beam})")
+    g.add_argument("--alpha", type=float,
+                   help=f"length penalty: rank by log P(Y|X) / ((5+|Y|)/6)^alpha, |Y| incl. EOS (paper: {SEARCH.alpha})")
+    g.add_argument("--max-len-a", type=float, help=f"max output length = a*|x| + b subwords (paper: a={SEARCH.max_len_a:g})")
+    g.add_argument("--max-len-b", type=int, help=f"max output length = a*|x| + b (paper: b={SEARCH.max_len_b})")
+
+
 def _search_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("search (paper defaults: beam 4, alpha 0.6, max length |x|+50)")
-    g.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search")
-    g.add_argument("--alpha", type=float, default=0.6,
-                   help="length penalty: rank by log P(Y|X) / ((5+|Y|)/6)^alpha, |Y| incl. EOS")
-    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|x| + b subwords")
-    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|x| + b")
-    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    g.add_argument("--batch-tokens", type=int, help="padded source tokens per batch (instead of --batch-size)")
+    g = p.add_argument_group(_SEARCH_TITLE)
+    _search_settings(g)
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default %(default)s)")
+    g.add_argument("--batch-tokens", type=int,
+                   help="padded source tokens per batch; replaces --batch-size (default: not used)")
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
-    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's, all cores; 1 per worker with --workers)")
     g.add_argument("--workers", type=int, default=1,

@@ -1,9 +1,12 @@
 """One config system for the whole project: typed dataclasses, read from and written to YAML.
 
-Every stage keeps its settings in a ``@dataclass`` (``TransformerConfig`` in `aiayn.model`,
-``TrainConfig`` in `aiayn.train`). This module turns such dataclasses into plain dicts and back,
-checks field names and types, and applies ``key=value`` overrides from the command line.
-Unknown keys are errors, never silently ignored.
+Every concern keeps its settings in one ``@dataclass``: ``TransformerConfig`` in `aiayn.model`,
+``TrainConfig`` in `aiayn.train.config`, and ``SearchConfig`` here (the search settings are
+shared by the search, the translator, the server, validation during training and the
+checkpoint's recommended settings; they live here so the command line can show their defaults
+without importing torch). This module turns such dataclasses into plain dicts and back, checks
+field names and types, and applies ``key=value`` overrides from the command line. Unknown keys
+are errors, never silently ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +22,42 @@ import yaml
 from .errors import UserError
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How a translation is searched: the paper's §6.1 settings by default.
+
+    "we used beam search with a beam size of 4 and length penalty α = 0.6 ... We set the
+    maximum output length during inference to input length + 50." ``beam=1`` is greedy search.
+    The length penalty is GNMT's, lp(Y) = ((5 + |Y|) / 6) ** α (`aiayn.search`); the maximum
+    output length is floor(max_len_a · |x| + max_len_b) subwords before the EOS.
+    """
+
+    beam: int = 4
+    alpha: float = 0.6
+    max_len_a: float = 1.0
+    max_len_b: int = 50
+
+    def check(self) -> SearchConfig:
+        """Raise a `UserError` for a setting out of range; returns self."""
+        if self.beam < 1:
+            raise UserError(f"beam must be at least 1 (got {self.beam})")
+        if self.alpha < 0:
+            raise UserError(f"alpha must not be negative (got {self.alpha})")
+        if self.max_len_a < 0 or self.max_len_b < 0:
+            raise UserError(f"the maximum length a·|x| + b needs a, b >= 0 (got {self.max_len_a}, {self.max_len_b})")
+        return self
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        """A copy with the settings in ``changes`` that are not None replaced."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def check_choice(value: Any, choices, where: str) -> None:
+    """A `UserError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise UserError(f"{where}: unknown value {value!r}; known: {sorted(choices)}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from argparse import Namespace
 from pathlib import Path
 
 from .errors import UserError
@@ -60,13 +59,14 @@ def _pick_attention_sentence(sources: list[str]) -> str:
 
 
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict:
+    from .attention import export_attention
     from .checkpoint import load_checkpoint
-    from .data import load_dataset, prepare_main
-    from .decode import Translator
+    from .config import SearchConfig
+    from .data import PrepareOptions, load_dataset, prepare
     from .evaluate import format_report, score
-    from .inspect import export_attention
     from .train import train
     from .train.plot import plot_curves, read_metrics
+    from .translator import Translator
 
     work = Path(workdir)
     data_dir, run_dir = work / "data", work / "train"
@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     # 1. the corpus
     _say("1/6", f"Preparing the LibreOffice help corpus, English→German, into {data_dir}")
     t0 = time.perf_counter()
-    prepare_main(Namespace(out=str(data_dir), **DATA))
+    prepare(PrepareOptions(out=str(data_dir), **DATA))
     data = load_dataset(data_dir)
     timings["prepare_s"] = time.perf_counter() - t0
 
@@ -99,7 +99,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     t0 = time.perf_counter()
     ckpt = load_checkpoint(averaged)
     sources, refs = data.raw("test", "src"), data.raw("test", "tgt")
-    hyps = Translator(ckpt, beam=BEAM, alpha=ALPHA).translate(sources, progress=True)
+    hyps = Translator(ckpt, search=SearchConfig(beam=BEAM, alpha=ALPHA)).translate(sources, progress=True)
     timings["translate_s"] = time.perf_counter() - t0
     hyp_file = work / "test.hyp.de"
     hyp_file.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
@@ -149,7 +149,3 @@ Go on:
 """)
     return summary
 
-
-def demo_main(args) -> int:
-    run_demo(args.workdir, list(args.overrides))
-    return 0

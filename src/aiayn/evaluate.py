@@ -21,11 +21,8 @@ Three scores of detokenized hypotheses against one reference per line:
 
 from __future__ import annotations
 
-import json
 import re
-import sys
-import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -57,6 +54,8 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
     """All three scores of ``hyps`` against ``refs`` (one reference per line)."""
     if len(hyps) != len(refs):
         raise UserError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    if not hyps:
+        raise UserError("nothing to score: no sentences")
     hyps, refs = list(hyps), list(refs)
     bleu, bleu_lc, chrf = BLEU(), BLEU(lowercase=True), CHRF()
     bleu_result = bleu.corpus_score(hyps, [refs])
@@ -89,37 +88,3 @@ def format_report(result: dict) -> str:
         f"  {result['tokenized_bleu_method']}",
         f"sentences: {result['sentences']}",
     ])
-
-
-def evaluate_main(args) -> int:
-    """``aiayn evaluate``: --hyp FILE --ref FILE, or --checkpoint DIR --src FILE --ref FILE."""
-    from .decode import read_input_lines, translator_from_args
-
-    if args.hyp is not None and (args.checkpoint is not None or args.src is not None):
-        raise UserError("give either --hyp, or --checkpoint with --src, not both")
-    if args.hyp is None and (args.checkpoint is None or args.src is None):
-        raise UserError("give --hyp FILE, or both --checkpoint DIR and --src FILE")
-    refs = read_input_lines(args.ref)
-    info: dict = {}
-    if args.hyp is not None:
-        hyps = read_input_lines(args.hyp)
-        if len(hyps) != len(refs):
-            raise UserError(f"{len(hyps)} lines, but {args.ref} has {len(refs)}", path=args.hyp)
-        info["hyp"] = args.hyp
-    else:
-        src = read_input_lines(args.src)
-        if len(src) != len(refs):
-            raise UserError(f"{len(src)} lines, but {args.ref} has {len(refs)}", path=args.src)
-        translator = translator_from_args(args)
-        start = time.perf_counter()
-        hyps = translator.translate(src, progress=len(src) >= 100)
-        info.update(checkpoint=args.checkpoint, src=args.src, beam=args.beam, alpha=args.alpha,
-                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, quantize=args.quantize,
-                    shortlist=args.shortlist, device=str(translator.device), translate_seconds=round(time.perf_counter() - start, 3))
-    result = {**score(hyps, refs), "ref": args.ref, **info}
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print(format_report(result))
-    sys.stdout.flush()
-    return 0

@@ -32,7 +32,6 @@ the name ``<aiayn_pad>``; the exported model pads with id V instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -260,8 +259,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = 
     ckpt = load_checkpoint(checkpoint)
     return export_marian(ckpt.model, out, Path(checkpoint) / TOKENIZER, force=force)
 
-
-def export_main(args: argparse.Namespace) -> int:
-    """``aiayn export``: then ``ct2-transformers-converter --model OUT --output_dir CT2_DIR``."""
-    print(export_checkpoint(args.checkpoint, args.out, force=args.force))
-    return 0

@@ -20,14 +20,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UserError
 
 # The kinds of directory aiayn writes, and how `artefact_kind` recognises each: by the files
 # its writer puts there (aiayn.data.dataset, aiayn.train, aiayn.checkpoint, aiayn.export,
-# aiayn.inspect; an averaged model is a checkpoint), so directories written by any version count.
+# aiayn.attention; an averaged model is a checkpoint), so directories written by any version count.
 ARTEFACTS = {
     "dataset": "an aiayn dataset",  # manifest.json with "format": "aiayn-dataset"
     "run": "an aiayn training run",  # config.yaml with metrics.jsonl or checkpoints/
@@ -162,3 +162,16 @@ def atomic_directory(path: str | Path, *, kind: str, force: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_path(path: str | Path | None, force: bool) -> None:
+    """Refuse to overwrite an existing output file unless ``force`` (None: standard output)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError("is a directory, not a file", path=p)
+    if p.exists() and not force:
+        raise UserError("already exists; pass --force to overwrite it", path=p)
+    if not p.parent.is_dir():
+        raise UserError("no such directory", path=p.parent)

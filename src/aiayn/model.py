@@ -2,15 +2,24 @@
 
 The classes follow the paper's order:
 
+    TransformerConfig             §3, §6.2 every architectural choice; presets "base" and "big" (Table 3)
     scaled_dot_product_attention  §3.2.1   softmax(Q Kᵀ / √d_k) V
     MultiHeadAttention            §3.2.2   h heads, d_k = d_v = d_model / h, output projection W^O
     PositionwiseFeedForward       §3.3     Linear(d_model→d_ff), ReLU, Linear(d_ff→d_model)
-    Embeddings                    §3.4     token embedding × √d_model (+ §3.5 positions), dropout
-    SinusoidalPositionalEncoding  §3.5     PE(pos, 2i) = sin(pos / 10000^(2i/d_model)),
+    sinusoidal_table              §3.5     PE(pos, 2i) = sin(pos / 10000^(2i/d_model)),
                                            PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
+    SinusoidalPositionalEncoding  §3.5     that table, grown on demand
+    LearnedPositionalEmbedding    Table 3 (E) learned positions instead
+    Embeddings                    §3.4     token embedding × √d_model (+ §3.5 positions), dropout
+    SublayerConnection            §3.1, §5.4  LayerNorm(x + Dropout(Sublayer(x))) (or pre-LN)
     EncoderLayer / Encoder        §3.1     self-attention, then FFN
     DecoderLayer / Decoder        §3.1     masked self-attention, encoder-decoder attention, FFN
     Transformer                            the two stacks and the (tied) pre-softmax projection
+
+This module is the paper and nothing else: it imports only torch and aiayn's config machinery.
+Incremental decoding with a key/value cache, prepacked and int8 layers and the vocabulary
+shortlist live in `aiayn.inference`, pinned to this module by tests (tests/test_inference.py);
+the CPU-fast dropout used in training lives in `aiayn.train.dropout`.
 
 Residual sublayers are post-LN by default, as the paper writes them (§3.1, §5.4):
 
@@ -28,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import config as config_io
-from .errors import UserError
 
 # The paper's Table 3 rows "base" and "big" (§6.1); every other Table 3 row is an override.
 PRESETS: dict[str, dict] = {
@@ -93,11 +100,11 @@ class TransformerConfig:
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "TransformerConfig":
+    def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> TransformerConfig:
         """A paper preset by name, with ``vocab_size`` for a shared vocabulary or
         ``src_vocab_size``/``tgt_vocab_size`` for separate ones, plus any field overrides."""
         if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         fields = dict(PRESETS[name])
         if vocab_size is not None:
             fields.update(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size)
@@ -107,12 +114,12 @@ class TransformerConfig:
         return cls(**fields)
 
     @classmethod
-    def base(cls, vocab_size: int | None = None, **overrides) -> "TransformerConfig":
+    def base(cls, vocab_size: int | None = None, **overrides) -> TransformerConfig:
         """Transformer (base): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1 (65M params in the paper)."""
         return cls.preset("base", vocab_size, **overrides)
 
     @classmethod
-    def big(cls, vocab_size: int | None = None, **overrides) -> "TransformerConfig":
+    def big(cls, vocab_size: int | None = None, **overrides) -> TransformerConfig:
         """Transformer (big): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (213M params in the paper)."""
         return cls.preset("big", vocab_size, **overrides)
 
@@ -121,60 +128,14 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "model") -> "TransformerConfig":
+    def from_dict(cls, data: dict, where: str = "model") -> TransformerConfig:
         """From a mapping; ``preset: base`` (or big) starts from the paper's numbers."""
         data = dict(data)
         name = data.pop("preset", None)
         if name is not None:
-            if name not in PRESETS:
-                raise UserError(f"{where}.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
+            config_io.check_choice(name, PRESETS, f"{where}.preset")
             data = {**PRESETS[name], **data}
         return config_io.from_dict(cls, data, where)
-
-    def to_yaml(self, path: str | Path) -> None:
-        config_io.save_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "TransformerConfig":
-        data = config_io.load_yaml(path)
-        return cls.from_dict(data.get("model", data), where=str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# §5.4 Residual dropout
-# ---------------------------------------------------------------------------------------------
-
-
-class Dropout(nn.Module):
-    """Dropout with rate P_drop (§5.4), in training only: each element is zeroed with
-    probability p and the others are scaled by 1/(1-p), so the expected value is unchanged.
-
-    On the CPU the keep-mask is drawn as 16-bit uniform integers, four from each 64-bit draw
-    of torch's default generator, instead of torch's per-element Bernoulli draw, which took a
-    quarter of a small model's forward pass (measured: 1.7 ms instead of 3.6 ms forward and
-    backward for 384k elements). An element is dropped when its integer is among the lowest
-    round(p·2¹⁶), so the rate is round(p·65536)/65536: 0.1 becomes 0.100006. Seeding and exact
-    resume work as before (same generator). On GPUs torch's own fused kernel runs.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self._threshold = -(1 << 15) + round(p * (1 << 16))  # int16 values below it are dropped
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        draws = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64)
-        bits = draws.view(torch.int16)[:n].view(x.shape)
-        keep = bits.ge(self._threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,51 +200,20 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, d_model)  # W^O
 
     def forward(
-        self,
-        x: Tensor,
-        memory: Tensor | None = None,
-        mask: Tensor | None = None,
-        cache: dict | None = None,
-        need_weights: bool = False,
+        self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, d_model) queries. memory: (B', S, d_model) for encoder-decoder attention.
-
-        ``cache`` (incremental decoding): for self-attention, a `KeyValueBuffer` holding the keys
-        and values of earlier positions, to which the new ones are appended; for encoder-decoder
-        attention a dict where they are computed from ``memory`` once, on the first call.
-
-        Beam search without copying the encoder output: when B = K·B' (the K hypotheses of
-        sentence i in rows i·K ... i·K+K-1), encoder-decoder attention folds the K hypotheses
-        into the query-length axis, so each sentence's keys and values serve all its beams.
-        """
+        """x: (B, T, d_model) queries; ``memory``: (B, S, d_model) keys and values for
+        encoder-decoder attention (None: self-attention on x). Returns the output and, with
+        ``need_weights``, the attention probabilities (B, h, T, S)."""
         b, t, _ = x.shape
         if self.self_attention:
             q, k, v = self._project(self.qkv_proj(x), 3)
-            if cache is not None:
-                k, v = cache.append(k, v)
         else:
             (q,) = self._project(self.q_proj(x), 1)
-            if cache is not None and "k" in cache:
-                k, v = cache["k"], cache["v"]
-            else:
-                k, v = self._project(self.kv_proj(memory), 2)
-                if cache is not None:
-                    cache["k"], cache["v"] = k, v
-        groups = b // k.size(0)
-        if groups * k.size(0) != b:
-            raise ValueError(f"decoder batch {b} is not a multiple of the encoder batch {k.size(0)}")
-        if groups > 1:  # K beams per sentence share that sentence's encoder keys and values
-            q = q.reshape(k.size(0), groups, self.n_heads, t, self.d_k).transpose(1, 2)
-            q = q.reshape(k.size(0), self.n_heads, groups * t, self.d_k)
+            k, v = self._project(self.kv_proj(memory), 2)
         out, probs = scaled_dot_product_attention(
             q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights
         )
-        if groups > 1:
-            out = out.view(k.size(0), self.n_heads, groups, t, self.d_k).transpose(1, 2)
-            out = out.reshape(b, self.n_heads, t, self.d_k)
-            if probs is not None:
-                probs = probs.view(k.size(0), self.n_heads, groups, t, -1).transpose(1, 2)
-                probs = probs.reshape(b, self.n_heads, t, -1)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_k)
         return self.out_proj(out), probs
 
@@ -373,7 +303,7 @@ class Embeddings(nn.Module):
         self.token = token
         self.positions = positions
         self.scale = math.sqrt(token.embedding_dim)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         x = self.token(ids) * self.scale + self.positions(ids.size(1), offset)
@@ -394,7 +324,7 @@ class SublayerConnection(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool, eps: float):
         super().__init__()
         self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, sublayer) -> tuple[Tensor, Tensor | None]:
@@ -433,120 +363,13 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self,
-        x: Tensor,
-        memory: Tensor,
-        self_mask: Tensor | None,
-        memory_mask: Tensor | None,
-        cache: dict | None = None,
+        self, x: Tensor, memory: Tensor, self_mask: Tensor | None, memory_mask: Tensor | None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        self_cache = cache["self"] if cache is not None else None
-        cross_cache = cache["cross"] if cache is not None else None
-        x, self_w = self.sublayers[0](
-            x, lambda h: self.self_attn(h, mask=self_mask, cache=self_cache, need_weights=need_weights)
-        )
-        x, cross_w = self.sublayers[1](
-            x, lambda h: self.cross_attn(h, memory, mask=memory_mask, cache=cross_cache, need_weights=need_weights)
-        )
+        x, self_w = self.sublayers[0](x, lambda h: self.self_attn(h, mask=self_mask, need_weights=need_weights))
+        x, cross_w = self.sublayers[1](x, lambda h: self.cross_attn(h, memory, mask=memory_mask, need_weights=need_weights))
         x, _ = self.sublayers[2](x, lambda h: (self.ffn(h), None))
         return x, self_w, cross_w
-
-
-SPLIT_REORDER = 262_144  # elements per key (or value) tensor from which a reorder is split across threads
-
-
-class KeyValueBuffer:
-    """One self-attention layer's keys and values of the positions decoded so far.
-
-    Preallocated and written in place: appending a step copies only the new position, where
-    ``torch.cat`` would copy the whole history every step. The layout is (L, N, h, d_k), time
-    first, so the first ``length`` positions are one contiguous block: reordering the rows
-    (beams) writes into a second block with ``index_select(out=...)``, without allocating, and
-    attention reads a permuted view (N, h, length, d_k) whose innermost axis is contiguous, as
-    the fused attention kernels want. Capacity doubles when full (amortised: each position is
-    copied O(1) times), so memory stays within 2x of what the positions need.
-    """
-
-    def __init__(self, capacity: int = 16):
-        self.capacity = max(1, capacity)
-        self.length = 0
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-        self._spare: tuple[Tensor, Tensor] | None = None  # the other block, for reordering
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add ``t`` new positions (k, v: (N, h, t, d_k)); returns all keys and values so far,
-        (N, h, length, d_k) views."""
-        n, h, t, d = k.shape
-        end = self.length + t
-        if self.k is None or end > self.k.size(0) or self.k.size(1) != n:
-            self._resize(max(end, 2 * self.k.size(0) if self.k is not None else self.capacity), n, h, d, k)
-        self.k[self.length : end].copy_(k.permute(2, 0, 1, 3))
-        self.v[self.length : end].copy_(v.permute(2, 0, 1, 3))
-        self.length = end
-        return self.k[:end].permute(1, 2, 0, 3), self.v[:end].permute(1, 2, 0, 3)
-
-    def _resize(self, capacity: int, n: int, h: int, d: int, like: Tensor) -> None:
-        k = like.new_empty(capacity, n, h, d)
-        v = like.new_empty(capacity, n, h, d)
-        if self.k is not None:
-            k[: self.length].copy_(self.k[: self.length])
-            v[: self.length].copy_(self.v[: self.length])
-        self.k, self.v, self._spare = k, v, None
-
-    def reorder(self, index: Tensor) -> None:
-        """Rows ``index`` of the current rows (beams after a search step, or fewer rows)."""
-        if self.k is None:
-            return
-        length, n = self.length, index.numel()
-        if self.k.requires_grad:  # autograd cannot record out=: the plain (allocating) form
-            self.k, self.v, self._spare = self.k.index_select(1, index), self.v.index_select(1, index), None
-            return
-        cap, _, h, d = self.k.shape
-        if self._spare is None or self._spare[0].size(1) != n:
-            self._spare = (self.k.new_empty(cap, n, h, d), self.v.new_empty(cap, n, h, d))
-        k, v = self._spare
-        # Large reorders copy rows of the (N, L, h, d) views instead: index_select along dim 1
-        # runs on one thread, along dim 0 torch splits it across threads. Measured on 2 threads
-        # (Xeon, AVX-512): 25 positions × 256 beams of the base model 1.0 -> 0.6 ms per tensor,
-        # and beam-4 search at batch 64 1.15x as fast (fp32; int8 1.16x); below ~200k elements
-        # the split costs more than it saves, and on 1 thread it is 10% slower.
-        split = length * n * h * d >= SPLIT_REORDER and torch.get_num_threads() > 1
-        for old, new in ((self.k, k), (self.v, v)):
-            if split:
-                torch.index_select(old[:length].transpose(0, 1), 0, index, out=new[:length].transpose(0, 1))
-            else:
-                torch.index_select(old[:length], 1, index, out=new[:length])
-        # The old block becomes the spare only if it has the new row count.
-        self._spare = (self.k, self.v) if self.k.size(1) == n else None
-        self.k, self.v = k, v
-
-
-class DecoderCache:
-    """Keys and values kept between the steps of incremental decoding.
-
-    Self-attention entries (`KeyValueBuffer`) grow by one position per step and follow the
-    hypotheses (rows) of the decoder batch. Encoder-decoder entries are computed once and follow
-    the sentences. ``capacity``: the number of target positions expected (the buffers grow
-    beyond it if needed).
-    """
-
-    def __init__(self, n_layers: int, capacity: int = 16):
-        self.layers = [{"self": KeyValueBuffer(capacity), "cross": {}} for _ in range(n_layers)]
-        self.offset = 0  # number of target positions already decoded
-
-    def reorder(self, index: Tensor) -> None:
-        """Reorder (or select) decoder rows, e.g. beams after a beam-search step."""
-        for layer in self.layers:
-            layer["self"].reorder(index)
-
-    def select_sentences(self, index: Tensor) -> None:
-        """Keep only these sentences' encoder-decoder keys and values (finished ones leave)."""
-        for layer in self.layers:
-            for key in ("k", "v"):
-                if key in layer["cross"]:
-                    layer["cross"][key] = layer["cross"][key].index_select(0, index)
 
 
 class Encoder(nn.Module):
@@ -572,10 +395,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
 
-    def forward(self, x, memory, self_mask, memory_mask, cache: DecoderCache | None = None, need_weights=False):
+    def forward(self, x, memory, self_mask, memory_mask, need_weights: bool = False) -> tuple[Tensor, list, list]:
         self_ws, cross_ws = [], []
-        for i, layer in enumerate(self.layers):
-            x, sw, cw = layer(x, memory, self_mask, memory_mask, cache.layers[i] if cache else None, need_weights)
+        for layer in self.layers:
+            x, sw, cw = layer(x, memory, self_mask, memory_mask, need_weights)
             self_ws.append(sw)
             cross_ws.append(cw)
         if self.final_norm is not None:
@@ -650,106 +473,27 @@ class Transformer(nn.Module):
         memory, _ = self.encoder(self.src_embed(src), self._key_mask(src_mask))
         return memory
 
-    def decode(
-        self,
-        tgt_in: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        cache: DecoderCache | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
-        """Decoder inputs (B, T) -> logits (B, T, V), or (B, 1, V) with ``last_only``.
-
-        ``memory_mask`` is the (B', S) source mask (True = real token). With a ``cache`` only
-        the new positions are passed (usually one), and B may be K·B' (K beams per sentence).
-        """
-        x = self.decode_states(tgt_in, memory, memory_mask, cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.generator(x)
-
-    def decode_states(
-        self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, cache: DecoderCache | None = None
-    ) -> Tensor:
-        """The decoder's output (B, T, d_model) before the pre-softmax projection.
+    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """Decoder inputs (B, T) -> the decoder's output (B, T, d_model), before the pre-softmax
+        projection (`generator`). ``memory_mask`` is the (B, S) source mask (True = real token).
 
         A target padding mask is not needed: padding comes after the real tokens, and the
         causal mask already keeps every real position from seeing anything later.
         """
-        offset = cache.offset if cache is not None else 0
         t = tgt_in.size(1)
-        if t == 1 and cache is not None and not self.training:
-            return self._decode_step(tgt_in, memory, memory_mask, cache)
-        # One new position attends to every cached one: no mask, the fastest kernel.
-        self_mask = None if t == 1 else self.causal_mask(t, offset, tgt_in.device)
-        x = self.tgt_embed(tgt_in, offset)
-        x, _, _ = self.decoder(x, memory, self_mask, self._key_mask(memory_mask), cache)
-        if cache is not None:
-            cache.offset += t
+        x = self.tgt_embed(tgt_in)
+        x, _, _ = self.decoder(x, memory, self.causal_mask(t, 0, tgt_in.device), self._key_mask(memory_mask))
         return x
-
-    def _decode_step(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, cache: DecoderCache) -> Tensor:
-        """`decode_states` for one new position with a cache, in eval mode: the decoder stack
-        of §3.1 (the same sublayers, norms and attention as `DecoderLayer`) written out flat.
-
-        Why a second form: a search calls this once per output token, and at batch 1 a
-        decoder step is small work, so Python's per-call overhead (the sublayer closures, the
-        general paths of `MultiHeadAttention`, eval-mode dropout calls) was a quarter of
-        everything but the matrix products (measured, base model, one thread: 38 ms → 29 ms
-        per sentence). The linear layers and the FFN are still called as modules, so packed
-        and int8 models take this path too. Tests pin it to the module path
-        (tests/test_model.py: cached decoding equals full recomputation, post- and pre-LN).
-        """
-        b = tgt_in.size(0)
-        pre = self.config.norm_first
-        key_mask = self._key_mask(memory_mask)
-        x = self.tgt_embed(tgt_in, cache.offset)
-        for layer, entry in zip(self.decoder.layers, cache.layers):
-            self_attn, cross_attn = layer.self_attn, layer.cross_attn
-            norm0, norm1, norm2 = (sub.norm for sub in layer.sublayers)
-            # Masked self-attention: the new position sees every cached one, so no mask.
-            h = norm0(x) if pre else x
-            q, k, v = self_attn._project(self_attn.qkv_proj(h), 3)
-            k, v = entry["self"].append(k, v)
-            out = F.scaled_dot_product_attention(q, k, v)
-            x = x + self_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
-            if not pre:
-                x = norm0(x)
-            # Encoder-decoder attention: keys and values computed once; the K beams of a
-            # sentence are folded into its query axis (see `MultiHeadAttention.forward`).
-            h = norm1(x) if pre else x
-            kv = entry["cross"]
-            if "k" not in kv:
-                kv["k"], kv["v"] = cross_attn._project(cross_attn.kv_proj(memory), 2)
-            sentences = kv["k"].size(0)
-            if b % sentences:
-                raise ValueError(f"decoder batch {b} is not a multiple of the encoder batch {sentences}")
-            q = cross_attn.q_proj(h).view(sentences, b // sentences, cross_attn.n_heads, cross_attn.d_k).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, kv["k"], kv["v"], attn_mask=key_mask)
-            x = x + cross_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
-            if not pre:
-                x = norm1(x)
-            # Position-wise FFN.
-            x = x + layer.ffn(norm2(x) if pre else x)
-            if not pre:
-                x = norm2(x)
-        if self.decoder.final_norm is not None:
-            x = self.decoder.final_norm(x)
-        cache.offset += 1
-        return x
-
-    def new_cache(self, capacity: int = 16) -> DecoderCache:
-        """An empty cache for incremental decoding; ``capacity``: target positions expected."""
-        return DecoderCache(len(self.decoder.layers), capacity)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, tgt_vocab)."""
         return self.generator(self.states(src, tgt_in))
 
     def states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced decoder output (B, T, d_model): ``forward`` without the projection.
         Training projects only the real target positions (`aiayn.train.loss`)."""
         src_mask = self.source_mask(src)
-        return self.decode_states(tgt_in, self.encode(src, src_mask), src_mask)
+        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
 
     # -- inspection ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,8 +20,8 @@ exactly the batches it would have seen.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,7 +186,7 @@ positions without a device synchronisation (boolean masking on a GPU waits for t
     n_src_tokens: int
     n_tgt_tokens: int  # real (non-pad) target tokens: the loss is normalized by these
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), move(self.tgt_index),
                      move(self.tgt_labels), self.n_src_tokens, self.n_tgt_tokens)

@@ -14,9 +14,9 @@ for split in train, valid, test. Arrays are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -118,14 +118,6 @@ class PreparedData:
         if lines and lines[-1] == "":
             lines.pop()
         return lines
-
-    @property
-    def src_lang(self) -> str | None:
-        return self.manifest.get("languages", {}).get("src")
-
-    @property
-    def tgt_lang(self) -> str | None:
-        return self.manifest.get("languages", {}).get("tgt")
 
 
 def read_manifest(path: Path) -> dict:

@@ -18,7 +18,6 @@ input into the same --out reuses the directory without any work.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -30,9 +29,9 @@ from ..errors import UserError
 from ..files import artefact_kind, atomic_directory, refuse_to_replace, sha256_file
 from . import corpora
 from .corpora import Corpus, Pairs
-from .dataset import (FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest,
-                      save_split)
+from .dataset import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest, save_split
 from .libreoffice import default_cache_dir, package_name
+from .options import PrepareOptions
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, roundtrip_failures, train_bpe
 
 # Bump when the pipeline changes what it writes: older directories are then rebuilt.
@@ -44,10 +43,12 @@ def log(message: str) -> None:
     print(f"prepare: {message}", flush=True)
 
 
+
+
 # -- options -----------------------------------------------------------------------------------
 
 
-def _source_kind(args: argparse.Namespace) -> str:
+def _source_kind(args: PrepareOptions) -> str:
     """Exactly one source: --src/--tgt, --tsv or --corpus."""
     given = [name for name, on in (("--src/--tgt", args.src or args.tgt), ("--tsv", args.tsv),
                                    ("--corpus", args.corpus)) if on]
@@ -64,7 +65,7 @@ def _source_kind(args: argparse.Namespace) -> str:
 HELD_OUT = ("valid", "test")
 
 
-def _held_out_files(args: argparse.Namespace, kind: str) -> dict[str, tuple[Path, Path]]:
+def _held_out_files(args: PrepareOptions, kind: str) -> dict[str, tuple[Path, Path]]:
     """The user's own held-out sets: split -> (source file, target file), from --valid-src/
     --valid-tgt and --test-src/--test-tgt. They go with the user's training data (--src/--tgt
     or --tsv); a built-in corpus has held-out sets of its own (or draws them from its pool)."""
@@ -81,7 +82,7 @@ def _held_out_files(args: argparse.Namespace, kind: str) -> dict[str, tuple[Path
     return given
 
 
-def _split_off(args: argparse.Namespace, kind: str, held_out: dict) -> dict[str, int]:
+def _split_off(args: PrepareOptions, kind: str, held_out: dict) -> dict[str, int]:
     """How many pairs each held-out split draws from the pool: --valid-size and --test-size,
     for the splits the user did not bring (Multi30k brings both)."""
     if kind == "multi30k":
@@ -89,7 +90,7 @@ def _split_off(args: argparse.Namespace, kind: str, held_out: dict) -> dict[str,
     return {split: getattr(args, f"{split}_size") for split in HELD_OUT if split not in held_out}
 
 
-def _check_numbers(args: argparse.Namespace, split_off: dict[str, int]) -> None:
+def _check_numbers(args: PrepareOptions, split_off: dict[str, int]) -> None:
     if args.vocab_size < 8:
         raise UserError(f"--vocab-size {args.vocab_size} is too small (at least 8)")
     if any(size < 1 for size in split_off.values()):
@@ -102,7 +103,7 @@ def _check_numbers(args: argparse.Namespace, split_off: dict[str, int]) -> None:
         package_name(args.lang)  # a malformed --lang fails here, before any download
 
 
-def _settings(args: argparse.Namespace, kind: str, split_off: dict[str, int]) -> dict:
+def _settings(args: PrepareOptions, kind: str, split_off: dict[str, int]) -> dict:
     """Every option that changes the output (and nothing that does not, like --force). The
     user's held-out files are inputs (in the fingerprint by role), not settings."""
     s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "vocab_size": args.vocab_size,
@@ -236,7 +237,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
             f.write(line + "\n")
 
 
-def _load_corpus(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
+def _load_corpus(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
     if kind in ("files", "tsv"):
         corpus = corpora.from_files(args.src, args.tgt) if kind == "files" else corpora.from_tsv(args.tsv)
         corpus.held_out = {split: corpora.read_pairs(*files) for split, files in held_out.items()}
@@ -249,7 +250,7 @@ def _load_corpus(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[
     return corpora.synthetic(kind, args.train_size + args.valid_size + args.test_size, args.seed)
 
 
-def _input_files(kind: str, args: argparse.Namespace, held_out: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
+def _input_files(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
     """The user's input files by role (split.side); built-in corpora have none."""
     own = {f"{split}.{side}": path for split, pair in held_out.items() for side, path in zip(("src", "tgt"), pair)}
     if kind == "files":
@@ -268,18 +269,10 @@ def _length_stats(ids: list[list[int]]) -> dict:
             "max": int(lens.max())}
 
 
-def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    from ..cli import build_parser
-
-    defaults = vars(build_parser().parse_args(["prepare", "--out", str(args.out)]))
-    return argparse.Namespace(**{**defaults, **vars(args)})
-
-
-def prepare_main(args: argparse.Namespace) -> int:
-    """``aiayn prepare``; also callable with a partial Namespace (missing options take the
-    command line's defaults), e.g. ``prepare_main(Namespace(out=..., corpus="copy"))``."""
+def prepare(args: PrepareOptions) -> Path:
+    """Build the dataset directory ``args.out`` (or reuse it when it already holds exactly this
+    dataset); returns its path. ``prepare(PrepareOptions(out="data/copy", corpus="copy"))``."""
     started = time.time()
-    args = _with_defaults(args)
     kind = _source_kind(args)
     held_out = _held_out_files(args, kind)
     split_off = _split_off(args, kind, held_out)
@@ -296,7 +289,7 @@ def prepare_main(args: argparse.Namespace) -> int:
         counts = read_manifest(out)["counts"]
         log(f"reusing {out} (identical settings and input): "
             f"{counts['train']} train / {counts['valid']} valid / {counts['test']} test pairs")
-        return 0
+        return out
     if corpus is None:
         corpus = _load_corpus(kind, args, held_out)
 
@@ -327,11 +320,11 @@ def prepare_main(args: argparse.Namespace) -> int:
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")
-    return 0
+    return out
 
 
 def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, split_info: dict,
-           args: argparse.Namespace, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
+           args: PrepareOptions, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
     train = splits["train"]
     log(f"training a joint BPE model (vocab {args.vocab_size}) on {len(train)} pairs ...")
     spm_settings = train_bpe(train.src + train.tgt, tmp / "spm", args.vocab_size,

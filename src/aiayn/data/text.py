@@ -78,6 +78,26 @@ def decode_lines(data: bytes, path: str | Path) -> list[str]:
     return lines
 
 
+def read_input_lines(path: str | Path | None) -> list[str]:
+    """Lines to translate or score: a UTF-8 file, or standard input when ``path`` is None,
+    split on ``\n`` only.
+
+    Unlike `read_lines` (training data, where an empty file is a mistake), a file that is empty
+    or all blank lines is valid here: it has that many empty sentences. CRLF endings and a UTF-8
+    byte-order mark are accepted; invalid UTF-8 or a NUL byte is a UserError naming the line.
+    """
+    import sys
+
+    name = "<stdin>" if path is None else path
+    if path is None:
+        data = sys.stdin.buffer.read()
+    else:
+        if not Path(path).is_file():
+            raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
+        data = Path(path).read_bytes()
+    return decode_lines(data.removeprefix(BOM), name)
+
+
 def _check_pair(src: str, tgt: str, where_src: tuple[Path, int], where_tgt: tuple[Path, int]):
     """A pair may be empty on both sides (skipped) but not on one side only."""
     if not src.strip() and tgt.strip():

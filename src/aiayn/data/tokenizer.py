@@ -12,8 +12,10 @@ pieces instead of ``<unk>``. So ``decode(encode(x)) == x`` for any cleaned text.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -39,7 +41,7 @@ class Tokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise UserError("subword model not found", path=path)
@@ -49,6 +51,12 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise UserError(f"not a sentencepiece model ({e})", path=path) from None
         return cls(sp, path)
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 of the serialised sentencepiece model (the bytes of its spm.model file):
+        identifies the vocabulary. Checkpoints and shortlists record it."""
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

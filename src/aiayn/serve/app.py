@@ -19,7 +19,6 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +56,7 @@ class TranslateRequest(BaseModel):
         "examples": [{"text": "Click OK to close the dialog.", "beam": 4, "nbest": 1},
                      {"text": ["First sentence.", "Second sentence."], "nbest": 2}]})
 
-    text: Union[str, list[str]] = Field(description="one sentence, or a list of sentences translated separately")
+    text: str | list[str] = Field(description="one sentence, or a list of sentences translated separately")
     beam: StrictInt | None = Field(None, description="beam size, 1 = greedy search (default: the server's --beam)")
     nbest: StrictInt = Field(1, description="translations per sentence, best first (1 ... beam); > 1 adds scores")
 
@@ -77,7 +76,7 @@ class Candidate(BaseModel):
 
 
 class TranslateResponse(BaseModel):
-    translations: Union[list[str], list[list[Candidate]]] = Field(
+    translations: list[str] | list[list[Candidate]] = Field(
         description="one entry per input sentence: its translation (nbest = 1) or its n best candidates")
 
 
@@ -173,7 +172,7 @@ def create_app(engine: Engine) -> FastAPI:
             raise ApiError(500, f"translation failed: {type(e).__name__}: {e}") from None
 
     def check_beam(beam: int | None) -> int:
-        beam = settings.beam if beam is None else beam
+        beam = engine.search.beam if beam is None else beam
         if not 1 <= beam <= settings.max_beam:
             raise ApiError(422, f"beam must be between 1 and {settings.max_beam} (got {beam})")
         return beam

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from ..errors import UserError
 

@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from .. import __version__
+from ..attention import KINDS, attention_maps
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data.text import clean
-from ..decode import Translation, Translator, quantize_int8
 from ..errors import UserError
-from ..inspect import KINDS, attention_maps
-from ..packed import pack_for_inference
+from ..translator import Translation, Translator
 
 
 @dataclass
 class ServeSettings:
     """Search defaults, request limits and batching, as set by ``aiayn serve``'s flags."""
 
-    beam: int = 4  # a request's default; it may ask for 1 ... max_beam
-    alpha: float = 0.6
-    max_len_a: float = 1.0
-    max_len_b: int = 50
+    # The search a request gets by default (None: the checkpoint's recommended setting, else the
+    # paper's, `aiayn.config.SearchConfig`); a request may ask for another beam (1 ... max_beam).
+    beam: int | None = None
+    alpha: float | None = None
+    max_len_a: float | None = None
+    max_len_b: int | None = None
     max_beam: int = 8
     max_lines: int = 64  # lines per /api/translate request
     max_chars: int = 1000  # characters per line (and per attention source or target)
@@ -41,14 +40,14 @@ class ServeSettings:
     quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU)
     shortlist: str | None = None  # a vocabulary shortlist file (aiayn shortlist)
 
-    def check(self) -> "ServeSettings":
+    def check(self) -> ServeSettings:
         """Raise a UserError naming the flag of the first setting out of range."""
         positive = {"--max-beam": self.max_beam, "--max-lines": self.max_lines, "--max-chars": self.max_chars,
                     "--max-batch-lines": self.max_batch_lines}
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1 (got {value})")
-        if not 1 <= self.beam <= self.max_beam:
+        if self.beam is not None and not 1 <= self.beam <= self.max_beam:
             raise UserError(f"--beam must be between 1 and --max-beam {self.max_beam} (got {self.beam})")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms must not be negative (got {self.batch_wait_ms})")
@@ -69,8 +68,8 @@ class ServeSettings:
 class Engine:
     """One loaded checkpoint: translates batches and computes attention maps.
 
-    One model serves every search setting: a `Translator` per beam size, all sharing the same
-    weights (a Translator holds no state between calls besides its settings).
+    One `Translator` serves every search setting (they are given per call), and the attention
+    maps run on its model, so the weights are held once (packed or quantised).
     """
 
     def __init__(self, checkpoint: Checkpoint | str | Path, settings: ServeSettings | None = None):
@@ -78,10 +77,8 @@ class Engine:
         # The one thread that runs every model operation, loading included. torch's OpenMP
         # runtime keeps a team of threads per thread that starts parallel work: a model loaded
         # (packed, quantised) on one thread and searched on another leaves two teams, more
-        # threads than a 2-core machine has cores, and libgomp then stops spinning between
-        # parallel regions, so every small operation waits for a woken thread. Measured on the
-        # demo-size model, beam 4, one sentence at a time: 9-10 sentences/s loaded on the main
-        # thread and searched on a worker, 32 with both on the worker.
+        # threads than a small machine has cores, and libgomp then stops spinning between
+        # parallel regions, so every small operation waits for a woken thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiayn-model")
         try:
             self.executor.submit(self._load, checkpoint).result()
@@ -91,41 +88,33 @@ class Engine:
 
     def _load(self, checkpoint: Checkpoint | str | Path) -> None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
+        s = self.settings
         # Only the directory's name (resolved, so that "." has one): /api/info must not reveal
         # the server's file tree.
         self.name = ckpt.path.resolve().name
         self.meta = ckpt.meta
         self.parameters = ckpt.model.num_parameters()  # counted before any quantisation
-        if self.settings.quantize:
-            # Quantised once here; every Translator and the attention maps then share the copy.
-            ckpt = Checkpoint(model=quantize_int8(ckpt.model), tokenizer=ckpt.tokenizer, path=ckpt.path, meta=ckpt.meta)
-        elif (self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
-            # fp32 on the CPU: packed once here (aiayn.packed), so the Translators share one packed copy.
-            ckpt = Checkpoint(model=pack_for_inference(ckpt.model), tokenizer=ckpt.tokenizer, path=ckpt.path,
-                              meta=ckpt.meta)
-        self.checkpoint = ckpt
-        self._translators: dict[int, Translator] = {}
-        # The first Translator moves the model to its device; attention then runs there too.
-        self.device = self.translator(self.settings.beam).device
+        self.search = ckpt.search.replace(beam=s.beam, alpha=s.alpha, max_len_a=s.max_len_a,
+                                          max_len_b=s.max_len_b).check()
+        if self.search.beam > s.max_beam:
+            raise UserError(f"the default beam {self.search.beam} is over --max-beam {s.max_beam}")
+        self.translator = Translator(ckpt, search=self.search, device=s.device, quantize=s.quantize,
+                                     batch_size=s.max_batch_lines, shortlist=s.shortlist)
+        self.device = self.translator.device
         self.config = ckpt.model.config
+        # The attention maps run on the translator's model (packed or quantised, on its device).
+        self.checkpoint = Checkpoint(model=self.translator.model, tokenizer=ckpt.tokenizer, path=ckpt.path,
+                                     meta=ckpt.meta)
         self.max_subwords = self.config.max_positions - 1  # room for the EOS / the BOS
 
     def close(self) -> None:
         """Stop the model thread (after the work already given to it)."""
         self.executor.shutdown(wait=True)
 
-    def translator(self, beam: int) -> Translator:
-        if beam not in self._translators:
-            s = self.settings
-            self._translators[beam] = Translator(
-                self.checkpoint, device=s.device if not s.quantize else "cpu", beam=beam, alpha=s.alpha,
-                max_len_a=s.max_len_a, max_len_b=s.max_len_b, batch_size=s.max_batch_lines, shortlist=s.shortlist)
-        return self._translators[beam]
-
     def translate(self, key: tuple[int, int], lines: list[str]) -> list[list[Translation]]:
         """The batch function of `DynamicBatcher`: key = (beam, nbest)."""
         beam, nbest = key
-        return self.translator(beam).translate_nbest(lines, nbest=nbest)
+        return self.translator.translate_nbest(lines, nbest=nbest, search=self.search.replace(beam=beam))
 
     def attention(self, src: str, tgt: str) -> dict:
         """Tokens and every kind, layer and head of attention for one sentence pair (JSON-ready)."""
@@ -159,8 +148,7 @@ class Engine:
             "vocab_size": self.checkpoint.tokenizer.vocab_size,
             "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers}, "heads": cfg.n_heads,
             "device": str(self.device), "quantize": s.quantize,
-            "search": {"beam": s.beam, "alpha": s.alpha, "max_len_a": s.max_len_a, "max_len_b": s.max_len_b,
-                       "shortlist": s.shortlist is not None},  # whether, not where: no server paths
+            "search": {**asdict(self.search), "shortlist": s.shortlist is not None},  # whether, not where: no paths
             "limits": {"max_lines": s.max_lines, "max_chars": s.max_chars, "max_beam": s.max_beam,
                        "max_subwords": self.max_subwords, "max_body_bytes": s.max_body_bytes},
             "batching": {"batch_wait_ms": s.batch_wait_ms, "max_batch_lines": s.max_batch_lines},

@@ -19,15 +19,13 @@ Python API::
 
 from __future__ import annotations
 
-import argparse
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .average import average_checkpoints, average_main
+from .average import average_checkpoints
 from .config import RunConfig, TrainConfig, load_raw_config, resolve_config
 from .loss import label_smoothed_loss
-from .plot import plot_main
 from .schedule import inverse_sqrt_lr
 from .trainer import TrainResult, run_training
 
@@ -47,15 +45,5 @@ def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path
     return run_training(cfg, dataset, out, resume=resume, force=force)
 
 
-def train_main(args: argparse.Namespace) -> int:
-    result = train(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun only rank 0 reports
-    bleu = f", best valid BLEU {result.best_bleu:.2f}" if result.best_bleu is not None else ""
-    print(f"aiayn train: stopped at update {result.step} ({result.stop_reason}){bleu}; "
-          f"checkpoints in {Path(args.out) / 'checkpoints'}")
-    return 0
-
-
-__all__ = ["train", "train_main", "average_main", "plot_main", "TrainConfig", "RunConfig", "TrainResult",
+__all__ = ["train", "TrainConfig", "RunConfig", "TrainResult",
            "resolve_config", "run_training", "average_checkpoints", "label_smoothed_loss", "inverse_sqrt_lr"]

@@ -8,7 +8,6 @@ in float64 and cast back, so averaging identical checkpoints returns them bit fo
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..files import refuse_to_replace
 from .state import list_checkpoints
-
 
 # What an averaged checkpoint's meta.json carries over from the first checkpoint averaged.
 PROVENANCE = ("run", "data", "data_fingerprint", "tokenizer_sha256", "languages", "config_digest")
@@ -88,9 +86,3 @@ def resolve_inputs(items: list[str], last: int | None) -> list[Path]:
             raise UserError("is a run directory; pass --last K to average its last K checkpoints", path=p)
     return paths
 
-
-def average_main(args: argparse.Namespace) -> int:
-    paths = resolve_inputs(args.checkpoints, args.last)
-    out = average_checkpoints(paths, Path(args.out), force=args.force)
-    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {out}")
-    return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -66,10 +65,3 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> Path:
     plt.close(fig)
     return out
 
-
-def plot_main(args: argparse.Namespace) -> int:
-    run = Path(args.run_dir)
-    out = Path(args.out) if args.out else run / "curves.png"
-    plot_curves(read_metrics(run / METRICS_FILE), out, title=run.resolve().name)
-    print(f"wrote {out}")
-    return 0

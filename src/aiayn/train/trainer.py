@@ -25,9 +25,10 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_model
@@ -43,10 +44,21 @@ from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_
 from ..model import Transformer
 from . import distributed
 from .config import RunConfig
+from .dropout import use_fast_dropout
 from .schedule import inverse_sqrt_lr
-from .state import (RNG, list_checkpoints, local_rng_state, optimizer_from_files, optimizer_to_files,
-                    point_last, prune_checkpoints, read_training_state, set_local_rng_state, step_dir_name,
-                    write_training_checkpoint)
+from .state import (
+    RNG,
+    list_checkpoints,
+    local_rng_state,
+    optimizer_from_files,
+    optimizer_to_files,
+    point_last,
+    prune_checkpoints,
+    read_training_state,
+    set_local_rng_state,
+    step_dir_name,
+    write_training_checkpoint,
+)
 from .step import Criterion, StepContext, UpdateResult, train_update
 from .validation import ValidResult, validate
 
@@ -164,14 +176,14 @@ class Trainer:
         self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
         self.device = dist.device
         self.tokenizer_file = data.path / SPM_MODEL
-        self.tokenizer_sha256 = sha256_file(self.tokenizer_file)
+        self.tokenizer_sha256 = data.tokenizer.sha256
         tc = self.tcfg
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
         # The same initial weights on every rank (DDP also broadcasts rank 0's), then a
         # different dropout stream per rank.
         torch.manual_seed(tc.seed)
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = use_fast_dropout(Transformer(cfg.model)).to(self.device)
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
@@ -273,7 +285,7 @@ class Trainer:
         if recorded is not None and recorded != here:
             differs.append(f"dataset fingerprint {str(here)[:12]}, the run's {recorded[:12]}")
         # The checkpoint's spm.model is the run's own copy of its tokenizer.
-        if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:
+        if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:  # the file's bytes: Tokenizer.sha256
             differs.append(f"its {SPM_MODEL} is not the run's")
         if differs:
             raise UserError(f"cannot resume {self.out} with this dataset: {'; '.join(differs)} "

@@ -1,7 +1,7 @@
 """Validation: the loss on the valid set, and BLEU of fast greedy translations of it.
 
 The loss uses the training criterion (label-smoothed, and its NLL part) with dropout off.
-Sentences longer than the model's positions are truncated as `aiayn.decode.Translator` does:
+Sentences longer than the model's positions are truncated as `aiayn.translator.Translator` does:
 ``max_positions - 1`` subwords, plus the EOS (source) or the BOS (target input). Learned
 positions end there, and a held-out set is not length-filtered like the training data.
 BLEU is sacreBLEU's corpus BLEU of greedy outputs, detokenized by the sentencepiece model,
@@ -18,9 +18,10 @@ import numpy as np
 import sacrebleu
 import torch
 
+from ..config import SearchConfig
 from ..data import PreparedData, TokenBatchSampler
-from ..decode import greedy_search
 from ..model import Transformer
+from ..search import greedy_search
 from .step import Criterion, autocast
 
 
@@ -84,7 +85,7 @@ def greedy_translate(model: Transformer, data: PreparedData, split: str, n: int,
     for idx in TokenBatchSampler(lens, lens, batch_tokens, shuffle=False):
         batch = part.collate(idx, limit).to(device)
         with autocast(precision, device):
-            hyps = greedy_search(model, batch.src, max_len_a=max_len_a, max_len_b=max_len_b)
+            hyps = greedy_search(model, batch.src, SearchConfig(beam=1, max_len_a=max_len_a, max_len_b=max_len_b))
         for i, ids in zip(idx, hyps):
             out[i] = data.tokenizer.decode_line(ids)  # the text aiayn translate would print
     return out

@@ -5,10 +5,8 @@ the blocked layout its micro-kernel reads, every time. At decoding sizes (a hand
 step) that repacking is a large share of the call. oneDNN can reorder a weight into its blocked
 layout once (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly
 (``torch.ops.mkldnn._linear_pointwise``), optionally with the ReLU fused into the same kernel.
-Measured on an Intel Xeon (Sapphire Rapids class), one thread: 1.1-1.9x faster per linear,
-e.g. the 37000x512 output projection at 4 rows 3.06 ms instead of 5.52 ms. Small products
-are the exception (`PackedLinear.forward`): there the packed call's fixed cost dominates and
-MKL on the plain weight is faster.
+Small products are the exception (`PackedLinear.forward`): there the packed call's fixed cost
+dominates and MKL on the plain weight is faster. Measured speed-ups: benchmarks/RESULTS.md.
 
 The packed model computes the same function: only the summation order inside each dot product
 differs, so logits agree to ~1e-5 and searches agree except at exact near-ties.
@@ -18,8 +16,8 @@ packed model holds its Linear weights twice. Packing is for inference only: the 
 ``.to()`` do not see them) and they are fp32 on the CPU. Where oneDNN is missing (a build without
 mkldnn, another device) `pack_for_inference` leaves the model as it is.
 
-int8 models (`aiayn.decode.quantize_int8`) get the same treatment with `Int8Linear`: torch's
-fbgemm int8 kernels on their prepacked weights, called directly (`use_int8_kernels`).
+int8 models (`quantize_int8`) get the same treatment with `Int8Linear`: torch's fbgemm int8
+kernels on their prepacked weights, called directly (`use_int8_kernels`).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_available() -> bool:
     """Whether this torch build can reorder and multiply oneDNN-packed linear weights (probed once)."""
     if not torch.backends.mkldnn.is_available():
@@ -71,12 +70,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.plain_is_faster(x.numel() // self.in_features):
-            # Small products take MKL on the plain weight. oneDNN's packed call costs ~20-30 µs
-            # whatever the size, MKL's grows with it: a single row (a matrix-vector product,
-            # bound by reading the weight) is as fast or 5-15% faster with MKL, and so are
-            # products of up to ~1.5M multiply-adds and a small model's weights (≤ 65,536
-            # entries, e.g. 128×512) at up to 64 rows: 3-4× faster for 4 beams of one sentence
-            # (measured on a Xeon with AVX-512, one and two threads, 128 ≤ d ≤ 2048).
+            # Small products take MKL on the plain weight: oneDNN's packed call has a fixed cost
+            # whatever the size, MKL's grows with it, so single rows (matrix-vector products,
+            # bound by reading the weight), small products and a small model's weights at up to
+            # 64 rows are faster there (the thresholds: benchmarks/RESULTS.md).
             y = F.linear(x, self.weight, self.bias)
             return F.relu(y) if self.activation == "relu" else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
@@ -96,12 +93,11 @@ class Int8Linear(nn.Module):
 
     Why not keep torch.ao's own module: its ``forward`` checks the weight's dtype and version
     through nested module attributes, passes keywords and converts the result's dtype on every
-    call, ~6 µs of Python per product, and a base-size decoder step makes 37 products. Here the
-    FFN's ReLU also runs inside the first product (``quantized::linear_relu_dynamic``) instead
-    of as an operation of its own. Measured, base model, beam 4, batch 1, 2 threads (Xeon,
-    AVX-512): 4.5 -> 4.05 ms per step. The kernels and weights are the same, so the outputs are
-    identical (tests/test_packed.py). Weights have one scale per output channel, as
-    `aiayn.decode.quantize_int8` makes them.
+    call, a few µs of Python per product, and a base-size decoder step makes 37 products. Here
+    the FFN's ReLU also runs inside the first product (``quantized::linear_relu_dynamic``)
+    instead of as an operation of its own. The kernels and weights are the same, so the outputs
+    are identical (tests/test_inference.py). Weights have one scale per output channel, as
+    `quantize_int8` makes them.
     """
 
     def __init__(self, qlinear: nn.Module, activation: str = "none"):
@@ -190,7 +186,7 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
 def _replace_linears(model: nn.Module, is_linear, linear: type[nn.Module]) -> None:
     """Replace, in place, every module for which ``is_linear`` holds by ``linear(module)``, and
     every feed-forward block whose two products are such modules by a `PackedFeedForward`."""
-    from .model import PositionwiseFeedForward
+    from ..model import PositionwiseFeedForward
 
     for name, child in model.named_children():
         if isinstance(child, PositionwiseFeedForward) and is_linear(child.w1) and is_linear(child.w2):
@@ -199,3 +195,29 @@ def _replace_linears(model: nn.Module, is_linear, linear: type[nn.Module]) -> No
             setattr(model, name, linear(child))
         else:
             _replace_linears(child, is_linear, linear)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every nn.Linear dynamically quantised to int8 (CPU only).
+
+    Weights are stored as int8 with one scale per output channel; activations are quantised
+    on the fly per batch. Embeddings stay fp32 (with tied embeddings the output projection
+    gets its own int8 copy). The quantised layers then run as `Int8Linear`: torch's fbgemm
+    kernels on the same packed weights, without the per-call Python of torch.ao's module.
+    torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic`` and its fbgemm/x86
+    kernels, but warns that the module is deprecated in favour of torchao (not a dependency
+    here); the conversion runs with exactly those warnings silenced. The quantised model itself
+    runs without warnings. Raises ValueError for a packed model, RuntimeError where this torch
+    has no ``torch.ao.quantization``.
+    """
+    if is_packed(model):
+        raise ValueError("quantize_int8 needs the plain fp32 model, not one packed by pack_for_inference")
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as e:  # a future torch without torch.ao.quantization
+        raise RuntimeError(f"int8 needs torch.ao.quantization, absent from torch {torch.__version__} ({e})") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+        quantized = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+    return use_int8_kernels(quantized)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from aiayn.attention import attention_maps, export_attention
 from aiayn.checkpoint import load_checkpoint
 from aiayn.cli import main
-from aiayn.inspect import attention_maps, export_attention
 
 
 def test_attention_export_writes_pictures_and_json(copy_checkpoint, tmp_path):

@@ -1,5 +1,6 @@
-"""The inference fast path: oneDNN-packed weights and int8 layers (aiayn.packed) and the
-preallocated KV buffers.
+"""The inference engineering (aiayn.inference), pinned to the paper's model: the decoder cache
+and the flat decoder step equal ``Transformer.decode``'s full recomputation, and oneDNN-packed
+weights and int8 layers (aiayn.inference.packed) equal the plain layers.
 
 The packed model computes the same function with a different summation order inside each dot
 product, so logits agree to rounding and searches agree unless two candidates are (nearly) tied.
@@ -8,19 +9,28 @@ Every comparison is against the plain path on the same machine and instruction s
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
 import torch
 
-from aiayn import model as model_module
-from aiayn import packed
-from aiayn.decode import Translator, beam_search, greedy_search, greedy_search_scored, quantize_int8
-from aiayn.model import KeyValueBuffer, Transformer, TransformerConfig
-from aiayn.packed import Int8Linear, PackedFeedForward, PackedLinear, is_packed, pack_for_inference
-from conftest import TEXT, UNSEEN_COPY_INPUTS
-from test_decode import LENGTHS, batch_of, model_log_prob, toy_model
+from aiayn.config import SearchConfig
+from aiayn.inference import cache as cache_module
+from aiayn.inference import packed
+from aiayn.inference.cache import KeyValueBuffer
+from aiayn.inference.packed import (
+    Int8Linear,
+    PackedFeedForward,
+    PackedLinear,
+    is_packed,
+    pack_for_inference,
+    quantize_int8,
+)
+from aiayn.inference.step import decode_step, new_cache
+from aiayn.model import Transformer, TransformerConfig
+from aiayn.search import beam_search, greedy_search, greedy_search_scored
+
+from helpers import LENGTHS, PAD, batch_of, model_log_prob, random_ids, small_model, toy_model
 
 needs_onednn = pytest.mark.skipif(not packed.onednn_available(), reason="this torch has no oneDNN packed linear")
 
@@ -92,7 +102,7 @@ def test_int8_model_runs_int8_linears_with_torch_ao_outputs(norm_first):
     src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
     with torch.inference_mode():
         assert torch.equal(int8(src, tgt), reference(src, tgt))
-    assert beam_search(int8, src, beam=4, max_len_b=8, nbest=2) == beam_search(reference, src, beam=4, max_len_b=8, nbest=2)
+    assert beam_search(int8, src, SearchConfig(beam=4, max_len_b=8), nbest=2) == beam_search(reference, src, SearchConfig(beam=4, max_len_b=8), nbest=2)
 
 
 @needs_onednn
@@ -110,20 +120,20 @@ def test_packed_search_equals_plain_search_up_to_ties():
     """Same hypotheses, or, where they differ, hypotheses the plain model scores the same (a tie)."""
     model, src = toy_model(), batch_of(LENGTHS)
     fast = pack_for_inference(model)
-    plain_nbest = beam_search(model, src, beam=4, alpha=0.6, max_len_b=10, nbest=4)
-    fast_nbest = beam_search(fast, src, beam=4, alpha=0.6, max_len_b=10, nbest=4)
+    plain_nbest = beam_search(model, src, SearchConfig(beam=4, alpha=0.6, max_len_b=10), nbest=4)
+    fast_nbest = beam_search(fast, src, SearchConfig(beam=4, alpha=0.6, max_len_b=10), nbest=4)
     for row, (a, b) in enumerate(zip(plain_nbest, fast_nbest)):
         assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-4)
         for h in b:  # every packed hypothesis's log-prob is the plain model's
             assert h.log_prob == pytest.approx(model_log_prob(model, src[row], h.tokens), abs=1e-4)
-    plain_greedy = greedy_search_scored(model, src, max_len_b=10)
-    fast_greedy = greedy_search_scored(fast, src, max_len_b=10)
+    plain_greedy = greedy_search_scored(model, src, SearchConfig(max_len_b=10))
+    fast_greedy = greedy_search_scored(fast, src, SearchConfig(max_len_b=10))
     for (a, la), (b, lb) in zip(plain_greedy, fast_greedy):
         assert a == b or lb == pytest.approx(la, abs=1e-4)
     # The search invariants hold on the packed path too.
-    assert greedy_search(fast, src, max_len_b=10) == greedy_search(fast, src, max_len_b=10, use_cache=False)
-    beam1 = beam_search(fast, src, beam=1, alpha=0.0, max_len_b=10)
-    assert [h[0].tokens for h in beam1] == greedy_search(fast, src, max_len_b=10)
+    assert greedy_search(fast, src, SearchConfig(max_len_b=10)) == greedy_search(fast, src, SearchConfig(max_len_b=10), use_cache=False)
+    beam1 = beam_search(fast, src, SearchConfig(beam=1, alpha=0.0, max_len_b=10))
+    assert [h[0].tokens for h in beam1] == greedy_search(fast, src, SearchConfig(max_len_b=10))
 
 
 def test_without_onednn_packing_falls_back_to_the_plain_model(monkeypatch):
@@ -141,38 +151,12 @@ def test_int8_and_non_cpu_float_models_are_not_packed():
     assert pack_for_inference(double) is double
 
 
-@needs_onednn
-def test_translator_packs_by_default_and_on_request_not(random_checkpoint, copy_checkpoint):
-    fast, plain = Translator(random_checkpoint, beam=2, max_len_b=5), Translator(random_checkpoint, beam=2, max_len_b=5,
-                                                                                prepack=False)
-    assert is_packed(fast.model) and not is_packed(plain.model)
-    for a, b in zip(fast.translate_nbest(TEXT, nbest=2), plain.translate_nbest(TEXT, nbest=2)):
-        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
-    # A trained model: the packed path copies unseen inputs exactly, as the plain one does.
-    copy = Translator(copy_checkpoint, beam=4)
-    assert is_packed(copy.model)
-    assert copy.translate(UNSEEN_COPY_INPUTS) == UNSEEN_COPY_INPUTS
-
-
-def test_translator_threads_are_set_while_translating_and_restored(random_checkpoint, monkeypatch):
-    seen = []
-    translator = Translator(random_checkpoint, beam=1, max_len_b=3, threads=1)
-    original = translator._search
-    monkeypatch.setattr(translator, "_search", lambda *a: (seen.append(torch.get_num_threads()), original(*a))[1])
-    before = torch.get_num_threads()
-    translator.translate(TEXT[:2])
-    assert seen and set(seen) == {1}
-    assert torch.get_num_threads() == before
-    with pytest.raises(Exception, match="--threads"):
-        Translator(random_checkpoint, threads=0)
-
-
 @pytest.mark.parametrize("split", [False, True])
 def test_key_value_buffer_grows_and_reorders_like_concatenation(split, monkeypatch):
     """Appending past the capacity, reordering rows, and dropping rows give what torch.cat and
     index_select on the full history give; also with reorders split across threads."""
     if split:
-        monkeypatch.setattr(model_module, "SPLIT_REORDER", 0)
+        monkeypatch.setattr(cache_module, "SPLIT_REORDER", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     g = torch.Generator().manual_seed(0)
     buf = KeyValueBuffer(capacity=1)
@@ -198,21 +182,53 @@ def test_a_model_with_a_small_cache_capacity_decodes_like_the_full_forward():
     with torch.inference_mode():
         full = model(src, tgt)
         mask, memory = model.source_mask(src), model.encode(src)
-        cache = model.new_cache(capacity=2)
-        steps = [model.decode(tgt[:, t : t + 1], memory, mask, cache) for t in range(9)]
+        cache = new_cache(model, capacity=2)
+        steps = [model.generator(decode_step(model, tgt[:, t : t + 1], memory, mask, cache)) for t in range(9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
-def test_worker_processes_translate_as_one_process_does(random_checkpoint):
-    """--workers: batches searched in spawned worker processes (one thread each) come back in
-    input order with the same translations, n-best lists and scores as in this process."""
-    lines = [f"{w} the cat sat" * (1 + i % 3) for i, w in enumerate("abcdefghij")]
-    kwargs = dict(beam=2, max_len_b=6, batch_size=3, threads=1)
-    here = Translator(random_checkpoint, **kwargs).translate_nbest(lines, nbest=2)
-    with contextlib.closing(Translator(random_checkpoint, workers=2, **kwargs)) as translator:
-        there = translator.translate_nbest(lines, nbest=2)
-        assert translator._pool is not None  # 4 batches: the workers did search
-    assert [[(t.text, t.tokens) for t in n] for n in there] == [[(t.text, t.tokens) for t in n] for n in here]
-    assert [t.score for n in there for t in n] == pytest.approx([t.score for n in here for t in n], abs=1e-5)
-    with pytest.raises(Exception, match="--workers"):
-        Translator(random_checkpoint, workers=0)
+@pytest.mark.parametrize("positions,norm_first", [("sinusoidal", False), ("learned", False), ("sinusoidal", True)])
+def test_cached_incremental_decoding_equals_full_forward(positions, norm_first):
+    """`decode_step`, one position at a time with a cache, equals the teacher-forced forward."""
+    model = small_model(positions=positions, norm_first=norm_first)
+    src, tgt = random_ids(3, 7), random_ids(3, 6, seed=2)
+    src[2, 5:] = PAD
+    full = model(src, tgt)
+    src_mask = model.source_mask(src)
+    memory = model.encode(src)
+    cache = new_cache(model)
+    steps = [model.generator(decode_step(model, tgt[:, t : t + 1], memory, src_mask, cache)) for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_beams_share_encoder_keys_and_values_without_copies():
+    """A decoder batch of K hypotheses per sentence equals decoding with the memory repeated K times."""
+    model = small_model()
+    k = 3
+    src, tgt = random_ids(2, 7), random_ids(2 * k, 4, seed=5)
+    src[1, 4:] = PAD
+    src_mask, memory = model.source_mask(src), model.encode(src)
+    repeated = model.decode(tgt, memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0))
+
+    def step(cache, tokens, memory, mask):
+        return decode_step(model, tokens, memory, mask, cache)
+
+    cache = new_cache(model)
+    steps = [step(cache, tgt[:, t : t + 1], memory, src_mask) for t in range(4)]
+    torch.testing.assert_close(torch.cat(steps, 1), repeated, atol=1e-5, rtol=0)
+    # reordering hypotheses and dropping a sentence keep the cache consistent
+    cache = new_cache(model)
+    for t in range(2):
+        step(cache, tgt[:, t : t + 1], memory, src_mask)
+    order = torch.tensor([2, 2, 0, 4, 3, 5])  # beams stay within their sentence
+    cache.reorder(order)
+    got = step(cache, tgt[order, 2:3], memory, src_mask)
+    full = model.decode(torch.cat([tgt[order, :2], tgt[order, 2:3]], 1), memory.repeat_interleave(k, 0),
+                        src_mask.repeat_interleave(k, 0))[:, -1:]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    cache.select_sentences(torch.tensor([1]))
+    cache.reorder(torch.tensor([3, 4, 5]))
+    got = step(cache, tgt[order[3:], 3:4], memory[1:], src_mask[1:])
+    full = model.decode(torch.cat([tgt[order[3:], :3], tgt[order[3:], 3:4]], 1), memory[1:].repeat_interleave(k, 0),
+                        src_mask[1:].repeat_interleave(k, 0))[:, -1:]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .config import SearchConfig
 from .errors import UserError
 from .files import atomic_directory, refuse_to_replace
 
@@ -40,23 +41,35 @@ class AttentionMaps:
     weights: dict[str, torch.Tensor]  # kind -> (layers, heads, rows, columns)
 
 
+def check_length(tokenizer, model_config, text: str, side: str) -> list[int]:
+    """The subword ids of ``text``; a `UserError` if the model cannot read that many positions
+    (``max_positions`` - 1: room for the EOS of the source, or the BOS of the target)."""
+    ids = tokenizer.encode(text)
+    limit = model_config.max_positions - 1
+    if model_config.positions == "learned" and len(ids) > limit:
+        raise UserError(f"the {side} has {len(ids)} subwords; this model reads at most {limit}")
+    return ids
+
+
 @torch.no_grad()
 def attention_maps(ckpt: Checkpoint | str | Path, src_text: str, tgt_text: str | None = None, *,
-                   beam: int = 4) -> AttentionMaps:
-    """Attention of a checkpoint's model (a `Checkpoint` or its directory) on one sentence pair;
-    without ``tgt_text`` the target is the model's own translation (beam search, paper defaults)."""
+                   tgt_ids: list[int] | None = None, search: SearchConfig | None = None) -> AttentionMaps:
+    """Attention of a checkpoint's model (a `Checkpoint` or its directory) on one sentence pair.
+    The target is ``tgt_ids`` (subword ids, e.g. a search's own output), else ``tgt_text``
+    encoded, else the model's own translation (beam search with ``search``, default the
+    checkpoint's recommended settings). Too long a source or target is a `UserError`."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
     model, tok = ckpt.model, ckpt.tokenizer
     device = next(model.parameters()).device
-    src_ids = tok.encode(src_text) + [tok.eos_id]
+    src_ids = check_length(tok, model.config, src_text, "source") + [tok.eos_id]
     src = torch.tensor([src_ids], device=device)
-    if tgt_text is None:
-        from .decode import beam_search
+    if tgt_ids is None and tgt_text is not None:
+        tgt_ids = check_length(tok, model.config, tgt_text, "target")
+    if tgt_ids is None:
+        from .search import search as run_search
 
-        tgt_ids = beam_search(model, src, beam=beam)[0][0].tokens
-    else:
-        tgt_ids = tok.encode(tgt_text)
+        tgt_ids = run_search(model, src, search or ckpt.search)[0][0].tokens
     tgt_in = torch.tensor([[tok.bos_id] + list(tgt_ids)], device=device)
     maps = model.attention_weights(src, tgt_in)
     weights = {kind: torch.stack([w[0] for w in maps[kind]]).float().cpu() for kind in KINDS}
@@ -149,7 +162,7 @@ def export(maps: AttentionMaps, out: Path) -> list[Path]:
         "src_tokens": maps.src_tokens,
         "tgt_tokens": maps.tgt_tokens,
         "tgt_inputs": maps.tgt_inputs,
-        "layout": "weights[kind][layer][head][row][column]; rows and columns as axis_labels in aiayn.inspect",
+        "layout": "weights[kind][layer][head][row][column]; rows and columns as axis_labels in aiayn.attention",
         "rows": {kind: axis_labels(maps, kind)[0] for kind in KINDS},
         "columns": {kind: axis_labels(maps, kind)[1] for kind in KINDS},
         "weights": {kind: [[[[round(float(p), 6) for p in row] for row in head] for head in layer]
@@ -160,21 +173,17 @@ def export(maps: AttentionMaps, out: Path) -> list[Path]:
     return written
 
 
-def export_attention(checkpoint: str | Path | Checkpoint, src: str, out: str | Path, tgt: str | None = None, *, force: bool = False) -> list[Path]:
-    """Python entry point of `aiayn attention`: returns the files written."""
+def export_attention(checkpoint: str | Path | Checkpoint, src: str, out: str | Path, tgt: str | None = None, *,
+                     force: bool = False, search: SearchConfig | None = None) -> list[Path]:
+    """Draw and save the attention of one sentence pair (`attention_maps`) into the directory
+    ``out`` (replaced only with ``force``); returns the files written."""
     out = Path(out)
     refuse_to_replace(out, force, kind="attention")  # before the work; atomic_directory checks again
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not src.strip():
-        raise UserError("--src is empty: give a sentence to look at")
-    maps = attention_maps(ckpt, src, tgt)
+        raise UserError("the source sentence is empty: give a sentence to look at")
+    maps = attention_maps(ckpt, src, tgt, search=search)
     with atomic_directory(out, kind="attention", force=force) as tmp:
         names = [p.name for p in export(maps, tmp)]
     return [out / name for name in names]
 
-
-def attention_main(args) -> int:
-    paths = export_attention(args.checkpoint, args.src, args.out, args.tgt, force=args.force)
-    for path in paths:
-        print(path)
-    return 0

@@ -1,0 +1,261 @@
+"""Text in, text out: the `Translator` behind ``aiayn translate``, ``evaluate`` and ``serve``.
+
+    prepare_for_inference  the one place that puts a model on its device and chooses its
+                           inference layers (oneDNN-packed fp32 or int8, `aiayn.inference.packed`)
+    Translator             cleans, encodes, batches (by sentences or by padded source tokens),
+                           searches (`aiayn.search`, settings per call), decodes, restores order;
+                           optionally in several worker processes
+
+The search settings are a `SearchConfig` given per call; without one, the checkpoint's
+recommended settings (`Checkpoint.search`: what its recipe or ``aiayn train`` recorded), else
+the paper's. So one Translator serves every beam size and length penalty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import SearchConfig
+from .data.text import clean
+from .data.tokenizer import EOS_ID
+from .errors import UserError
+from .inference.packed import pack_for_inference, quantize_int8
+from .inference.shortlist import Shortlist
+from .progress import progress_bar
+from .search import Hypothesis, search
+
+log = logging.getLogger(__name__)
+
+QUANTIZE = ("int8",)
+
+
+def resolve_device(device: str | torch.device | None, quantize: str | None = None) -> torch.device:
+    """The device to run on: ``device`` checked against this machine and this torch build
+    (a `UserError` that says what is available otherwise); None: cuda if available (and no
+    int8, which runs on the CPU only), else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and quantize is None else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda (cuda:N for a GPU of several)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"device {device!r} is not available: {why}; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        if dev.type == "mps" and torch.backends.mps.is_available():
+            return dev
+        raise UserError(f"device {device!r} is not supported here; use cpu or cuda")
+    if quantize is not None and dev.type != "cpu":
+        raise UserError(f"int8 quantisation runs on the CPU only (device {device!r})")
+    return dev
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: str | None = None,
+                          prepack: bool = True, inplace: bool = False) -> nn.Module:
+    """``model`` ready to search on ``device``: moved there, then quantised to int8
+    (``quantize="int8"``, CPU only), or with fp32 CPU weights prepacked for oneDNN (``prepack``;
+    the same function with faster matrix products). Without ``inplace`` the caller's model is
+    not changed (quantising always copies)."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE)}")
+    if quantize is not None and device.type != "cpu":
+        raise UserError(f"int8 quantisation runs on the CPU only (device {device})")
+    if quantize == "int8":
+        try:
+            return quantize_int8(model.to("cpu") if inplace else model)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+    if inplace or next(model.parameters()).device == device:
+        model = model.to(device)
+    else:
+        import copy
+
+        model = copy.deepcopy(model).to(device)
+        inplace = True
+    if prepack and device.type == "cpu":
+        model = pack_for_inference(model, inplace=inplace)
+    return model.eval() if inplace else model
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for a block, then restored (None: unchanged).
+    The setting is process-wide: concurrent translations in one process share it."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Translation:
+    text: str
+    tokens: list[int]
+    score: float  # log_prob / lp(|Y|); 0 for an empty input line
+    log_prob: float
+
+
+class Translator:
+    """Translate lines of text with a checkpoint (a `Checkpoint` or its directory).
+
+    Inputs are cleaned (NFC, single spaces) and encoded, sorted longest first and batched by
+    ``batch_size`` sentences or, when ``batch_tokens`` is given instead, by that many padded
+    source tokens; outputs come back in input order. An empty line translates to an empty line.
+    A source longer than ``max_src_len`` subwords (default ``config.max_positions - 1``, room for
+    the EOS) is truncated with a warning. ``threads``: torch's intra-op threads while translating
+    (default: unchanged). ``workers`` > 1 (CPU): that many worker processes translate different
+    batches at once, each on ``threads`` threads (default 1), like CTranslate2's
+    ``inter_threads``; a small model gains most, as its batches are too small to keep several
+    threads busy. ``prepack`` and ``quantize``: `prepare_for_inference`. ``shortlist``: a
+    vocabulary shortlist file (`aiayn.inference.shortlist`, built by ``aiayn shortlist``): each
+    sentence's outputs are restricted to its candidates, which is faster and changes scores (P
+    normalised over them). ``search``: the default `SearchConfig` of every call (None: the
+    checkpoint's recommended settings). Every translation is one line of text: byte pieces that
+    spell a newline or another control character become spaces (`Tokenizer.decode_line`), so
+    output line i is always the translation of input line i.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str | Path, *, search: SearchConfig | None = None,
+                 device: str | torch.device | None = None, quantize: str | None = None, prepack: bool = True,
+                 batch_size: int = 64, batch_tokens: int | None = None, max_src_len: int | None = None,
+                 threads: int | None = None, workers: int = 1, shortlist: str | Path | None = None):
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be at least 1 (got {threads})")
+        if workers < 1:
+            raise UserError(f"workers must be at least 1 (got {workers})")
+        if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
+            raise UserError("the batch size and the batch's token budget must be positive")
+        self.device = resolve_device(device, quantize)
+        owned = not isinstance(checkpoint, Checkpoint)  # loaded here: nobody else holds the model
+        if workers > 1 and not owned:
+            raise UserError("workers > 1 needs the checkpoint's path (each worker process loads it)")
+        if workers > 1 and self.device.type != "cpu":
+            raise UserError(f"worker processes run on the CPU only (device {self.device})")
+        ckpt = load_checkpoint(Path(checkpoint)) if owned else checkpoint
+        self.search_config = (search or ckpt.search).check()
+        self.shortlist = None
+        if shortlist is not None:  # read and checked before any model work
+            self.shortlist = Shortlist.load(shortlist)
+            self.shortlist.check(ckpt.tokenizer, path=shortlist)
+        # The searches switch to eval mode (and back) themselves; a model loaded here is changed in place.
+        self.model = prepare_for_inference(ckpt.model, self.device, quantize=quantize, prepack=prepack, inplace=owned)
+        self.tokenizer, self.config, self.checkpoint_path = ckpt.tokenizer, ckpt.model.config, ckpt.path
+        self.threads = threads
+        # Worker processes (started on first use): each builds this Translator with workers=1.
+        self.workers, self._pool = workers, None
+        self._worker_args = dict(checkpoint=str(checkpoint), device="cpu", quantize=quantize, max_src_len=max_src_len,
+                                 threads=threads or 1, prepack=prepack,
+                                 shortlist=None if shortlist is None else str(shortlist))
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.max_src_len = max_src_len or self.config.max_positions - 1
+
+    def translate(self, lines: Sequence[str], search: SearchConfig | None = None, progress: bool = False) -> list[str]:
+        """The best translation of each line, in input order."""
+        return [n[0].text for n in self.translate_nbest(lines, nbest=1, search=search, progress=progress)]
+
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
+        """Source ids of each line (cleaned), truncated to ``max_src_len`` with a warning."""
+        ids = self.tokenizer.encode_batch([clean(line) for line in lines]) if lines else []
+        for number, sentence in enumerate(ids, start=1):
+            if len(sentence) > self.max_src_len:
+                log.warning("aiayn: warning: input line %d has %d subwords; translating only the first %d",
+                            number, len(sentence), self.max_src_len)
+                ids[number - 1] = sentence[: self.max_src_len]
+        return ids
+
+    def translate_nbest(self, lines: Sequence[str], nbest: int = 1, search: SearchConfig | None = None,
+                        progress: bool = False) -> list[list[Translation]]:
+        """The ``nbest`` best translations of each line, best first, in input order."""
+        config = (search or self.search_config).check()
+        if not 1 <= nbest <= config.beam:
+            raise UserError(f"nbest must be between 1 and the beam size {config.beam} (got {nbest})")
+        ids = self.encode(lines)
+        results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in ids]
+        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        batches = list(self._batches(order, ids))
+        if self.workers > 1 and len(batches) > 1:
+            pool = self._worker_pool()
+            searched = (f.result() for f in [pool.submit(_worker_search, [ids[i] for i in batch], nbest, config)
+                                             for batch in batches])
+        else:
+            searched = (self.search_ids([ids[i] for i in batch], nbest, config) for batch in batches)
+        with _torch_threads(self.threads), progress_bar(len(order), "translate", "sent", enabled=progress) as bar:
+            for batch, hyps_of_batch in zip(batches, searched):
+                for i, hyps in zip(batch, hyps_of_batch):
+                    results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
+                                  for h in hyps]
+                bar.update(len(batch))
+        return results
+
+    def _worker_pool(self):
+        """``workers`` processes, each with its own copy of the model. Spawned, not forked: a fork of a
+        process whose OpenMP threads are running is unsafe. They inherit the environment (the same
+        memory allocator) and end with this Translator (`close`) or with the process."""
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(self._worker_args,))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (a later translation starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
+        """Consecutive runs of ``order`` (longest first) within the token budget, if one is
+        given, else within the sentence count."""
+        batch: list[int] = []
+        for i in order:
+            if batch:
+                longest = len(ids[batch[0]]) + 1  # + EOS; the first is the longest
+                full = ((len(batch) + 1) * longest > self.batch_tokens if self.batch_tokens is not None
+                        else len(batch) >= self.batch_size)
+                if full:
+                    yield batch
+                    batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def search_ids(self, sentences: list[list[int]], nbest: int = 1,
+                   config: SearchConfig | None = None) -> list[list[Hypothesis]]:
+        """Search a batch of encoded sentences (subword ids without EOS)."""
+        src = torch.full((len(sentences), max(map(len, sentences)) + 1), self.config.pad_id, dtype=torch.long)
+        for row, sentence in enumerate(sentences):
+            src[row, : len(sentence) + 1] = torch.tensor(sentence + [EOS_ID])
+        return search(self.model, src.to(self.device), config or self.search_config, nbest, shortlist=self.shortlist)
+
+
+_WORKER: Translator | None = None  # in a worker process: its own Translator
+
+
+def _worker_init(kwargs: dict) -> None:
+    global _WORKER
+    torch.set_num_threads(kwargs["threads"])
+    _WORKER = Translator(**kwargs)
+
+
+def _worker_search(sentences: list[list[int]], nbest: int, config: SearchConfig) -> list[list[Hypothesis]]:
+    return _WORKER.search_ids(sentences, nbest, config)
+

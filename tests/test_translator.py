@@ -1,0 +1,188 @@
+"""The Translator (aiayn.translator) and `aiayn translate` (aiayn.commands.translate)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from aiayn.cli import main
+from aiayn.config import SearchConfig
+from aiayn.inference import packed
+from aiayn.inference.packed import Int8Linear, is_packed, quantize_int8
+from aiayn.translator import Translator
+
+from helpers import BOS_ID, BYTE_PIECE_OUTPUT, BYTE_PIECE_TEXT, EOS_ID, TEXT, UNSEEN_COPY_INPUTS
+
+# ---------------------------------------------------------------------------------------------
+# Translator and the command line, on a checkpoint of a random model with a real tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def test_translator_restores_input_order(random_checkpoint):
+    lines = ["a dog", "", "the cat sat on the mat and the dog runs in the park", "two men", "a woman is reading", "x"]
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=5), batch_size=2)
+    batched = translator.translate(lines)
+    assert batched == [translator.translate([line])[0] for line in lines]
+    assert batched[1] == ""
+    by_tokens = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=5), batch_tokens=12).translate(lines)
+    assert by_tokens == batched
+    nbest = translator.translate_nbest(lines, nbest=2)
+    assert [n[0].text for n in nbest] == batched
+    assert all(n[0].score >= n[1].score for n in nbest if len(n) == 2)
+
+
+def test_over_long_line_is_truncated_with_a_warning(random_checkpoint, caplog):
+    long_line = " ".join(TEXT * 10)  # far beyond max_positions = 64 learned positions
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=3))
+    with caplog.at_level(logging.WARNING, logger="aiayn.translator"):
+        out = translator.translate(["a dog", long_line])
+    assert len(out) == 2
+    assert "input line 2 has" in caplog.text and "first 63" in caplog.text
+
+
+def test_int8_quantization_is_warning_free_and_close(random_checkpoint):
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=3), prepack=False)  # plain nn.Linear layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantized = quantize_int8(translator.model)
+    assert isinstance(quantized.generator, Int8Linear)
+    src = torch.tensor([[5, 6, 7, 8, EOS_ID]])
+    tgt = torch.tensor([[BOS_ID, 9, 10]])
+    with torch.inference_mode():
+        ref, q = translator.model(src, tgt), quantized(src, tgt)
+    assert (q - ref).abs().max() < 0.05 * ref.abs().max()
+    assert isinstance(translator.model.generator, torch.nn.Linear)  # the original is untouched
+    assert len(Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=3), quantize="int8").translate(TEXT)) == len(TEXT)
+
+
+def test_cli_translate_files(random_checkpoint, tmp_path, capsys):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    inp.write_text("a dog\n\nthe cat\n", encoding="utf-8")
+    args = ["translate", "--checkpoint", str(random_checkpoint), "--input", str(inp), "--max-len-b", "4"]
+    assert main(args + ["--output", str(out)]) == 0
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    expected = Translator(random_checkpoint, search=SearchConfig(max_len_b=4)).translate(["a dog", "", "the cat"])
+    assert lines[:3] == expected
+    # An existing output file is never overwritten silently.
+    out.write_text("keep me\n", encoding="utf-8")
+    assert main(args + ["--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    assert main(args + ["--output", str(out), "--force"]) == 0
+    assert out.read_text(encoding="utf-8").split("\n")[:3] == expected
+    # n-best: INDEX, SCORE, LOG_PROB, TEXT; two per line, best first; one empty row for an empty line.
+    assert main(args + ["--nbest", "2"]) == 0
+    rows = [r.split("\t") for r in capsys.readouterr().out.splitlines()]
+    assert [int(r[0]) for r in rows] == [0, 0, 1, 2, 2]
+    assert rows[2] == ["1", "0.0000", "0.0000", ""]
+    assert rows[0][3] == expected[0] and float(rows[0][1]) >= float(rows[1][1])
+
+
+def test_cli_translate_stdin_subprocess(random_checkpoint):
+    proc = subprocess.run([sys.executable, "-m", "aiayn", "translate", "--checkpoint", str(random_checkpoint),
+                           "--beam", "1", "--max-len-b", "3"],
+                          input="a dog\nthe cat\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=3)).translate(["a dog", "the cat"])
+
+
+def test_cli_missing_or_corrupt_checkpoint(random_checkpoint, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("a dog\n", encoding="utf-8")
+    assert main(["translate", "--checkpoint", str(tmp_path / "nope"), "--input", str(inp)]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.yaml", "spm.model"):
+        (broken / name).write_bytes((random_checkpoint / name).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert main(["translate", "--checkpoint", str(broken), "--input", str(inp)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_copy_model_copies_unseen_inputs(copy_checkpoint):
+    """The text path (clean, encode, sort and batch, search, decode, restore the order) of a model
+    trained on the copy task (tests/conftest.py, which checks the model on token ids) copies
+    unseen inputs exactly."""
+    lines = UNSEEN_COPY_INPUTS
+    assert Translator(copy_checkpoint, search=SearchConfig(beam=4)).translate(lines) == lines
+    assert Translator(copy_checkpoint, search=SearchConfig(beam=1)).translate(lines) == lines
+
+
+# ---------------------------------------------------------------------------------------------
+# One line per translation, whatever bytes the model spells
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_translation_is_always_one_line(byte_piece_checkpoint, tmp_path, capsys):
+    """The model writes newline, TAB, ESC, U+2028, NEL and CR as byte pieces between words;
+    `Tokenizer.decode` keeps them (it inverts `encode`), every translation replaces them."""
+    tokenizer = Translator(byte_piece_checkpoint).tokenizer
+    ids = [tokenizer.sp.piece_to_id(p) for p in BYTE_PIECE_OUTPUT]
+    assert tokenizer.decode(ids) == "the\n cat\t sat\x1b on\u2028 mat\x85 dog\r"  # what the model spells
+
+    lines = ["a dog", "", "the cat sat"]
+    for beam in (1, 2):
+        assert Translator(byte_piece_checkpoint, search=SearchConfig(beam=beam)).translate(lines) == [BYTE_PIECE_TEXT, "", BYTE_PIECE_TEXT]
+    for hyps in Translator(byte_piece_checkpoint, search=SearchConfig(beam=2)).translate_nbest(lines, nbest=2):
+        assert all(h.text.isprintable() for h in hyps)  # the runner-up too
+
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    inp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    args = ["translate", "--checkpoint", str(byte_piece_checkpoint), "--input", str(inp)]
+    assert main(args + ["--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == f"{BYTE_PIECE_TEXT}\n\n{BYTE_PIECE_TEXT}\n"
+    assert main(args + ["--nbest", "2", "--beam", "2"]) == 0
+    rows = capsys.readouterr().out.split("\n")
+    assert rows.pop() == "" and len(rows) == 5  # 2 + 1 (the empty line) + 2
+    assert all(len(row.split("\t")) == 4 and row.replace("\t", " ").isprintable() for row in rows)
+    assert [row.split("\t")[0] for row in rows] == ["0", "0", "1", "2", "2"]
+
+
+needs_onednn = pytest.mark.skipif(not packed.onednn_available(), reason="this torch has no oneDNN packed linear")
+
+
+@needs_onednn
+def test_translator_packs_by_default_and_on_request_not(random_checkpoint, copy_checkpoint):
+    fast, plain = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=5)), Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=5), prepack=False)
+    assert is_packed(fast.model) and not is_packed(plain.model)
+    for a, b in zip(fast.translate_nbest(TEXT, nbest=2), plain.translate_nbest(TEXT, nbest=2)):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+    # A trained model: the packed path copies unseen inputs exactly, as the plain one does.
+    copy = Translator(copy_checkpoint, search=SearchConfig(beam=4))
+    assert is_packed(copy.model)
+    assert copy.translate(UNSEEN_COPY_INPUTS) == UNSEEN_COPY_INPUTS
+
+
+def test_translator_threads_are_set_while_translating_and_restored(random_checkpoint, monkeypatch):
+    seen = []
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=3), threads=1)
+    original = translator.search_ids
+    monkeypatch.setattr(translator, "search_ids", lambda *a: (seen.append(torch.get_num_threads()), original(*a))[1])
+    before = torch.get_num_threads()
+    translator.translate(TEXT[:2])
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    with pytest.raises(Exception, match="threads must be at least 1"):
+        Translator(random_checkpoint, threads=0)
+
+
+def test_worker_processes_translate_as_one_process_does(random_checkpoint):
+    """--workers: batches searched in spawned worker processes (one thread each) come back in
+    input order with the same translations, n-best lists and scores as in this process."""
+    lines = [f"{w} the cat sat" * (1 + i % 3) for i, w in enumerate("abcdefghij")]
+    kwargs = dict(search=SearchConfig(beam=2, max_len_b=6), batch_size=3, threads=1)
+    here = Translator(random_checkpoint, **kwargs).translate_nbest(lines, nbest=2)
+    with contextlib.closing(Translator(random_checkpoint, workers=2, **kwargs)) as translator:
+        there = translator.translate_nbest(lines, nbest=2)
+        assert translator._pool is not None  # 4 batches: the workers did search
+    assert [[(t.text, t.tokens) for t in n] for n in there] == [[(t.text, t.tokens) for t in n] for n in here]
+    assert [t.score for n in there for t in n] == pytest.approx([t.score for n in here for t in n], abs=1e-5)
+    with pytest.raises(Exception, match="workers must be at least 1"):
+        Translator(random_checkpoint, workers=0)
