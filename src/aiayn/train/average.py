@@ -18,7 +18,7 @@ from ..files import refuse_to_replace
 from .state import list_checkpoints
 
 # What an averaged checkpoint's meta.json carries over from the first checkpoint averaged.
-PROVENANCE = ("run", "data", "data_fingerprint", "tokenizer_sha256", "languages", "config_digest")
+PROVENANCE = ("run", "data", "data_fingerprint", "tokenizer_sha256", "languages", "config_digest", "search")
 
 
 def average_checkpoints(paths: list[Path], out: Path, *, force: bool = False) -> Path:

@@ -1,10 +1,13 @@
 """The ``train:`` section of a config file, and how a run's full config is resolved.
 
-A config file (see ``configs/``) has two sections:
+A config file (see ``configs/``) has up to three sections:
 
-    model:  TransformerConfig fields (``preset: base`` allowed); the vocabulary sizes are
-            filled in from the dataset manifest, so they are left out.
-    train:  the fields of `TrainConfig` below.
+    model:   TransformerConfig fields (``preset: base`` allowed); the vocabulary sizes are
+             filled in from the dataset manifest, so they are left out.
+    train:   the fields of `TrainConfig` below.
+    search:  `SearchConfig` fields: the search recommended for the trained model (the paper's
+             beam 4, α 0.6, |x|+50 by default); every checkpoint records it, and translate,
+             evaluate, attention and serve use it unless told otherwise.
 
 Any field can be overridden on the command line: ``model.d_model=256 train.max_updates=100``.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import config as config_io
+from ..config import SearchConfig
 from ..errors import UserError
 from ..model import TransformerConfig
 
@@ -96,12 +100,17 @@ class RunConfig:
 
     model: TransformerConfig
     train: TrainConfig
+    search: SearchConfig = SearchConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "train": config_io.to_dict(self.train)}
+        return {"model": self.model.to_dict(), "train": config_io.to_dict(self.train),
+                "search": config_io.to_dict(self.search)}
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies what is trained (model and train sections): the search section, which
+        only says how the result is best translated, may change between runs and resumes."""
+        trained = {"model": self.model.to_dict(), "train": config_io.to_dict(self.train)}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") -> RunConfig:
@@ -110,9 +119,9 @@ def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") 
     The datasets of `aiayn prepare` have one joint BPE vocabulary (§5.1), so source and
     target share ``vocab_size``; a config that names a different size is an error.
     """
-    unknown = sorted(set(raw) - {"model", "train"})
+    unknown = sorted(set(raw) - {"model", "train", "search"})
     if unknown:
-        raise UserError(f"{where}: unknown section(s) {unknown}; a config has 'model:' and 'train:'")
+        raise UserError(f"{where}: unknown section(s) {unknown}; a config has 'model:', 'train:' and 'search:'")
     model = dict(raw.get("model") or {})
     for key in ("src_vocab_size", "tgt_vocab_size"):
         if model.get(key) not in (None, vocab_size):
@@ -121,13 +130,14 @@ def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") 
         model[key] = vocab_size
     model_cfg = TransformerConfig.from_dict(model, where=f"{where}: model")
     train_cfg = config_io.from_dict(TrainConfig, dict(raw.get("train") or {}), where=f"{where}: train")
-    return RunConfig(model=model_cfg, train=train_cfg)
+    search_cfg = config_io.from_dict(SearchConfig, dict(raw.get("search") or {}), where=f"{where}: search").check()
+    return RunConfig(model=model_cfg, train=train_cfg, search=search_cfg)
 
 
 def load_raw_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """The mapping of a config file with ``section.key=value`` overrides applied."""
     raw = config_io.load_yaml(path)
     for item in overrides:
-        if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in ("model", "train"):
-            raise UserError(f"override {item!r}: keys start with 'model.' or 'train.'")
+        if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in ("model", "train", "search"):
+            raise UserError(f"override {item!r}: keys start with 'model.', 'train.' or 'search.'")
     return config_io.apply_overrides(raw, overrides)

@@ -275,7 +275,8 @@ class Trainer:
         return {"step": p.step, "run": self.out.resolve().name, "data": self.data.path.resolve().name,
                 "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
                 "config_digest": self.cfg.digest(), "valid": p.last_valid,
-                "languages": self.data.manifest.get("languages")}
+                "languages": self.data.manifest.get("languages"),
+                "search": config_io.to_dict(self.cfg.search)}  # recommended for this model (Checkpoint.search)
 
     def check_same_data(self, path: Path) -> None:
         """--resume needs the dataset and the subword model the run started with: the data
