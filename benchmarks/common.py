@@ -157,7 +157,7 @@ def machine_description() -> dict[str, str]:
         "memory": f"{_mem_total_gib():.1f} GiB",
         "GPU": "none (no GPU is available to this task through the device tool)",
         "OS": platform.platform(),
-        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average at start": load_average(),
         "Python": platform.python_version(),
         "aiayn": f"{_version('aiayn')} (git {_git_commit()})",
         "torch": f"{torch.__version__} (BLAS: {'MKL' if torch.backends.mkl.is_available() else 'other'}, "
@@ -167,3 +167,21 @@ def machine_description() -> dict[str, str]:
         "numpy": _version("numpy"),
     }
     return info
+
+
+# -- report formatting shared by RESULTS.md (report.py, workload.py) and SERVE.md (serve.py) ---------
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A figure to ``digits`` significant digits; NaN (not measured) as a dash."""
+    return "–" if x != x else f"{x:.{digits}g}"
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as the machine table records them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_table(machine: dict[str, str]) -> list[str]:
+    """The "Machine and versions" section of a report: a heading and a two-column table."""
+    return ["## Machine and versions", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in machine.items()]]

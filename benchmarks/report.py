@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from attention import LAYERS, AttentionResult  # noqa: E402
-from common import Series, paired_ratio  # noqa: E402
+from common import Series, fmt, machine_table, paired_ratio  # noqa: E402
 from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
 from inference import SINGLE_SENTENCES, SYSTEMS, InferenceResult  # noqa: E402
 from training import TrainingResult  # noqa: E402
@@ -21,12 +21,8 @@ BEST_CT2 = {"fp32": ["CT2 float32", "CT2 float32, 1 thread"], "int8": ["CT2 int8
 TRAIN_PEERS = ["nn.Transformer", "HF Marian"]
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "–" if x != x else f"{x:.{digits}g}"  # NaN -> dash
-
-
 def _verdict(value: float, target: float) -> str:
-    return f"**{_fmt(value)}×** (target ≥ {target:g}×: {'met' if value >= target else 'not met'})"
+    return f"**{fmt(value)}×** (target ≥ {target:g}×: {'met' if value >= target else 'not met'})"
 
 
 def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool, demo: DemoTrainingResult | None,
@@ -43,8 +39,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         "per-round ratios. Raw values: `results.json`.",
         "",
     ]
-    machine_head = ["## Machine and versions", "", "| | |", "|---|---|"]
-    lines += machine_head + [f"| {k} | {v} |" for k, v in machine.items()]
+    lines += machine_table(machine)
     lines += ["", "No GPU is available to this task through the device tool, so the suite ran on the CPU only;",
               "there is no separate GPU record.", ""]
     load = machine.get("load average at start", "")
@@ -62,14 +57,14 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             "",
             "| probe | GFLOP/s (median) | range |",
             "|---|---|---|",
-            f"| fp32, n = 2048, start of run | {_fmt(probes['fp32 (start)'].median, 4)} | {probes['fp32 (start)'].spread()} |",
+            f"| fp32, n = 2048, start of run | {fmt(probes['fp32 (start)'].median, 4)} | {probes['fp32 (start)'].spread()} |",
         ]
         for r in train:
-            lines.append(f"| fp32, n = 2048, during `{r.config}` training | {_fmt(r.peak_gflops.median, 4)} | {r.peak_gflops.spread()} |")
+            lines.append(f"| fp32, n = 2048, during `{r.config}` training | {fmt(r.peak_gflops.median, 4)} | {r.peak_gflops.spread()} |")
         if probes.get("fp32 (end)") and probes["fp32 (end)"].values:
-            lines.append(f"| fp32, n = 2048, end of run | {_fmt(probes['fp32 (end)'].median, 4)} | {probes['fp32 (end)'].spread()} |")
+            lines.append(f"| fp32, n = 2048, end of run | {fmt(probes['fp32 (end)'].median, 4)} | {probes['fp32 (end)'].spread()} |")
         lines += [
-            f"| bf16 (n = 2048, or 512 when under 10 GFLOP/s) | {_fmt(probes['bf16'].median, 3)} | {probes['bf16'].spread()} |",
+            f"| bf16 (n = 2048, or 512 when under 10 GFLOP/s) | {fmt(probes['bf16'].median, 3)} | {probes['bf16'].spread()} |",
             "",
             f"Native bf16 (AVX512-BF16/AMX) on this CPU: {'yes' if bf16_native else 'no'}; "
             + "every system below runs in fp32 (or int8 where named); bf16 is reported as the machine's limit only.",
@@ -94,8 +89,8 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
                 "|---|---|---|---|---|",
             ]
             for system, series in r.tokens_per_s.items():
-                ratio = "1" if system == "aiayn" else _fmt(r.ratio("aiayn", system))
-                lines.append(f"| {system} | {_fmt(series.median, 4)} | {series.spread()} | {r.mfu(system):.2f} | {ratio} |")
+                ratio = "1" if system == "aiayn" else fmt(r.ratio("aiayn", system))
+                lines.append(f"| {system} | {fmt(series.median, 4)} | {series.spread()} | {r.mfu(system):.2f} | {ratio} |")
             lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), TRAIN_PEER_TARGET)}",
                       f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), TRAIN_PEER_TARGET)}",
                       f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run matmul probe"
@@ -137,7 +132,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         ]
         for search in ("greedy", "beam4"):
             for b in batches:
-                lines.append(f"| {search} | {b} | " + " | ".join(_fmt(infer.median(s, search, b), 4) for s in SYSTEMS) + " |")
+                lines.append(f"| {search} | {b} | " + " | ".join(fmt(infer.median(s, search, b), 4) for s in SYSTEMS) + " |")
         lines += ["", "Ratios (aiayn ÷ peer, median of per-round ratios; \"best CT2\": the faster of CTranslate2 on the",
                   "same threads and on one thread, in each round):", "",
                   "| search | batch | aiayn fp32 ÷ HF | aiayn fp32 ÷ CT2 float32 | aiayn int8 ÷ CT2 int8 "
@@ -145,12 +140,12 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
                   "|---|---|---|---|---|---|---|---|"]
         for search in ("greedy", "beam4"):
             for b in batches:
-                lines.append(f"| {search} | {b} | {_fmt(infer.ratio('aiayn fp32', 'HF generate', search, b))} | "
-                             f"{_fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} | "
-                             f"{_fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} | "
-                             f"{_fmt(infer.ratio_best('aiayn fp32', BEST_CT2['fp32'], search, b))} | "
-                             f"{_fmt(infer.ratio_best('aiayn int8', BEST_CT2['int8'], search, b))} | "
-                             f"{_fmt(infer.ratio('aiayn int8', 'aiayn fp32', search, b))} |")
+                lines.append(f"| {search} | {b} | {fmt(infer.ratio('aiayn fp32', 'HF generate', search, b))} | "
+                             f"{fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} | "
+                             f"{fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} | "
+                             f"{fmt(infer.ratio_best('aiayn fp32', BEST_CT2['fp32'], search, b))} | "
+                             f"{fmt(infer.ratio_best('aiayn int8', BEST_CT2['int8'], search, b))} | "
+                             f"{fmt(infer.ratio('aiayn int8', 'aiayn fp32', search, b))} |")
         lines.append("")
         for b in batches:
             lines.append(f"- beam-4 at batch {b}, aiayn fp32 vs HF `generate`: {_verdict(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b), 3.0)}")
@@ -174,7 +169,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         for title, key, scale in (("Time per forward pass, ms", "seconds", 1e3), ("Peak memory growth, MiB", "peak_mib", 1.0)):
             lines += [f"{title}:", "", "| n | " + " | ".join(LAYERS) + " |", "|---|" + "---|" * len(LAYERS)]
             for n in ns:
-                cells = [_fmt(by[(layer, n)][key] * scale, 4) if (layer, n) in by else "–" for layer in LAYERS]
+                cells = [fmt(by[(layer, n)][key] * scale, 4) if (layer, n) in by else "–" for layer in LAYERS]
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
             lines.append("")
         if attn.skipped:
@@ -223,8 +218,8 @@ def _demo_section(demo: DemoTrainingResult) -> list[str]:
     ]
     for name, values in demo.tokens_per_s.items():
         series = Series(values)
-        ratio = "1" if name == before else _fmt(paired_ratio(series, Series(demo.tokens_per_s[before])))
-        lines.append(f"| {name} (allocator: {demo.systems[name]['allocator']}) | {_fmt(series.median, 4)} | {series.spread()} | {ratio} |")
+        ratio = "1" if name == before else fmt(paired_ratio(series, Series(demo.tokens_per_s[before])))
+        lines.append(f"| {name} (allocator: {demo.systems[name]['allocator']}) | {fmt(series.median, 4)} | {series.spread()} | {ratio} |")
     gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
     lines += ["", f"- now vs before, as users run them: {_verdict(gain, DEMO_TARGET)}", ""]
     return lines
@@ -237,22 +232,22 @@ def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer
     if demo is not None and demo.tokens_per_s:
         before, now = _demo_names(demo)
         gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
-        rows.append(f"| demo-size training, target tokens/s | aiayn before ({BASELINE_COMMIT}) | ≥ {DEMO_TARGET:g} | {_fmt(gain)} |")
+        rows.append(f"| demo-size training, target tokens/s | aiayn before ({BASELINE_COMMIT}) | ≥ {DEMO_TARGET:g} | {fmt(gain)} |")
     for r in train:
-        rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ {TRAIN_PEER_TARGET:g} | {_fmt(r.ratio('aiayn', 'HF Marian'))} |")
-        rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ {TRAIN_PEER_TARGET:g} | {_fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
+        rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'HF Marian'))} |")
+        rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
         if r.config in MFU_TARGET:
             rows.append(f"| training `{r.config}`, MFU | the matmul probe | ≥ {MFU_TARGET[r.config]:g} | {r.mfu('aiayn'):.2f} |")
     if infer:
         for b in sorted({b for (_, _, b) in infer.tokens_per_s}):
-            rows.append(f"| beam-4 decoding, batch {b}, fp32 | HF `generate` | ≥ 3 | {_fmt(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b))} |")
+            rows.append(f"| beam-4 decoding, batch {b}, fp32 | HF `generate` | ≥ 3 | {fmt(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b))} |")
             for search, name in (("greedy", "greedy"), ("beam4", "beam-4")):
-                rows.append(f"| {name} decoding, batch {b}, fp32 | CTranslate2 float32 | ≥ 1 | {_fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} |")
-                rows.append(f"| {name} decoding, batch {b}, int8 | CTranslate2 int8 | ≥ 1 | {_fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} |")
+                rows.append(f"| {name} decoding, batch {b}, fp32 | CTranslate2 float32 | ≥ 1 | {fmt(infer.ratio('aiayn fp32', 'CT2 float32', search, b))} |")
+                rows.append(f"| {name} decoding, batch {b}, int8 | CTranslate2 int8 | ≥ 1 | {fmt(infer.ratio('aiayn int8', 'CT2 int8', search, b))} |")
                 for kind, peer in (("fp32", "float32"), ("int8", "int8")):
                     rows.append(f"| {name} decoding, batch {b}, {kind} | CTranslate2 {peer}, the faster of its "
                                 f"{threads} and 1 threads | ≥ 1 | "
-                                f"{_fmt(infer.ratio_best(f'aiayn {kind}', BEST_CT2[kind], search, b))} |")
+                                f"{fmt(infer.ratio_best(f'aiayn {kind}', BEST_CT2[kind], search, b))} |")
     if not rows:
         return []
     return ["## Summary: aiayn ÷ peer", "", "| measure | peer | target | measured |", "|---|---|---|---|", *rows, ""]

@@ -17,7 +17,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from common import Series, bf16_supported, machine_description, matmul_gflops  # noqa: E402
+from common import Series, bf16_supported, load_average, machine_description, matmul_gflops  # noqa: E402
 
 # Sizes of the full suite and of --quick. Training batches hold about 4k target tokens
 # (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         probes["fp32 (end)"] = Series()
         for _ in range(3):
             probes["fp32 (end)"].add(matmul_gflops(2048, torch.float32, repeats=sizes["probe_repeats"]))
-    machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load average at end"] = load_average()
     machine["suite wall time"] = f"{(time.time() - started) / 60:.1f} min"
 
     results.update(probes={k: v.values for k, v in probes.items()},

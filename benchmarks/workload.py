@@ -207,11 +207,10 @@ def report_lines(w: WorkloadResult, threads: int) -> list[str]:
         "| system | sentences/s (median) | range | CPU s per pass (median) | BLEU | outputs = aiayn fp32's |",
         "|---|---|---|---|---|---|",
     ]
-    from common import paired_ratio
-    from report import _fmt
+    from common import fmt, paired_ratio
 
     for s in w.systems:
-        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {_fmt(w.cpu_seconds[s].median, 4)} "
+        lines.append(f"| {s} | {w.median(s):.4g} | {w.sentences_per_s[s].spread()} | {fmt(w.cpu_seconds[s].median, 4)} "
                      f"| {w.bleu[s]:.2f} | {100 * w.same_as_fp32[s]:.0f}% |")
     fp32, ct2 = w.sentences_per_s["aiayn fp32"], w.sentences_per_s["CT2 float32"]
 

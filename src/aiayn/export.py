@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .data.tokenizer import BOS_ID, EOS_ID
 from .errors import UserError
 from .files import atomic_directory
 from .model import Transformer, TransformerConfig
 
-BOS_ID, EOS_ID, UNK_ID = 2, 3, 1
 MARIAN_PAD = "<pad>"  # name of the appended zero row (Marian's pad and decoder start)
 AIAYN_PAD = "<aiayn_pad>"  # name given to aiayn's own id 0 in the exported vocabulary
 

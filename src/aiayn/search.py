@@ -126,7 +126,7 @@ def _decoder_states(model: Transformer, tokens: Tensor, memory: Tensor, src_mask
     return model.decode(tokens, memory, src_mask)[:, -1]
 
 
-_CHUNK = 64  # columns per block of the two-pass top-k (fastest of 32/64/128, measured)
+_CHUNK = 64  # columns per block of the two-pass top-k (the fastest of 32/64/128 on the CPU)
 
 
 def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -136,9 +136,9 @@ def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     vectorised reduction, one read of the row). If a value is among the row's k largest, its
     block is among the k blocks with the largest maxima: otherwise k other blocks each hold a
     value larger than it. So the top k of those k blocks' 64·k values is the top k of the row.
-    torch.topk (and max with indices) over the whole row is 4-7x slower on the CPU at decoding
-    sizes (N = 1...256 rows, V = 37,000; measured, one thread), and was 13% of a beam-4 int8
-    step at batch 64. Ties between equal values may come out in another order than torch.topk.
+    torch.topk (and max with indices) over the whole row is several times slower on the CPU at
+    decoding sizes (benchmarks/RESULTS.md). Ties between equal values may come out in another
+    order than torch.topk.
     """
     n, v = x.shape
     blocks = v // _CHUNK
