@@ -186,3 +186,54 @@ def test_worker_processes_translate_as_one_process_does(random_checkpoint):
     assert [t.score for n in there for t in n] == pytest.approx([t.score for n in here for t in n], abs=1e-5)
     with pytest.raises(Exception, match="workers must be at least 1"):
         Translator(random_checkpoint, workers=0)
+
+
+def test_batch_tokens_replaces_the_sentence_count(random_checkpoint, monkeypatch):
+    """--batch-tokens is a budget of padded source tokens per batch *instead of* --batch-size:
+    100 short lines within the token budget are one batch, not batches of 64 and 36."""
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=2), batch_tokens=100_000)
+    sizes = []
+    original = translator.search_ids
+    monkeypatch.setattr(translator, "search_ids", lambda s, *a: (sizes.append(len(s)), original(s, *a))[1])
+    translator.translate(["the cat sat"] * 100)
+    assert sizes == [100]
+    # a budget that holds 10 lines of this length (3 subwords or fewer, + EOS): batches of at most 10
+    ids = translator.encode(["the cat sat"])[0]
+    budget = 10 * (len(ids) + 1)
+    small = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=2), batch_tokens=budget)
+    assert [len(b) for b in small._batches(list(range(25)), [ids] * 25)] == [10, 10, 5]
+    sizes.clear()
+    by_count = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=2), batch_size=64)
+    monkeypatch.setattr(by_count, "search_ids", lambda s, *a: (sizes.append(len(s)), original(s, *a))[1])
+    by_count.translate(["the cat sat"] * 100)
+    assert sizes == [64, 36]
+
+
+def test_devices_are_checked_with_one_line_errors():
+    from aiayn.errors import UserError
+    from aiayn.translator import resolve_device
+
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None, quantize="int8").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(UserError, match="unknown device 'foo'"):
+        resolve_device("foo")
+    with pytest.raises(UserError, match="int8 quantisation runs on the CPU only"):
+        resolve_device("cuda", quantize="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="'cuda' is not available"):
+            resolve_device("cuda")
+
+
+def test_prepare_for_inference_leaves_the_callers_model_alone(random_checkpoint):
+    from aiayn.checkpoint import load_checkpoint
+    from aiayn.translator import prepare_for_inference
+
+    model = load_checkpoint(random_checkpoint).model
+    cpu = torch.device("cpu")
+    int8 = prepare_for_inference(model, cpu, quantize="int8")
+    assert isinstance(int8.generator, Int8Linear) and type(model.generator) is torch.nn.Linear
+    if packed.onednn_available():
+        fast = prepare_for_inference(model, cpu)
+        assert is_packed(fast) and not is_packed(model)
+    assert prepare_for_inference(model, cpu, prepack=False) is model

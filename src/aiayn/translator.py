@@ -47,6 +47,8 @@ def resolve_device(device: str | torch.device | None, quantize: str | None = Non
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}; use cpu or cuda (cuda:N for a GPU of several)") from None
+    if quantize is not None and dev.type != "cpu":
+        raise UserError(f"int8 quantisation runs on the CPU only (device {device!r})")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -57,8 +59,6 @@ def resolve_device(device: str | torch.device | None, quantize: str | None = Non
         if dev.type == "mps" and torch.backends.mps.is_available():
             return dev
         raise UserError(f"device {device!r} is not supported here; use cpu or cuda")
-    if quantize is not None and dev.type != "cpu":
-        raise UserError(f"int8 quantisation runs on the CPU only (device {device!r})")
     return dev
 
 
