@@ -148,3 +148,30 @@ def small_model(seed: int = 0, **overrides) -> Transformer:
 def random_ids(b: int, n: int, vocab: int = 40, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (b, n), generator=g)  # ids >= 4: never pad/unk/bos/eos
+
+
+# Tiny models and batches for the training tests (tests/test_train_*.py, tests/test_trainer.py).
+
+
+def tiny_model(vocab: int = 45, dropout: float = 0.0, seed: int = 0) -> Transformer:
+    """A 1+1-layer Transformer, d_model 32, for the copy task's 45-entry vocabulary."""
+    torch.manual_seed(seed)
+    return Transformer(TransformerConfig(src_vocab_size=vocab, d_model=32, d_ff=64, n_heads=2, n_encoder_layers=1,
+                                         n_decoder_layers=1, dropout=dropout))
+
+
+def adam(model: torch.nn.Module) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+
+
+def train_pairs(dataset: Path, indices: list[int]):
+    """The training pairs at ``indices`` of a prepared dataset: (sources, targets) as id arrays."""
+    from aiayn.data import load_dataset
+
+    train_split = load_dataset(dataset).split("train")
+    return [train_split.src[i] for i in indices], [train_split.tgt[i] for i in indices]
+
+
+def poison_decoder(model, value: float):
+    """Make the decoder's output non-finite (a forward hook; call .remove() on the result)."""
+    return model.decoder.register_forward_hook(lambda mod, inp, out: (out[0] * value, *out[1:]))

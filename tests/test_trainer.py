@@ -1,0 +1,294 @@
+"""The training loop and its run directory (aiayn.train.trainer): the copy task, logs, checkpoints,
+exact resume after SIGKILL, what --resume refuses, progress and the clock. Models are tiny; data is
+synthetic."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aiayn.data import load_dataset
+from aiayn.errors import UserError
+from aiayn.train import resolve_config, train
+from aiayn.train.config import load_raw_config
+from aiayn.train.state import list_checkpoints
+from aiayn.train.step import train_update
+
+from helpers import REPO, TINY, poison_decoder
+
+
+def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_path, monkeypatch):
+    import aiayn.train.trainer as trainer_mod
+
+    real = trainer_mod.train_update
+    calls = {"n": 0}
+
+    def nan_update(model, optimizer, batches, lr, ctx):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # two good updates, then only NaN
+            return real(model, optimizer, batches, lr, ctx)
+        hook = poison_decoder(model.model, float("inf"))  # the trainer passes its Criterion
+        try:
+            return real(model, optimizer, batches, lr, ctx)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(trainer_mod, "train_update", nan_update)
+    with pytest.raises(UserError, match="diverged: 3 consecutive"):
+        train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "run",
+              TINY + ["train.max_updates=20", "train.max_nonfinite=3", "train.batch_tokens=300"])
+    log = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "skip" for r in log) == 3
+
+
+def test_copy_task_learns_to_copy(copy_run):
+    """The run's own log agrees with what tests/conftest.py checked: its last validation (of the
+    final weights) has near-perfect teacher-forced accuracy and greedy BLEU. No clock is read:
+    how long training takes depends on the machine and its load."""
+    log = [json.loads(line) for line in (copy_run.out_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in log if r["kind"] == "valid"]
+    assert valid[-1]["step"] == copy_run.step
+    assert valid[-1]["accuracy"] >= 0.99 and valid[-1]["bleu"] > 95
+    train_recs = [r for r in log if r["kind"] == "train"]
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    assert all(r["tgt_tokens_per_s"] > 0 and r["lr"] > 0 and r["ppl"] >= 1 for r in train_recs)
+
+
+def test_run_directory_layout(copy_run):
+    from aiayn.checkpoint import load_checkpoint
+
+    out = copy_run.out_dir
+    assert (out / "config.yaml").is_file() and (out / "tb").is_dir()
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    ckpts = list_checkpoints(out)
+    # copy.yaml: save_every 200, keep_last 4; the fixture may have continued the run past 800
+    # updates, in rounds of 200.
+    assert copy_run.step >= 800 and copy_run.step % 200 == 0
+    assert [p.name for p in ckpts] == [f"step_{copy_run.step - 200 * k:07d}" for k in (3, 2, 1, 0)]
+    assert (out / "last").resolve() == ckpts[-1].resolve()
+    assert (out / "last.txt").read_text().strip() == f"checkpoints/{ckpts[-1].name}"
+    for name in ("model.safetensors", "config.yaml", "spm.model", "meta.json", "optimizer.safetensors",
+                 "rng.safetensors", "trainer_state.json"):
+        assert (ckpts[-1] / name).is_file(), name
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["step"] == copy_run.step and "position" in state["sampler"]
+    assert load_file(str(ckpts[-1] / "rng.safetensors"))["cpu.rank0"].dtype == torch.uint8
+    ckpt = load_checkpoint(out / "best")
+    assert ckpt.meta["valid"]["bleu"] == copy_run.best_bleu
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and 0.5 < records[0]["padding_efficiency"] <= 1.0
+    assert records[-1]["kind"] == "end"
+    # The resolved config can be given back as --config.
+    raw = load_raw_config(out / "config.yaml", [])
+    assert resolve_config(raw, ckpt.model.config.src_vocab_size).model == ckpt.model.config
+
+
+def test_existing_run_directory_needs_resume_or_force(copy_dataset, tmp_path, capsys):
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out", str(out)]
+    assert main(args + TINY + ["train.max_updates=2", "train.save_every=1", "train.keep_last=2"]) == 0
+    assert main(args + TINY + ["train.max_updates=2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000001", "step_0000002"]
+    assert main(args + ["--force"] + TINY + ["train.max_updates=2", "train.average_last=2"]) == 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]  # a new run
+    assert not (out / "averaged").exists()  # one checkpoint: nothing to average
+    # A directory the user made is not a run: neither --resume nor --force touches it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "something").write_text("x")
+    for flag in ("--resume", "--force"):
+        assert main(["train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset), "--out",
+                     str(mine), flag] + TINY + ["train.max_updates=2"]) == 2
+        assert "is not a directory aiayn wrote (it holds something)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["something"]
+
+
+KILL_WHILE_SAVING_60 = """
+import os, signal, sys
+import aiayn.train.state as state
+from aiayn.cli import main
+real_save_file = state.save_file
+def save_file(tensors, filename, *args, **kwargs):
+    if ".step_0000060" in str(filename):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, filename, *args, **kwargs)
+state.save_file = save_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_and_resumed_run_ends_bitwise_equal(copy_dataset, tmp_path):
+    # Dropout on, so the RNG state must be restored too; several validations and checkpoints.
+    overrides = TINY + ["model.dropout=0.1", "train.max_updates=120", "train.save_every=20", "train.valid_every=40",
+                        "train.valid_bleu_sentences=10", "train.batch_tokens=400", "train.log_every=10",
+                        "train.keep_last=10", "train.average_last=0"]
+    config = REPO / "configs/copy.yaml"
+    reference = train(config, copy_dataset, tmp_path / "reference", overrides)
+    assert reference.step == 120
+
+    # The run kills itself with SIGKILL while it writes checkpoint 60: at a fixed point, not
+    # when a polling parent gets round to it (on a loaded machine the run could finish first).
+    # By then metrics.jsonl has records past the last finished checkpoint (40) and a
+    # half-written '.step_0000060' directory lies beside it.
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", KILL_WHILE_SAVING_60, "train", "--config", str(config), "--data", str(copy_dataset),
+           "--out", str(out), *overrides]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000020", "step_0000040"]
+    assert list((out / "checkpoints").glob(".step_0000060*"))
+
+    resumed = train(config, copy_dataset, out, overrides, resume=True)
+    assert resumed.step == 120
+    final_ref = load_file(str(tmp_path / "reference/checkpoints/step_0000120/model.safetensors"))
+    final = load_file(str(out / "checkpoints/step_0000120/model.safetensors"))
+    assert final.keys() == final_ref.keys()
+    for key in final:
+        assert torch.equal(final[key], final_ref[key]), key
+    opt_ref = load_file(str(tmp_path / "reference/checkpoints/step_0000120/optimizer.safetensors"))
+    opt = load_file(str(out / "checkpoints/step_0000120/optimizer.safetensors"))
+    assert all(torch.equal(opt[k], opt_ref[k]) for k in opt_ref)
+    # The metrics log holds each update once, as if the run had not been interrupted.
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == list(range(10, 121, 10))
+
+
+def test_resume_refuses_a_different_model(copy_run, copy_dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(copy_run.out_dir, out, symlinks=True)
+    with pytest.raises(UserError, match="model config differs.*d_model"):
+        train(REPO / "configs/copy.yaml", copy_dataset, out, ["model.d_model=32", "train.progress=false"], resume=True)
+
+
+def test_training_data_longer_than_learned_positions_is_a_clear_error(copy_run, copy_dataset, tmp_path):
+    """Checked before the run directory is touched: --force does not lose the run it would replace."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(copy_run.out_dir, out, symlinks=True)
+    with pytest.raises(UserError, match=r"up to 20 subwords.*max_positions 12.*--max-len 11"):
+        train(REPO / "configs/copy.yaml", copy_dataset, out,
+              TINY + ["model.positions=learned", "model.max_positions=12"], force=True)
+    assert list_checkpoints(out)
+
+
+def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
+    """The checkpoint's data position, vocabulary and embedding rows refer to the dataset and
+    subword model the run started with; --resume with others is a one-line error naming them."""
+    import shutil
+
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2"])
+    other = tmp_path / "other"  # the same task and sizes, another seed
+    assert main(["prepare", "--corpus", "copy", "--seed", "2", "--out", str(other)]) == 0
+    with pytest.raises(UserError, match=rf"^{other}: cannot resume {out} with this dataset: dataset fingerprint"):
+        train(REPO / "configs/copy.yaml", other, out, TINY + ["train.max_updates=4"], resume=True)
+    retokenized = tmp_path / "retokenized"  # the same manifest, another subword model
+    shutil.copytree(copy_dataset, retokenized)
+    assert main(["prepare", "--corpus", "reverse", "--out", str(tmp_path / "reverse"), "--vocab-size", "60"]) == 0
+    shutil.copyfile(tmp_path / "reverse/spm.model", retokenized / "spm.model")
+    with pytest.raises(UserError, match=r"this dataset: its spm.model is not the run's \(checkpoint step_0000002\)"):
+        train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+
+def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
+    """Checkpoints are copied between machines: meta.json names the run and the dataset, it does
+    not carry this machine's paths."""
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=2", "train.save_every=1",
+                                                                 "train.valid_every=1", "train.average_last=2"])
+    assert main(["average", "--out", str(tmp_path / "avg"), str(out), "--last", "2"]) == 0
+    paths = [out / "best/meta.json", out / "averaged/meta.json", *out.glob("checkpoints/*/meta.json"),
+             tmp_path / "avg/meta.json"]
+    metas = {path: json.loads(path.read_text()) for path in paths}
+    assert len(metas) == 5  # best, averaged, two checkpoints, avg
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for path, meta in metas.items():
+        found = [s for s in strings(meta) if s.startswith(("/", "~")) or str(tmp_path) in s or "\\" in s]
+        assert not found, f"{path}: {found}"
+        assert meta["run"] == "run" and meta["data"] == copy_dataset.name
+        assert meta["data_fingerprint"] == load_dataset(copy_dataset).manifest["fingerprint"]
+    assert metas[tmp_path / "avg/meta.json"]["averaged_from"] == ["step_0000001", "step_0000002"]
+
+
+def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch):
+    """Under train.max_minutes the bar's total is the budget in seconds and it advances with the
+    elapsed time (updates in the postfix); without a budget it counts updates to max_updates."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    base = TINY + ["train.progress=true", "train.valid_every=0", "train.average_last=0"]
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "budget",
+                   base + ["train.max_minutes=0.02", "train.max_updates=100000"])
+    assert result.stop_reason == "max_minutes"
+    bar, = bars
+    assert (bar.total, bar.unit) == (pytest.approx(1.2), "s")
+    assert bar.n == pytest.approx(bar.total)  # the run stops when the budget is spent
+    assert f"upd={result.step}" in bar.postfix
+    bars.clear()
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "updates", base + ["train.max_updates=3"])
+    bar, = bars
+    assert (bar.total, bar.unit, bar.n) == (3, "upd", 3)
+
+
+def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, monkeypatch):
+    """save_every_minutes / valid_every_minutes: checkpoints and validations follow elapsed time,
+    not the update count. A fake clock makes every update take exactly one second."""
+    import aiayn.train.trainer as trainer_module
+
+    clock = [0.0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    def one_second_update(*args, **kwargs):
+        clock[0] += 1.0
+        return train_update(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "time", FakeTime)
+    monkeypatch.setattr(trainer_module, "train_update", one_second_update)
+    result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "run",
+                   TINY + ["train.max_updates=10", "train.save_every=1000", "train.valid_every=1000",
+                           "train.save_every_minutes=0.05", "train.valid_every_minutes=0.1",  # 3 s, 6 s
+                           "train.keep_last=10", "train.average_last=3", "train.valid_bleu_sentences=2"])
+    assert result.step == 10
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
+        "step_0000003", "step_0000006", "step_0000009", "step_0000010"]  # the last one: the end of the run
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [6, 10]
+    meta = json.loads((tmp_path / "run/averaged/meta.json").read_text())
+    assert meta["averaged_from"] == ["step_0000006", "step_0000009", "step_0000010"]
