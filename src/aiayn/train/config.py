@@ -1,6 +1,7 @@
 """The ``train:`` section of a config file, and how a run's full config is resolved.
 
-A config file (see ``configs/``) has up to three sections:
+A config file (a path, or the name of one shipped with aiayn: ``aiayn/configs/``, linked from
+the repository's ``configs/``; see `aiayn.config.find_config`) has up to three sections:
 
     model:   TransformerConfig fields (``preset: base`` allowed); the vocabulary sizes are
              filled in from the dataset manifest, so they are left out.
@@ -10,6 +11,7 @@ A config file (see ``configs/``) has up to three sections:
              evaluate, attention and serve use it unless told otherwise.
 
 Any field can be overridden on the command line: ``model.d_model=256 train.max_updates=100``.
+An error names the override or the file line that set the offending key (`aiayn.config.blame`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import config as config_io
-from ..config import SearchConfig
+from ..config import ConfigKeyError, SearchConfig
 from ..errors import UserError
 from ..model import TransformerConfig
 
@@ -113,31 +115,52 @@ class RunConfig:
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SECTIONS = ("model", "train", "search")
+
+
 def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") -> RunConfig:
     """A config mapping (file + overrides) -> RunConfig, vocabulary sizes from the dataset.
 
     The datasets of `aiayn prepare` have one joint BPE vocabulary (§5.1), so source and
-    target share ``vocab_size``; a config that names a different size is an error.
+    target share ``vocab_size``; a config that names a different size is an error. Errors name
+    the override or the file line that set the key (``raw`` from `load_raw_config`), else
+    ``where``.
     """
-    unknown = sorted(set(raw) - {"model", "train", "search"})
-    if unknown:
-        raise UserError(f"{where}: unknown section(s) {unknown}; a config has 'model:', 'train:' and 'search:'")
-    model = dict(raw.get("model") or {})
-    for key in ("src_vocab_size", "tgt_vocab_size"):
-        if model.get(key) not in (None, vocab_size):
-            raise UserError(f"{where}: model.{key}={model[key]} but the dataset's vocabulary has "
-                            f"{vocab_size} entries; leave vocabulary sizes out of the config")
-        model[key] = vocab_size
-    model_cfg = TransformerConfig.from_dict(model, where=f"{where}: model")
-    train_cfg = config_io.from_dict(TrainConfig, dict(raw.get("train") or {}), where=f"{where}: train")
-    search_cfg = config_io.from_dict(SearchConfig, dict(raw.get("search") or {}), where=f"{where}: search").check()
+    with config_io.blamed(raw, where):
+        for section in raw:
+            if section not in SECTIONS:
+                message = config_io.unknown_key_message(section, SECTIONS, "section")
+                raise ConfigKeyError(f"{message} (a config has model:, train: and search:)", [(str(section),)])
+        sections = {}
+        for section in SECTIONS:
+            value = raw.get(section) or {}
+            if not isinstance(value, dict):
+                raise ConfigKeyError(f"{section}: expected a mapping of settings, got {value!r}", [(section,)])
+            sections[section] = dict(value)
+        model = sections["model"]
+        for key in ("src_vocab_size", "tgt_vocab_size"):
+            if model.get(key) not in (None, vocab_size):
+                raise ConfigKeyError(f"model.{key}={model[key]} but the dataset's vocabulary has {vocab_size} "
+                                     "entries; leave vocabulary sizes out of the config", [("model", key)])
+            model[key] = vocab_size
+        model_cfg = TransformerConfig.from_dict(model, where="model")
+        train_cfg = config_io.from_dict(TrainConfig, sections["train"], where="train")
+        search_cfg = config_io.from_dict(SearchConfig, sections["search"], where="search")
+        try:
+            search_cfg.check()
+        except ConfigKeyError:
+            raise
+        except UserError as e:
+            fields = config_io.mentioned_fields(str(e), SearchConfig.__dataclass_fields__)
+            raise ConfigKeyError(f"search: {e}", [("search", k) for k in fields] or [("search",)]) from None
     return RunConfig(model=model_cfg, train=train_cfg, search=search_cfg)
 
 
-def load_raw_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """The mapping of a config file with ``section.key=value`` overrides applied."""
-    raw = config_io.load_yaml(path)
+def load_raw_config(path: str | Path, overrides: list[str]) -> config_io.ConfigDict:
+    """The mapping of a config file (a path, or a shipped config's name: `aiayn.config.find_config`)
+    with ``section.key=value`` overrides applied; it remembers where each key was set."""
+    raw = config_io.load_yaml(config_io.find_config(path))
     for item in overrides:
-        if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in ("model", "train", "search"):
+        if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in SECTIONS:
             raise UserError(f"override {item!r}: keys start with 'model.', 'train.' or 'search.'")
     return config_io.apply_overrides(raw, overrides)
