@@ -2,7 +2,8 @@
 
 Every stage that writes a directory (a dataset, a checkpoint, an export, attention pictures)
 writes it through `atomic_directory`: the files go into a temporary sibling, and only when all
-of them are written does one rename put the directory in place. A crash or a kill leaves the
+of them are written does one rename put the directory in place, with the usual permissions
+(files 0644, directories 0755 under the common umask; `usual_modes`). A crash or a kill leaves the
 old directory (or none), never half of a new one; the hidden temporary sibling is removed on
 any error.
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def usual_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a file or directory made the usual way
+    gets (0644 and 0755 under the common umask 022): mkdtemp makes its directory private (0700),
+    and some writers (safetensors) make their files 0600. Executable files stay executable;
+    symbolic links are left alone."""
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(directory, name)
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXUSR):
+                os.chmod(p, 0o777 & ~umask)
+            elif stat.S_ISREG(st.st_mode):
+                os.chmod(p, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, kind: str, force: bool = False) -> Iterator[Path]:
     """``with atomic_directory(out, kind=...) as tmp:`` write into ``tmp``; on success ``tmp``
@@ -142,14 +167,14 @@ def atomic_directory(path: str | Path, *, kind: str, force: bool = False) -> Ite
     renamed aside first and removed only after the new one is in place."""
     path = Path(path)
     refuse_to_replace(path, force, kind=kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    # mkdtemp makes the directory private (0700); the result should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"cannot create the output directory: {e.strerror or e}", path=path) from None
     try:
         yield tmp
+        usual_modes(tmp)
         _fsync_dir(tmp)
         old = None
         if path.exists() or path.is_symlink():
