@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from . import config as config_io
 from .config import SearchConfig
 from .errors import UserError
-from .files import atomic_directory
+from .files import ARTEFACTS, artefact_kind, atomic_directory
 from .model import Transformer, TransformerConfig
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "spm.model", "meta.json"
@@ -73,33 +73,77 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer_file: str | 
 
 
 def load_config(path: str | Path) -> TransformerConfig:
+    """A checkpoint's TransformerConfig (its config.yaml); errors name the file and line."""
     path = Path(path)
     data = config_io.load_yaml(path / CONFIG)
-    if "model" not in data:
+    if not isinstance(data.get("model"), dict):
         raise UserError("no 'model' section", path=path / CONFIG)
-    return TransformerConfig.from_dict(data["model"], where=str(path / CONFIG))
+    with config_io.blamed(data, path / CONFIG):
+        return TransformerConfig.from_dict(data["model"], where="model")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory; every problem is a `UserError` that names the file."""
-    from .data import Tokenizer  # the data stage owns the tokenizer
+# A run's checkpoints that translate, evaluate and serve take, the usual choice first (aiayn.train.trainer).
+RUN_CHECKPOINTS = ("averaged", "best", "last")
 
+
+def _suggest_in_run(run: Path) -> str:
+    """'runs/copy/averaged or runs/copy/last': the checkpoints of a run directory that exist."""
+    found = [str(run / name) for name in RUN_CHECKPOINTS if artefact_kind(run / name) == "checkpoint"]
+    return " or ".join(found) if found else "none yet: it has not written a checkpoint"
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """``path`` if it looks like a checkpoint directory; else a `UserError` that says what it
+    is and, for a training run (or a path inside one), which of its checkpoints to give."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError("no such checkpoint directory", path=path)
+        if artefact_kind(path.parent) == "run":
+            raise UserError(f"no such checkpoint directory; the run {path.parent} has {_suggest_in_run(path.parent)}",
+                            path=path)
+        raise UserError("no such checkpoint directory" if not path.exists() else "not a checkpoint directory",
+                        path=path)
+    kind = artefact_kind(path)
+    if kind == "run":
+        raise UserError(f"is {ARTEFACTS['run']}, not a checkpoint; give one of its checkpoints: "
+                        f"{_suggest_in_run(path)}", path=path)
+    if kind in ("dataset", "export", "attention"):
+        raise UserError(f"is {ARTEFACTS[kind]}, not a checkpoint; a checkpoint is what aiayn train writes "
+                        "(RUN/averaged, or RUN/last)", path=path)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise UserError(f"not a checkpoint: {name} is missing", path=path)
-    model = Transformer(load_config(path))
+    return path
+
+
+def _read_weights(model: Transformer, file: Path) -> None:
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot read weights: {e}", path=path / WEIGHTS) from None
+        missing, unexpected = load_model(model, str(file), strict=False, device="cpu")
+    except SafetensorError as e:
+        # a short file ("incomplete metadata", "invalid header length"), or bytes that are no safetensors
+        raise UserError(f"the weights file is truncated or corrupt ({file.stat().st_size} bytes; safetensors: {e}); "
+                        "copy or write the checkpoint again", path=file) from None
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise UserError(f"weights do not match config.yaml ({str(e).strip().splitlines()[-1].strip()})",
+                            path=file) from None
+        raise UserError(f"cannot read weights: {e}", path=file) from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read weights: {e}", path=file) from None
     if missing or unexpected:
         raise UserError(
             f"weights do not match config.yaml (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})",
-            path=path / WEIGHTS,
+            path=file,
         )
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory; every problem is a `UserError` that names the file (and
+    for a training run or a dataset given instead, says so and which checkpoint to give)."""
+    from .data import Tokenizer  # the data stage owns the tokenizer
+
+    path = check_checkpoint_dir(path)
+    model = Transformer(load_config(path))
+    _read_weights(model, path / WEIGHTS)
     meta = read_meta(path)
     try:
         tokenizer = Tokenizer.load(path / TOKENIZER)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from ..files import check_output_path
 
 
@@ -22,8 +24,9 @@ def translator_from_args(args):
 
     resolve_device(args.device, args.quantize)  # before loading: a wrong --device fails fast
     if args.workers > 1:  # each worker loads the checkpoint itself: pass the path
-        from ..checkpoint import read_meta, search_from_meta
+        from ..checkpoint import check_checkpoint_dir, read_meta, search_from_meta
 
+        check_checkpoint_dir(args.checkpoint)
         search = search_from_meta(read_meta(args.checkpoint)).replace(
             beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b).check()
         checkpoint = args.checkpoint
@@ -68,7 +71,7 @@ def run(args) -> int:
         if args.output is None:
             _interactive(translator, args.nbest, sys.stdout)
         else:
-            with open(args.output, "w", encoding="utf-8") as out:
+            with _writing(args.output), open(args.output, "w", encoding="utf-8") as out:
                 _interactive(translator, args.nbest, out)
         return 0
     results = translator.translate_nbest(lines, nbest=args.nbest, progress=len(lines) >= 100)
@@ -81,5 +84,15 @@ def run(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        Path(args.output).write_text(text, encoding="utf-8")
+        with _writing(args.output):
+            Path(args.output).write_text(text, encoding="utf-8")
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """An OSError while writing --output (a full disk, no permission) as a one-line UserError."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write: {e.strerror or e}", path=path) from None
