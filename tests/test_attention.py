@@ -60,3 +60,18 @@ def test_attention_command_with_a_given_target(copy_checkpoint, tmp_path, capsys
     doc = json.loads((out / "attention.json").read_text())
     assert len(doc["weights"]["cross"][0][0]) == len(doc["tgt_tokens"])
     assert "attention.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("side", ["--src", "--tgt"])
+def test_a_sentence_longer_than_the_learned_positions_is_one_line(random_checkpoint, tmp_path, capsys, side):
+    """random_checkpoint has learned positions for 64 tokens: a longer source or target is a
+    user's error (one line, exit 2), not an index error in the embedding."""
+    long = " ".join(["the cat sat on the mat"] * 20)
+    sentences = ["--src", long] if side == "--src" else ["--src", "a dog", "--tgt", long]
+    argv = ["attention", "--checkpoint", str(random_checkpoint), "--out", str(tmp_path / "out"), *sentences]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    side_name = "source" if side == "--src" else "target"
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"aiayn: error: the {side_name} has ") and err.endswith("subwords; this model reads at most 63\n")
+    assert not (tmp_path / "out").exists()

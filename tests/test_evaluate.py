@@ -130,3 +130,12 @@ def test_evaluate_scores_one_line_translations(byte_piece_checkpoint, tmp_path, 
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("mode", ["hyp", "checkpoint"])
+def test_evaluating_empty_files_is_one_line(mode, random_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    given = ["--hyp", str(empty)] if mode == "hyp" else ["--checkpoint", str(random_checkpoint), "--src", str(empty)]
+    assert main(["evaluate", *given, "--ref", str(empty)]) == 2
+    assert capsys.readouterr().err == f"aiayn: error: {empty}: the file is empty: nothing to score\n"

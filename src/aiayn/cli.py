@@ -15,8 +15,10 @@ which turns them into typed arguments for the library module that owns the stage
     serve     -> aiayn.serve              (HTTP API with dynamic batching, and the attention explorer)
     demo      -> aiayn.demo               (the first run: all of the above on a real corpus)
 
-Nothing here imports torch: ``--help`` and argument errors answer at once. Errors a user can
-fix are raised as `UserError` and printed as one line, exit status 2.
+Nothing here imports torch: ``--help``, ``--version`` and argument errors answer at once, and
+a heavy command re-executes itself under a fast allocator (`aiayn.allocator`) before anything
+imports torch. Errors a user can fix are raised as `UserError` and printed as one line, exit
+status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import argparse
 import importlib
 import sys
 
-from .config import SearchConfig
+from . import __version__
+from .config import SearchConfig, shipped_configs
 from .data.options import PrepareOptions
 from .errors import UserError
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiayn", description="The Transformer of 'Attention Is All You Need'."
     )
+    parser.add_argument("--version", action="version", version=f"aiayn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # -- prepare -------------------------------------------------------------------------------
@@ -90,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("prepare:run"))
 
     # -- train ---------------------------------------------------------------------------------
-    p = sub.add_parser("train", help="train a model (run under torchrun for several processes)")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p = sub.add_parser("train", help="train a model with the paper's recipe",
+                       description="Train a model with the paper's recipe. For several processes (GPUs, or CPU "
+                                   "ranks) run it under torchrun: torchrun --nproc_per_node=N -m aiayn train ...")
+    p.add_argument("--config", required=True,
+                   help="YAML config file, or the name of a config shipped with aiayn, from any directory: "
+                        f"{', '.join(shipped_configs())}")
     p.add_argument("--data", required=True, help="dataset directory written by 'aiayn prepare'")
     p.add_argument("--out", required=True, help="run directory for checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt", help="target sentence (default: the model's own translation)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    _search_settings(p.add_argument_group(_SEARCH_TITLE))
+    _search_settings(p.add_argument_group("search"))
     p.set_defaults(func=_handler("attention:run"))
 
     # -- export --------------------------------------------------------------------------------
@@ -165,20 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: loopback only; the API has no authentication)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    g = p.add_argument_group(_SEARCH_TITLE + "; a request may choose its own beam, alpha and nbest")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 picks a free one)")
+    g = p.add_argument_group("search and speed; a request may choose its own beam, alpha and nbest")
     _search_settings(g)
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist) for every search")
     g = p.add_argument_group("limits and batching")
-    g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default 64)")
-    g.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default 1000)")
-    g.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask for (default 8)")
+    g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default %(default)s)")
+    g.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default %(default)s)")
+    g.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask for (default %(default)s)")
     g.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to batch with (default 5 ms)")
-    g.add_argument("--max-batch-lines", type=int, default=64, help="sentences translated in one batch (default 64)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+                   help="how long a request waits for others to batch with (default %(default)g ms)")
+    g.add_argument("--max-batch-lines", type=int, default=64,
+                   help="sentences translated in one batch (default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default %(default)s)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log every request (default: on)")
     p.set_defaults(func=_handler("serve:run"))
@@ -191,21 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SEARCH_TITLE = (f"search (default: the settings the checkpoint recommends, else the paper's: beam {SEARCH.beam}, "
-                 f"alpha {SEARCH.alpha}, max length {SEARCH.max_len_a:g}*|x|+{SEARCH.max_len_b})")
+def _recommended(paper) -> str:
+    """How the default of a search flag is shown: None (not given) means the checkpoint's setting."""
+    return f"(default: the checkpoint's recommended setting, else the paper's {paper:g})"
 
 
 def _search_settings(g) -> None:
     """The `SearchConfig` flags; None (not given) means the checkpoint's recommended setting."""
-    g.add_argument("--beam", type=int, help=f"beam size; 1 is greedy search (paper: {SEARCH.beam})")
-    g.add_argument("--alpha", type=float,
-                   help=f"length penalty: rank by log P(Y|X) / ((5+|Y|)/6)^alpha, |Y| incl. EOS (paper: {SEARCH.alpha})")
-    g.add_argument("--max-len-a", type=float, help=f"max output length = a*|x| + b subwords (paper: a={SEARCH.max_len_a:g})")
-    g.add_argument("--max-len-b", type=int, help=f"max output length = a*|x| + b (paper: b={SEARCH.max_len_b})")
+    g.add_argument("--beam", type=int, help=f"beam size; 1 is greedy search {_recommended(SEARCH.beam)}")
+    g.add_argument("--alpha", type=float, help="length penalty: rank by log P(Y|X) / ((5+|Y|)/6)^alpha, |Y| incl. "
+                                               f"EOS {_recommended(SEARCH.alpha)}")
+    g.add_argument("--max-len-a", type=float,
+                   help=f"max output length = a*|x| + b subwords: a {_recommended(SEARCH.max_len_a)}")
+    g.add_argument("--max-len-b", type=int, help=f"max output length = a*|x| + b: b {_recommended(SEARCH.max_len_b)}")
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(_SEARCH_TITLE)
+    g = p.add_argument_group("search and speed")
     _search_settings(g)
     g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default %(default)s)")
     g.add_argument("--batch-tokens", type=int,
