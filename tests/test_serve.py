@@ -4,7 +4,9 @@ known exactly) and a random model with a short position table; and the command l
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,12 +21,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from aiayn.attention import attention_maps  # noqa: E402
 from aiayn.cli import main  # noqa: E402
-from aiayn.config import SearchConfig
+from aiayn.config import SearchConfig  # noqa: E402
 from aiayn.errors import UserError  # noqa: E402
 from aiayn.serve.app import create_app  # noqa: E402
 from aiayn.serve.engine import Engine, ServeSettings  # noqa: E402
 from aiayn.serve.server import is_loopback  # noqa: E402
 from aiayn.translator import Translator  # noqa: E402
+
+from helpers import BYTE_PIECE_OUTPUT, BYTE_PIECE_TEXT  # noqa: E402
 
 SETTINGS = dict(max_lines=8, max_chars=200, max_beam=6)
 
@@ -124,6 +128,55 @@ def test_bodies_that_are_not_json_or_too_large_are_refused(client, engine):
     assert client.get("/api/translate").status_code == 405
 
 
+def test_the_body_limit_admits_every_request_within_the_line_limits(copy_checkpoint):
+    # The worst case per character: json.dumps writes one outside the BMP as two escapes, 12
+    # bytes ("\\ud83d\\ude00"), and Python counts it as one character. The issue's request, at
+    # the default limits: 64 lines of 1,000, with every other field.
+    settings = ServeSettings()
+    worst = {"text": ["😀" * settings.max_chars] * settings.max_lines, "beam": settings.max_beam,
+             "alpha": 0.123456789, "nbest": settings.max_beam}
+    for dumps in (json.dumps, lambda body: json.dumps(body, indent=1)):
+        assert len(dumps(worst).encode()) <= settings.max_body_bytes
+    attention = {"src": "😀" * settings.max_chars, "tgt": "😀" * settings.max_chars, "beam": 8, "alpha": 0.6}
+    assert len(json.dumps(attention).encode()) <= ServeSettings(max_lines=1).max_body_bytes
+    # Through a server (smaller limits, the same arithmetic): the body passes, the lines are
+    # within max_chars, so the request is translated.
+    small = ServeSettings(max_lines=32, max_chars=40, beam=1, max_beam=2)
+    with TestClient(create_app(Engine(copy_checkpoint, small))) as client:
+        def send(body):
+            return client.post("/api/translate", content=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+
+        response = send({"text": ["😀" * 40] * 32, "beam": 1, "alpha": 0.6, "nbest": 1})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["translations"]) == 32
+        # One emoji more is over the characters' limit (counted as characters), not the body's.
+        response = send({"text": ["😀" * 40] * 31 + ["😀" * 41], "beam": 1})
+        assert response.status_code == 413
+        assert response.json()["error"] == "line 32 of text has 41 characters; the limit is 40"
+
+
+@pytest.mark.parametrize("path, raw, field", [
+    ("/api/translate", b'{"text": "\\ud800x"}', "text"),
+    ("/api/translate", b'{"text": ["a b", "c \\udfff"]}', "text"),
+    ("/api/translate", b'{"text": "a \\ud83d"}', "text"),  # the first half of a pair, alone
+    ("/api/attention", b'{"src": "a\\ud800"}', "src"),
+    ("/api/attention", b'{"src": "a b", "tgt": "\\udc00"}', "tgt"),
+])
+def test_a_lone_surrogate_is_a_422_naming_the_field(client, caplog, path, raw, field):
+    """Valid JSON that is not valid Unicode: a client's mistake, not the server's."""
+    with caplog.at_level(logging.WARNING):
+        response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith(f"{field}: not valid Unicode") and "lone surrogate" in error, error
+    if b"[" in raw:
+        assert "line 2" in error
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # A pair of halves is one character, and fine.
+    assert post(client, "/api/translate", {"text": "a b 😀"})[0] == 200
+
+
 def test_a_failing_batch_answers_500_and_the_server_keeps_serving(copy_checkpoint):
     engine = Engine(copy_checkpoint, ServeSettings(**SETTINGS))
     translate = engine.translate
@@ -174,6 +227,29 @@ def test_attention_of_the_models_own_translation(client, copy_checkpoint):
                     assert all(len(repr(p)) <= 6 for p in row), row  # 0.xxxx in the JSON, not 17 digits
 
 
+def test_attention_of_the_translation_has_the_searchs_own_tokens(byte_piece_checkpoint):
+    """The byte-piece model writes control characters in byte pieces, which its text shows as
+    spaces: encoding that text again gives other subwords than those the model produced."""
+    engine = Engine(byte_piece_checkpoint)
+    tok = engine.checkpoint.tokenizer
+    assert tok.pieces(tok.encode(BYTE_PIECE_TEXT)) != BYTE_PIECE_OUTPUT  # the case this test is about
+    with TestClient(create_app(engine)) as client:
+        status, body = post(client, "/api/attention", {"src": "the cat sat", "beam": 2})
+        assert status == 200 and body["translated"] is True and body["tgt"] == BYTE_PIECE_TEXT
+        assert body["tgt_tokens"] == BYTE_PIECE_OUTPUT + ["</s>"]
+        assert body["tgt_inputs"] == ["<s>"] + BYTE_PIECE_OUTPUT
+        ids = [tok.sp.piece_to_id(p) for p in BYTE_PIECE_OUTPUT]
+        maps = attention_maps(engine.checkpoint, "the cat sat", tgt_ids=ids)
+        cross = body["attention"]["cross"]["weights"]
+        assert len(cross[0][0]) == len(ids) + 1
+        for row, want in zip(cross[0][0], maps.weights["cross"][0, 0].tolist()):
+            assert row == pytest.approx(want, abs=6e-5)
+        # A given target is that text's own subwords.
+        status, body = post(client, "/api/attention", {"src": "the cat sat", "tgt": BYTE_PIECE_TEXT})
+        assert status == 200 and body["translated"] is False
+        assert body["tgt_tokens"] == tok.pieces(tok.encode(BYTE_PIECE_TEXT)) + ["</s>"]
+
+
 def test_attention_with_a_given_target(client):
     status, body = post(client, "/api/attention", {"src": "a b c", "tgt": "c  b"})
     assert status == 200 and body["translated"] is False and body["tgt"] == "c b"
@@ -199,11 +275,26 @@ def test_bad_attention_requests_get_a_clear_4xx(client, body, status, message):
     assert message in response.json()["error"]
 
 
-def test_a_source_longer_than_the_model_reads_is_a_422(random_checkpoint):
-    # The random model has a learned position table of 64: at most 63 subwords.
-    with TestClient(create_app(Engine(random_checkpoint))) as client:
-        status, body = post(client, "/api/attention", {"src": "the cat sat on the mat " * 20, "tgt": "a"})
-        assert status == 422 and "this model reads at most 63" in body["error"]
+def test_a_source_longer_than_the_model_reads_is_a_422_before_any_search(random_checkpoint):
+    # The random model has a learned position table of 64: at most 63 subwords. Both endpoints
+    # refuse a longer source alike, naming it and the limit, instead of translating its start.
+    engine = Engine(random_checkpoint)
+    long = "the cat sat on the mat " * 20
+    n = len(engine.checkpoint.tokenizer.encode(long.strip()))
+    assert n > 63
+    with TestClient(create_app(engine)) as client:
+        status, body = post(client, "/api/translate", {"text": long})
+        assert (status, body) == (422, {"error": f"text has {n} subwords; this model reads at most 63 (max_subwords)"})
+        status, body = post(client, "/api/translate", {"text": ["the cat", long], "nbest": 2})
+        assert status == 422 and body["error"].startswith(f"line 2 of text has {n} subwords")
+        for request in ({"src": long}, {"src": long, "tgt": "a"}):
+            status, body = post(client, "/api/attention", request)
+            assert (status, body) == (422, {"error": f"src has {n} subwords; this model reads at most 63 (max_subwords)"})
+        status, body = post(client, "/api/attention", {"src": "a", "tgt": long})
+        assert status == 422 and body["error"].startswith(f"tgt has {n} subwords")
+        health = client.get("/api/health").json()
+        assert health["batches"] == 0 and health["failed_requests"] == 0  # refused before searching
+        assert client.get("/api/info").json()["limits"]["max_subwords"] == 63
         status, body = post(client, "/api/attention", {"src": "the cat sat on the mat"})
         assert status == 200 and body["attention"]["cross"]["weights"]
 
@@ -219,7 +310,7 @@ def test_info_names_the_model_without_server_paths(client, copy_checkpoint):
     assert info["vocab_size"] == 45 and info["heads"] == 4 and info["layers"] == {"encoder": 2, "decoder": 2}
     assert info["model"]["d_model"] == 64 and info["parameters"] > 0 and info["step"] > 0
     assert info["limits"]["max_lines"] == 8 and info["limits"]["max_chars"] == 200 and info["limits"]["max_beam"] == 6
-    assert info["search"]["beam"] == 4 and info["search"]["alpha"] == 0.6
+    assert info["search"] == {"beam": 4, "alpha": 0.6, "max_len_a": 1.0, "max_len_b": 50, "shortlist": False}
     # meta.json holds absolute run and data paths: none may appear.
     assert str(copy_checkpoint.parent) not in response.text and "/tmp" not in response.text
 
@@ -230,6 +321,21 @@ def test_info_finds_the_languages_of_an_averaged_checkpoint(copy_checkpoint, tmp
     averaged = average_checkpoints([copy_checkpoint, copy_checkpoint], tmp_path / "avg")
     info = Engine(averaged).info()
     assert info["checkpoint"] == "avg" and info["languages"] == {"src": "copy", "tgt": "copy"}
+
+
+def test_info_reads_only_the_checkpoints_own_meta(copy_checkpoint, tmp_path):
+    """A checkpoint whose meta.json has no languages has none, even if it names another
+    checkpoint that has them: the server reads no other directory."""
+    other = tmp_path / "other"
+    shutil.copytree(copy_checkpoint, other)
+    bare = tmp_path / "bare"
+    shutil.copytree(copy_checkpoint, bare)
+    meta = json.loads((bare / "meta.json").read_text())
+    del meta["languages"]
+    meta["averaged_from"] = [str(other)]  # an old averaged checkpoint's list of its sources
+    (bare / "meta.json").write_text(json.dumps(meta))
+    assert json.loads((other / "meta.json").read_text())["languages"] == {"src": "copy", "tgt": "copy"}
+    assert Engine(bare).info()["languages"] is None
 
 
 def test_health_and_docs(client):
@@ -280,11 +386,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_settings_errors_name_the_field_and_the_command_names_the_flag(copy_checkpoint, capsys):
+    for settings, message in [
+        (ServeSettings(max_beam=0), "max_beam must be at least 1 (got 0)"),
+        (ServeSettings(max_batch_lines=0), "max_batch_lines must be at least 1 (got 0)"),
+        (ServeSettings(beam=9), "beam must be between 1 and max_beam 8 (got 9)"),
+        (ServeSettings(alpha=-1.0), "alpha must be a number from 0 to 10 (got -1.0)"),
+        (ServeSettings(alpha=float("nan")), "alpha must be a number from 0 to 10 (got nan)"),
+        (ServeSettings(batch_wait_ms=-1), "batch_wait_ms must not be negative (got -1)"),
+        (ServeSettings(quantize="int4"), "unknown quantize 'int4'; known: int8"),
+        (ServeSettings(quantize="int8", device="cuda"), "quantize int8 runs on the CPU only (device cuda)"),
+    ]:
+        with pytest.raises(UserError) as error:
+            settings.check()
+        assert str(error.value) == message and "--" not in message
+    for flags, message in [(["--max-batch-lines", "0"], "aiayn: error: --max-batch-lines must be at least 1 (got 0)"),
+                           (["--alpha", "-1"], "aiayn: error: --alpha must be a number from 0 to 10 (got -1.0)")]:
+        assert main(["serve", "--checkpoint", str(copy_checkpoint), *flags]) == 2
+        assert capsys.readouterr().err.strip() == message  # one line
+
+
 def test_serve_command_errors_are_one_line(copy_checkpoint, tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(copy_checkpoint), "--beam", "9"]) == 2
-    assert "--beam must be between 1 and --max-beam 8" in capsys.readouterr().err
+    assert "--beam must be between 1 and --max-beam 8 (got 9)" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(copy_checkpoint), "--max-lines", "0"]) == 2
     assert "--max-lines must be at least 1" in capsys.readouterr().err
     with socket.socket() as busy:

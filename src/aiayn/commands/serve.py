@@ -7,6 +7,11 @@ import sys
 from ..errors import UserError
 
 
+def flag(field: str) -> str:
+    """The flag of a `ServeSettings` field: they map one to one (max_beam is --max-beam)."""
+    return "--" + field.replace("_", "-")
+
+
 def run(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -24,7 +29,7 @@ def run(args) -> int:
         beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b, max_beam=args.max_beam,
         max_lines=args.max_lines, max_chars=args.max_chars, batch_wait_ms=args.batch_wait_ms,
         max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize, shortlist=args.shortlist,
-    ).check()
+    ).check(name=flag)  # the settings' messages name fields; here, the flags that set them
     if not is_loopback(args.host):
         print(f"aiayn: warning: listening on {args.host}, beyond this machine: the API has no authentication, "
               "so anyone who can reach this address can use the model", file=sys.stderr)

@@ -1,16 +1,18 @@
 """The web layer of ``aiayn serve``: a FastAPI application over an `Engine`.
 
-    POST /api/translate   {"text": "..." | ["...", ...], "beam": 4, "nbest": 1} -> {"translations": [...]}
-    POST /api/attention   {"src": "...", "tgt": "..." (optional)} -> tokens and every attention weight
-    GET  /api/info        the model, its languages and the server's limits
+    POST /api/translate   {"text": "..." | ["...", ...], "beam": 4, "alpha": 0.6, "nbest": 1} -> {"translations": [...]}
+    POST /api/attention   {"src": "...", "tgt": "..." (optional), "beam", "alpha"} -> tokens and every attention weight
+    GET  /api/info        the model, its languages, its default search and the server's limits
     GET  /api/health      liveness and batching counters
     GET  /                the attention explorer (static files in ./static, no build step)
     GET  /docs            the OpenAPI documentation (schema at /openapi.json)
 
 Every error is ``{"error": "one clear sentence"}`` with a 4xx status for the client's mistakes
 (400 malformed JSON, 413 over a size limit, 415 not JSON, 422 wrong types or values, 404/405
-wrong route) and 500 for the server's. Requests never read or write files: the only files
-served are the explorer's, from the package.
+wrong route) and 500 for the server's. A request's search is the server's default (`Engine.search`:
+the checkpoint's recommended one, as the server's settings change it) with the request's own
+beam and alpha, if given. Requests never read or write files: the only files served are the
+explorer's, from the package.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..config import SearchConfig
 from ..errors import UserError
 from .batching import DynamicBatcher
-from .engine import Engine
+from .engine import MAX_ALPHA, Engine, check_alpha
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +54,64 @@ class ApiError(Exception):
 # -- request and response bodies (also the OpenAPI schema) ------------------------------------
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not a string of characters, or None. JSON may escape half of a UTF-16
+    surrogate pair alone ("\\ud800"), which Python decodes to a string that no tokenizer
+    (nor UTF-8) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start + 1} (half of a "
+                "UTF-16 pair, not a character): send valid Unicode")
+    return None
+
+
+def valid_unicode(value: str | None) -> str | None:
+    problem = None if value is None else unicode_problem(value)
+    if problem:
+        raise ValueError(f"not valid Unicode: it {problem}")
+    return value
+
+
+def number_or_none(value):
+    """A JSON number as is; anything else (a string, a boolean) is refused, not converted."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise ValueError("must be a number")
+
+
+SEARCH_DEFAULT = "the server's default search: the checkpoint's recommended one unless aiayn serve set it; see /api/info"
+BEAM = f"beam size, 1 = greedy search (1 ... limits.max_beam; default: {SEARCH_DEFAULT})"
+ALPHA = (f"length penalty: candidates are ranked by log P(y|x) / ((5+|y|)/6)^alpha (0 ... {MAX_ALPHA:g}; "
+         f"default: {SEARCH_DEFAULT}). Requests with different settings are never batched together")
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"text": "Click OK to close the dialog.", "beam": 4, "nbest": 1},
                      {"text": ["First sentence.", "Second sentence."], "nbest": 2}]})
 
-    text: str | list[str] = Field(description="one sentence, or a list of sentences translated separately")
-    beam: StrictInt | None = Field(None, description="beam size, 1 = greedy search (default: the server's --beam)")
+    text: str | list[str] = Field(description="one sentence, or a list of sentences translated separately "
+                                  "(at most limits.max_lines, each at most limits.max_chars characters and "
+                                  "limits.max_subwords subwords)")
+    beam: StrictInt | None = Field(None, description=BEAM)
+    alpha: float | None = Field(None, description=ALPHA)
     nbest: StrictInt = Field(1, description="translations per sentence, best first (1 ... beam); > 1 adds scores")
 
     @field_validator("text", mode="before")
     @classmethod
     def _strings(cls, value):
         # One clear message instead of pydantic's one error per member of the union.
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        if isinstance(value, str):
+            return valid_unicode(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            for number, line in enumerate(value, start=1):
+                if problem := unicode_problem(line):
+                    raise ValueError(f"not valid Unicode: line {number} {problem}")
             return value
         raise ValueError("must be a string or a list of strings")
+
+    _alpha = field_validator("alpha", mode="before")(number_or_none)
 
 
 class Candidate(BaseModel):
@@ -86,8 +131,13 @@ class AttentionRequest(BaseModel):
                      {"src": "Click OK to close the dialog.", "tgt": "Klicken Sie auf OK, um den Dialog zu schließen."}]})
 
     src: StrictStr = Field(description="the source sentence")
-    tgt: StrictStr | None = Field(None, description="a target sentence (default: the model's own best translation)")
-    beam: StrictInt | None = Field(None, description="beam size for the translation when tgt is absent")
+    tgt: StrictStr | None = Field(None, description="a target sentence (default: the model's own best translation, "
+                                  "its own subwords)")
+    beam: StrictInt | None = Field(None, description="for the translation when tgt is absent: " + BEAM)
+    alpha: float | None = Field(None, description="for the translation when tgt is absent: " + ALPHA)
+
+    _unicode = field_validator("src", "tgt")(valid_unicode)
+    _alpha = field_validator("alpha", mode="before")(number_or_none)
 
 
 class AttentionKind(BaseModel):
@@ -99,8 +149,9 @@ class AttentionKind(BaseModel):
 
 class AttentionResponse(BaseModel):
     src: str = Field(description="the source as the model read it (NFC, single spaces)")
-    tgt: str = Field(description="the target the weights belong to")
-    translated: bool = Field(description="true when tgt is the model's own translation")
+    tgt: str = Field(description="the target the weights belong to (as text)")
+    translated: bool = Field(description="true when tgt is the model's own translation; the tokens are then the "
+                             "search's own, which encoding its text again might not give")
     src_tokens: list[str] = Field(description="source subwords, then </s>")
     tgt_tokens: list[str] = Field(description="what each decoder position predicts: y_1 ... y_n, </s>")
     tgt_inputs: list[str] = Field(description="what each decoder position reads: <s>, y_1 ... y_n")
@@ -113,7 +164,8 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "malformed JSON", 413: "over a size limit (lines, characters, body)", 415: "the body is not JSON",
-    422: "wrong types or values", 500: "the server failed"}.items()}
+    422: "wrong types or values (a lone surrogate, a sentence longer than the model reads)",
+    500: "the server failed"}.items()}
 
 
 # -- the application --------------------------------------------------------------------------
@@ -163,32 +215,49 @@ def create_app(engine: Engine) -> FastAPI:
         status, message = describe_validation_errors(exc.errors())
         return JSONResponse({"error": message}, status_code=status)
 
-    async def translate_lines(lines: list[str], beam: int, nbest: int):
+    async def translate_lines(lines: list[str], search: SearchConfig, nbest: int):
         try:
-            return await state["batcher"].submit((beam, nbest), lines)
+            # The whole search is the batch key: requests with other settings never share a batch.
+            return await state["batcher"].submit((search, nbest), lines)
         except UserError as e:
             raise ApiError(422, str(e)) from None
         except Exception as e:  # logged with its traceback by the batcher
             raise ApiError(500, f"translation failed: {type(e).__name__}: {e}") from None
 
-    def check_beam(beam: int | None) -> int:
+    def check_search(beam: int | None, alpha: float | None) -> SearchConfig:
+        """The request's search: the default one with the request's beam and alpha."""
         beam = engine.search.beam if beam is None else beam
         if not 1 <= beam <= settings.max_beam:
             raise ApiError(422, f"beam must be between 1 and {settings.max_beam} (got {beam})")
-        return beam
+        if alpha is not None:
+            try:
+                alpha = check_alpha(alpha)
+            except UserError as e:
+                raise ApiError(422, str(e)) from None
+        return engine.search.replace(beam=beam, alpha=alpha)
 
     def check_length(text: str, what: str) -> None:
+        # Characters as Python counts them: one per code point, so "😀" is one (JSON may send
+        # it as two escapes, "\\ud83d\\ude00").
         if len(text) > settings.max_chars:
             raise ApiError(413, f"{what} has {len(text)} characters; the limit is {settings.max_chars}")
+
+    def check_subwords(texts: list[str], names: list[str]) -> None:
+        # Before searching: the translator would cut a longer source short (and the attention
+        # maps cannot hold it), so both endpoints refuse it alike.
+        try:
+            engine.check_subwords(texts, names)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
 
     @app.post("/api/translate", response_model=TranslateResponse, responses=ERRORS)
     async def translate(body: TranslateRequest):
         """Translate one sentence or a list of sentences (batched with concurrent requests)."""
         single = isinstance(body.text, str)
         lines = [body.text] if single else body.text
-        beam = check_beam(body.beam)
-        if not 1 <= body.nbest <= beam:
-            raise ApiError(422, f"nbest must be between 1 and the beam size {beam} (got {body.nbest})")
+        search = check_search(body.beam, body.alpha)
+        if not 1 <= body.nbest <= search.beam:
+            raise ApiError(422, f"nbest must be between 1 and the beam size {search.beam} (got {body.nbest})")
         if not lines:
             raise ApiError(422, "text is an empty list: give at least one sentence")
         if not any(line.strip() for line in lines):
@@ -196,9 +265,11 @@ def create_app(engine: Engine) -> FastAPI:
                            else "every line of text is empty: give a sentence to translate")
         if len(lines) > settings.max_lines:
             raise ApiError(413, f"text has {len(lines)} lines; the limit is {settings.max_lines} per request")
-        for number, line in enumerate(lines, start=1):
-            check_length(line, "text" if single else f"line {number} of text")
-        results = await translate_lines(lines, beam, body.nbest)
+        names = ["text"] if single else [f"line {number} of text" for number in range(1, len(lines) + 1)]
+        for name, line in zip(names, lines):
+            check_length(line, name)
+        check_subwords(lines, names)
+        results = await translate_lines(lines, search, body.nbest)
         if body.nbest == 1:
             return {"translations": [hyps[0].text for hyps in results]}
         return {"translations": [[{"text": h.text, "score": h.score, "log_prob": h.log_prob} for h in hyps]
@@ -210,16 +281,23 @@ def create_app(engine: Engine) -> FastAPI:
         the model's own best translation (beam search) is the target."""
         if not body.src.strip():
             raise ApiError(422, "src is empty: give a sentence to look at")
+        search = check_search(body.beam, body.alpha)
         check_length(body.src, "src")
         translated = body.tgt is None
-        if translated:
-            tgt = (await translate_lines([body.src], check_beam(body.beam), 1))[0][0].text
-        else:
+        if not translated:
             check_length(body.tgt, "tgt")
-            tgt = body.tgt
+        check_subwords([body.src] if translated else [body.src, body.tgt], ["src", "tgt"])
+        if translated:
+            # The search's own subwords: its text encoded again may give other ones (a byte
+            # piece spelling a control character is written as a space, for instance), and the
+            # weights must belong to what the model produced.
+            best = (await translate_lines([body.src], search, 1))[0][0]
+            tgt, tgt_ids = best.text, best.tokens
+        else:
+            tgt, tgt_ids = body.tgt, None
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(state["executor"], engine.attention, body.src, tgt)
+            result = await loop.run_in_executor(state["executor"], engine.attention, body.src, tgt, tgt_ids)
         except UserError as e:
             raise ApiError(422, str(e)) from None
         except Exception as e:
@@ -231,7 +309,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/api/info")
     async def info():
-        """The model (config, vocabulary, languages, checkpoint name) and the server's limits."""
+        """The model (config, vocabulary, languages, checkpoint name), its default search
+        (beam, alpha, max_len_a, max_len_b, whether a shortlist is on) and the server's limits."""
         return engine.info()
 
     @app.get("/api/health")

@@ -1,14 +1,17 @@
 """The model side of ``aiayn serve``: settings, translation batches and attention maps.
 
-Everything here runs in the engine's one model thread (`Engine.executor`, which the batcher of
-`aiayn.serve.batching` and the attention requests use), never on the event loop. The web layer (`aiayn.serve.app`) validates requests before they get here;
-what is still the request's fault at this point (a source too long for the model) is a
+The model runs in the engine's one thread (`Engine.executor`, which the batcher of
+`aiayn.serve.batching` and the attention requests use), never on the event loop; only
+`Engine.check_subwords` (the tokenizer, no model) runs on the loop, so a request too long for
+the model is refused before it waits for a search. The web layer (`aiayn.serve.app`)
+validates requests before they get here; what is still the request's fault at this point is a
 `UserError`, which the web layer answers with a 422.
 """
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,17 +19,32 @@ from pathlib import Path
 from .. import __version__
 from ..attention import KINDS, attention_maps
 from ..checkpoint import Checkpoint, load_checkpoint
+from ..config import SearchConfig
 from ..data.text import clean
 from ..errors import UserError
 from ..translator import Translation, Translator
 
+# The largest length penalty exponent a search may use. GNMT's tuned values are 0.2 to 1; far
+# beyond any useful one, ((5 + |Y|) / 6) ** alpha would overflow a float for long outputs.
+MAX_ALPHA = 10.0
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """``alpha`` if it is a finite number from 0 to `MAX_ALPHA`, else a UserError naming it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or not 0 <= alpha <= MAX_ALPHA:
+        raise UserError(f"{name} must be a number from 0 to {MAX_ALPHA:g} (got {alpha!r})")
+    return float(alpha)
+
 
 @dataclass
 class ServeSettings:
-    """Search defaults, request limits and batching, as set by ``aiayn serve``'s flags."""
+    """Search defaults, request limits and batching of a server (``aiayn serve``'s flags map
+    one to one onto these fields: --max-beam is max_beam)."""
 
     # The search a request gets by default (None: the checkpoint's recommended setting, else the
-    # paper's, `aiayn.config.SearchConfig`); a request may ask for another beam (1 ... max_beam).
+    # paper's, `aiayn.config.SearchConfig`); a request may ask for another beam (1 ... max_beam)
+    # and alpha.
     beam: int | None = None
     alpha: float | None = None
     max_len_a: float | None = None
@@ -40,29 +58,37 @@ class ServeSettings:
     quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU)
     shortlist: str | None = None  # a vocabulary shortlist file (aiayn shortlist)
 
-    def check(self) -> ServeSettings:
-        """Raise a UserError naming the flag of the first setting out of range."""
-        positive = {"--max-beam": self.max_beam, "--max-lines": self.max_lines, "--max-chars": self.max_chars,
-                    "--max-batch-lines": self.max_batch_lines}
-        for flag, value in positive.items():
+    def check(self, name: Callable[[str], str] = str) -> ServeSettings:
+        """Raise a UserError for the first setting out of range, naming it by its field
+        ("max_beam must be at least 1"), or by ``name(field)`` (``aiayn serve`` passes one that
+        gives its flags: --max-beam). Returns self."""
+        for field in ("max_beam", "max_lines", "max_chars", "max_batch_lines"):
+            value = getattr(self, field)
             if value < 1:
-                raise UserError(f"{flag} must be at least 1 (got {value})")
+                raise UserError(f"{name(field)} must be at least 1 (got {value})")
         if self.beam is not None and not 1 <= self.beam <= self.max_beam:
-            raise UserError(f"--beam must be between 1 and --max-beam {self.max_beam} (got {self.beam})")
-        if self.batch_wait_ms < 0:
-            raise UserError(f"--batch-wait-ms must not be negative (got {self.batch_wait_ms})")
+            raise UserError(f"{name('beam')} must be between 1 and {name('max_beam')} {self.max_beam} "
+                            f"(got {self.beam})")
+        if self.alpha is not None:
+            check_alpha(self.alpha, name("alpha"))
+        if not self.batch_wait_ms >= 0:  # NaN included
+            raise UserError(f"{name('batch_wait_ms')} must not be negative (got {self.batch_wait_ms})")
         if self.quantize not in (None, "int8"):
-            raise UserError(f"unknown --quantize {self.quantize!r}; known: int8")
+            raise UserError(f"unknown {name('quantize')} {self.quantize!r}; known: int8")
         if self.quantize and self.device not in (None, "cpu"):
-            raise UserError(f"--quantize int8 runs on the CPU only (--device {self.device})")
+            raise UserError(f"{name('quantize')} int8 runs on the CPU only ({name('device')} {self.device})")
         return self
 
     @property
     def max_body_bytes(self) -> int:
-        """The largest request body worth reading: max_lines lines of max_chars characters, each
-        written as a 6-byte JSON escape at worst, plus room for the rest of the object. Anything
-        larger is refused before it is read, so a huge body cannot tie up the server."""
-        return self.max_lines * (6 * self.max_chars + 8) + 4096
+        """The largest request body worth reading; anything larger is refused before it is read,
+        so a huge body cannot tie up the server. It is an upper bound of every request within
+        the other limits: max_lines lines (or an attention request's src and tgt) of max_chars
+        characters, each written as JSON escapes at worst: 12 bytes for a character outside the
+        BMP ("\\ud83d\\ude00", as json.dumps writes it; Python counts it as one character), 6
+        for any other. Each string adds its quotes, a comma and some spacing (16 bytes), and
+        the rest of the object (field names, beam, nbest, alpha, spacing) fits in 4096."""
+        return max(self.max_lines, 2) * (12 * self.max_chars + 16) + 4096
 
 
 class Engine:
@@ -94,14 +120,18 @@ class Engine:
         self.name = ckpt.path.resolve().name
         self.meta = ckpt.meta
         self.parameters = ckpt.model.num_parameters()  # counted before any quantisation
+        # The default search: the checkpoint's recommended one, with the settings given.
         self.search = ckpt.search.replace(beam=s.beam, alpha=s.alpha, max_len_a=s.max_len_a,
                                           max_len_b=s.max_len_b).check()
+        check_alpha(self.search.alpha, "the default alpha")
         if self.search.beam > s.max_beam:
-            raise UserError(f"the default beam {self.search.beam} is over --max-beam {s.max_beam}")
+            raise UserError(f"the checkpoint's recommended beam {self.search.beam} is over max_beam "
+                            f"{s.max_beam}: choose a beam, or a larger max_beam")
         self.translator = Translator(ckpt, search=self.search, device=s.device, quantize=s.quantize,
                                      batch_size=s.max_batch_lines, shortlist=s.shortlist)
         self.device = self.translator.device
         self.config = ckpt.model.config
+        self.tokenizer = ckpt.tokenizer
         # The attention maps run on the translator's model (packed or quantised, on its device).
         self.checkpoint = Checkpoint(model=self.translator.model, tokenizer=ckpt.tokenizer, path=ckpt.path,
                                      meta=ckpt.meta)
@@ -111,20 +141,31 @@ class Engine:
         """Stop the model thread (after the work already given to it)."""
         self.executor.shutdown(wait=True)
 
-    def translate(self, key: tuple[int, int], lines: list[str]) -> list[list[Translation]]:
-        """The batch function of `DynamicBatcher`: key = (beam, nbest)."""
-        beam, nbest = key
-        return self.translator.translate_nbest(lines, nbest=nbest, search=self.search.replace(beam=beam))
-
-    def attention(self, src: str, tgt: str) -> dict:
-        """Tokens and every kind, layer and head of attention for one sentence pair (JSON-ready)."""
-        src, tgt = clean(src), clean(tgt)
-        tok = self.checkpoint.tokenizer
-        for side, text in (("source", src), ("target", tgt)):
-            n = len(tok.encode(text))
+    def check_subwords(self, texts: Sequence[str], names: Sequence[str]) -> None:
+        """A UserError naming the first text (by its name in ``names``) longer than the model
+        reads: the `Translator` would cut it short, and the attention maps cannot hold it.
+        Texts are counted as they will be read (cleaned, then encoded)."""
+        counts = [len(ids) for ids in self.tokenizer.encode_batch([clean(t) for t in texts])] if texts else []
+        for name, n in zip(names, counts):
             if n > self.max_subwords:
-                raise UserError(f"the {side} has {n} subwords; this model reads at most {self.max_subwords}")
-        maps = attention_maps(self.checkpoint, src, tgt)
+                raise UserError(f"{name} has {n} subwords; this model reads at most {self.max_subwords} "
+                                "(max_subwords)")
+
+    def translate(self, key: tuple[SearchConfig, int], lines: list[str]) -> list[list[Translation]]:
+        """The batch function of `DynamicBatcher`: key = (search, nbest), so requests with
+        different search settings never share a batch."""
+        search, nbest = key
+        return self.translator.translate_nbest(lines, nbest=nbest, search=search)
+
+    def attention(self, src: str, tgt: str, tgt_ids: list[int] | None = None) -> dict:
+        """Tokens and every kind, layer and head of attention for one sentence pair (JSON-ready).
+        The target is ``tgt_ids`` when given (a search's own tokens; ``tgt`` is then their
+        text), else ``tgt`` encoded."""
+        src, tgt = clean(src), clean(tgt)
+        self.check_subwords([src] if tgt_ids is not None else [src, tgt], ["the source", "the target"])
+        if tgt_ids is not None and len(tgt_ids) > self.max_subwords:
+            raise UserError(f"the target has {len(tgt_ids)} subwords; this model reads at most {self.max_subwords}")
+        maps = attention_maps(self.checkpoint, src, tgt, tgt_ids=tgt_ids)
         rows_cols = {"encoder": (maps.src_tokens, maps.src_tokens), "decoder": (maps.tgt_tokens, maps.tgt_inputs),
                      "cross": (maps.tgt_tokens, maps.src_tokens)}
         attention = {}
@@ -145,28 +186,24 @@ class Engine:
             "checkpoint": self.name, "step": self.meta.get("step"), "languages": _languages(self.meta),
             "valid": self.meta.get("valid"),
             "model": cfg.to_dict(), "parameters": self.parameters,
-            "vocab_size": self.checkpoint.tokenizer.vocab_size,
+            "vocab_size": self.tokenizer.vocab_size,
             "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers}, "heads": cfg.n_heads,
             "device": str(self.device), "quantize": s.quantize,
-            "search": {**asdict(self.search), "shortlist": s.shortlist is not None},  # whether, not where: no paths
+            # The default search (a request may choose its beam and alpha); whether a shortlist
+            # is on, not where its file is: no paths.
+            "search": {**asdict(self.search), "shortlist": s.shortlist is not None},
             "limits": {"max_lines": s.max_lines, "max_chars": s.max_chars, "max_beam": s.max_beam,
-                       "max_subwords": self.max_subwords, "max_body_bytes": s.max_body_bytes},
+                       "max_alpha": MAX_ALPHA, "max_subwords": self.max_subwords,
+                       "max_body_bytes": s.max_body_bytes},
             "batching": {"batch_wait_ms": s.batch_wait_ms, "max_batch_lines": s.max_batch_lines},
         }
 
 
 def _languages(meta: dict) -> dict | None:
-    """{"src": ..., "tgt": ...} from the checkpoint's meta.json. An averaged checkpoint (aiayn
-    average) does not record them itself; its first source checkpoint does, when it is still
-    there. Read once at start-up; requests never read files."""
-    if isinstance(meta.get("languages"), dict):
-        return {"src": meta["languages"].get("src"), "tgt": meta["languages"].get("tgt")}
-    sources = meta.get("averaged_from")
-    if isinstance(sources, list) and sources:
-        try:
-            first = json.loads((Path(sources[0]) / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if isinstance(first.get("languages"), dict):
-            return _languages({"languages": first["languages"]})
+    """{"src": ..., "tgt": ...} from the checkpoint's own meta.json (``aiayn average`` carries
+    them into an averaged checkpoint's), else None. Nothing else is read: requests never read
+    files, and start-up reads only the checkpoint's own directory."""
+    languages = meta.get("languages")
+    if isinstance(languages, dict):
+        return {"src": languages.get("src"), "tgt": languages.get("tgt")}
     return None
