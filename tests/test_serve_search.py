@@ -16,6 +16,7 @@ pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastap
 from fastapi.testclient import TestClient  # noqa: E402
 
 from aiayn.config import SearchConfig  # noqa: E402
+from aiayn.errors import UserError  # noqa: E402
 from aiayn.serve.app import create_app  # noqa: E402
 from aiayn.serve.engine import Engine, ServeSettings  # noqa: E402
 from aiayn.translator import Translator  # noqa: E402
@@ -96,6 +97,11 @@ def test_the_default_search_is_the_checkpoints_own(tuned_checkpoint):
     # The server's settings replace the checkpoint's, one by one.
     info = Engine(tuned_checkpoint, ServeSettings(beam=2, alpha=0.2)).info()
     assert info["search"] == {"beam": 2, "alpha": 0.2, "max_len_a": 1.5, "max_len_b": 20, "shortlist": False}
+    assert info["limits"]["max_beam"] == 8 and info["limits"]["max_alpha"] == 10
+    # A recommended beam over the server's largest is refused at start-up, in the library's words.
+    with pytest.raises(UserError, match=r"^the checkpoint's recommended beam 3 is over max_beam 2: choose a beam"):
+        Engine(tuned_checkpoint, ServeSettings(max_beam=2))
+    assert Engine(tuned_checkpoint, ServeSettings(beam=2, max_beam=2)).search.beam == 2
 
 
 def test_a_request_chooses_its_alpha(copy_checkpoint):
