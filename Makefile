@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then prepare data, train, translate, score and draw attention
-#   make test   set up, then run the test suite
+#   make test   set up, then run the test suite (tests/test_docs.py builds the docs with --strict)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-serve chromium clean
+.PHONY: setup test demo docs bench bench-serve chromium clean
 
 setup: $(STAMP) chromium
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve,docs]'
 	# tcmalloc/jemalloc from Debian's packages into .venv (no root needed): aiayn runs under them
 	$(PY) -m aiayn.allocator install
 	touch $(STAMP)
@@ -42,6 +42,10 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m aiayn demo $(DEMO_ARGS)
 
+# The documentation site: docs/ and mkdocs.yml -> site/ (offline; not committed)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py
@@ -52,4 +56,4 @@ bench-serve: $(STAMP)
 	$(PY) benchmarks/serve.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
