@@ -326,10 +326,16 @@ def base_sandbox(tmp_path_factory) -> Path:
 @pytest.fixture
 def sandbox(base_sandbox, tmp_path) -> Path:
     """A fresh copy of `base_sandbox` for one block, which is also the working directory."""
+    import torch
+
     root = tmp_path / "sandbox"
     shutil.copytree(base_sandbox, root, symlinks=True)
-    with working_directory(root):
-        yield root
+    threads = torch.get_num_threads()  # a config's train.num_threads sets them for the process
+    try:
+        with working_directory(root):
+            yield root
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- python blocks: run --------------------------------------------------------------------------
