@@ -1,7 +1,7 @@
 """Export aiayn weights to the Hugging Face Marian layout, for deployment elsewhere.
 
 A checkpoint exported here loads with ``transformers.MarianMTModel.from_pretrained`` and
-converts with CTranslate2's stock converter::
+converts with CTranslate2's stock converter:
 
     aiayn export --checkpoint runs/demo/train/averaged --out runs/demo/marian
     ct2-transformers-converter --model runs/demo/marian --output_dir runs/demo/ct2 --quantization int8

@@ -1,6 +1,6 @@
 """A prepared dataset directory, as written by ``aiayn prepare`` and read by every later stage.
 
-Layout (also recorded under "files" in the manifest)::
+Layout (also recorded under "files" in the manifest):
 
     manifest.json        settings, counts, filters, special ids, split, fingerprint
     spm.model, spm.vocab the joint BPE model (sentencepiece) and its readable vocabulary

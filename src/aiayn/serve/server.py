@@ -57,7 +57,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 class BackgroundServer:
-    """Serve an ASGI app with uvicorn in a daemon thread, for tests, benchmarks and notebooks::
+    """Serve an ASGI app with uvicorn in a daemon thread, for tests, benchmarks and notebooks:
 
         with BackgroundServer(create_app(Engine("runs/lo/averaged"))) as server:
             httpx2.post(server.url + "/api/translate", json={"text": "Click OK."})
