@@ -91,7 +91,9 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int) -> No
         use_fast_dropout(model)  # as the trainer builds it
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
-    ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id, clip_norm=tc.clip_norm)
+    # The baseline's StepContext still has pad_id (unused there too); today's has none.
+    extra = {"pad_id": cfg.model.pad_id} if code == "before" else {}
+    ctx = StepContext(label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm, **extra)
     unit = model if code == "before" else Criterion(model, tc.label_smoothing)
     step = 0
 

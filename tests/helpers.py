@@ -175,3 +175,34 @@ def train_pairs(dataset: Path, indices: list[int]):
 def poison_decoder(model, value: float):
     """Make the decoder's output non-finite (a forward hook; call .remove() on the result)."""
     return model.decoder.register_forward_hook(lambda mod, inp, out: (out[0] * value, *out[1:]))
+
+
+# A copy-task dataset small enough for runs of whole epochs: `aiayn prepare --corpus copy` options.
+# Its 300 training pairs make 27 micro-batches of 150 tokens per epoch (train.batch_tokens=300,
+# train.update_freq=2): an odd number, so one update takes its micro-batches from two epochs.
+SMALL_COPY = ("--train-size", "300", "--valid-size", "40", "--test-size", "20")
+
+
+def last_checkpoint_tensors(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The newest checkpoint of a run: its weights, its Adam tensors and its trainer state."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from aiayn.train.state import list_checkpoints
+
+    last = list_checkpoints(run)[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    return {"model": load_file(str(last / "model.safetensors")), "optimizer": load_file(str(last / "optimizer.safetensors")),
+            "state": {"step": state["step"], "sampler": state["sampler"]}}
+
+
+def assert_same_final_state(run: Path, reference: Path) -> None:
+    """The newest checkpoints of two runs hold bitwise the same weights, Adam moments, update count
+    and data position."""
+    got, want = last_checkpoint_tensors(run), last_checkpoint_tensors(reference)
+    assert got["state"] == want["state"]
+    for part in ("model", "optimizer"):
+        assert got[part].keys() == want[part].keys()
+        for key in want[part]:
+            assert torch.equal(got[part][key], want[part][key]), f"{part}: {key}"

@@ -36,7 +36,7 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, out: str) -> Non
         model = tiny_model()
         ddp = DistributedDataParallel(Criterion(model, 0.1))  # what the trainer wraps
         opt = adam(model)
-        ctx = StepContext(label_smoothing=0.1, pad_id=0, dist=DistContext(rank=rank, world_size=world))
+        ctx = StepContext(label_smoothing=0.1, dist=DistContext(rank=rank, world_size=world))
         res = train_update(ddp, opt, [shards[rank]], 1e-3, ctx)
         if rank == 0:
             tensors = {k: v.grad.detach().clone().contiguous() for k, v in model.named_parameters()}
@@ -60,7 +60,7 @@ def test_ddp_update_on_two_ranks_equals_one_rank_with_both_batches(copy_dataset,
     model = tiny_model()
     opt = adam(model)
     res = train_update(model, opt, [collate(src[:3], tgt[:3]), collate(src[3:], tgt[3:])], 1e-3,
-                       StepContext(label_smoothing=0.1, pad_id=0))
+                       StepContext(label_smoothing=0.1))
     assert ddp["_loss"][1].item() == res.n_tokens
     assert ddp["_loss"][0].item() == pytest.approx(res.loss, rel=1e-6)
     for name, p in model.named_parameters():  # gradients: see the accumulation test

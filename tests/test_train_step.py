@@ -34,7 +34,7 @@ def test_update_projects_only_real_target_positions(copy_dataset):
 
 def test_accumulating_micro_batches_equals_one_big_batch(copy_dataset):
     src, tgt = train_pairs(copy_dataset, list(range(12)))
-    ctx = StepContext(label_smoothing=0.1, pad_id=0)
+    ctx = StepContext(label_smoothing=0.1)
     # 3 micro-batches of different sizes, accumulated ...
     m1 = tiny_model()
     o1 = adam(m1)
@@ -59,7 +59,7 @@ def test_nonfinite_loss_skips_the_update_and_leaves_weights_alone(copy_dataset):
     src, tgt = train_pairs(copy_dataset, list(range(4)))
     model = tiny_model()
     opt = adam(model)
-    ctx = StepContext(label_smoothing=0.1, pad_id=0)
+    ctx = StepContext(label_smoothing=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = poison_decoder(model, float("nan"))
     res = train_update(model, opt, [collate(src, tgt)], 1e-3, ctx)
@@ -77,7 +77,7 @@ def test_mixed_precision_update_is_finite(copy_dataset, precision):
     model = tiny_model()
     opt = adam(model)
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
-    ctx = StepContext(label_smoothing=0.1, pad_id=0, precision=precision, scaler=scaler)
+    ctx = StepContext(label_smoothing=0.1, precision=precision, scaler=scaler)
     before = next(model.parameters()).clone()
     results = [train_update(model, opt, [collate(src, tgt)], 1e-3, ctx) for _ in range(3)]
     assert all(math.isfinite(r.loss) for r in results)

@@ -4,6 +4,7 @@ synthetic."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import train_update
 
-from helpers import REPO, TINY, poison_decoder
+from helpers import COPY_CONFIG, REPO, SMALL_COPY, TINY, assert_same_final_state, poison_decoder, prepare_synthetic
 
 
 def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_path, monkeypatch):
@@ -236,11 +237,19 @@ def test_checkpoint_meta_holds_no_local_paths(copy_dataset, tmp_path):
     assert metas[tmp_path / "avg/meta.json"]["averaged_from"] == ["step_0000001", "step_0000002"]
 
 
+class Terminal(io.StringIO):
+    """A standard error that says it is a terminal: progress is a tqdm bar there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch):
     """Under train.max_minutes the bar's total is the budget in seconds and it advances with the
     elapsed time (updates in the postfix); without a budget it counts updates to max_updates."""
     import tqdm
 
+    monkeypatch.setattr(sys, "stderr", Terminal())
     bars = []
 
     class Recorded(tqdm.tqdm):
@@ -292,3 +301,193 @@ def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, m
     assert [r["step"] for r in records if r["kind"] == "valid"] == [6, 10]
     meta = json.loads((tmp_path / "run/averaged/meta.json").read_text())
     assert meta["averaged_from"] == ["step_0000006", "step_0000009", "step_0000010"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping at a limit and resuming == not stopping
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_copy(tmp_path_factory):
+    return prepare_synthetic(tmp_path_factory.mktemp("data") / "small_copy", "copy", *SMALL_COPY)
+
+
+# Dropout on (the RNG state must carry over), two micro-batches per update.
+EXACT = TINY + ["model.dropout=0.1", "train.batch_tokens=300", "train.update_freq=2", "train.max_updates=100",
+                "train.log_every=5", "train.valid_bleu_sentences=5", "train.save_every=1000", "train.keep_last=50",
+                "train.average_last=0"]
+
+
+class ScriptedRun:
+    """A fake clock (every update takes exactly one second, nothing else takes time) and a scripted
+    valid BLEU: 20 at update ``best_step``, 15 at every other (the real validation runs; only its
+    BLEU is replaced), so patience decides deterministically where a run stops."""
+
+    def __init__(self, monkeypatch, best_step: int):
+        import aiayn.train.trainer as trainer_mod
+
+        self.clock, self.updates, self.best_step = 0.0, 0, best_step
+        real_validate = trainer_mod.validate
+        run = self
+
+        class FakeTime:
+            @staticmethod
+            def perf_counter() -> float:
+                return run.clock
+
+        def update(*args, **kwargs):
+            self.clock += 1.0
+            res = train_update(*args, **kwargs)
+            self.updates += 0 if res.skipped else 1
+            return res
+
+        def validate(*args, **kwargs):
+            res = real_validate(*args, **kwargs)
+            res.bleu = 20.0 if self.updates == self.best_step else 15.0
+            return res
+
+        monkeypatch.setattr(trainer_mod, "time", FakeTime)
+        monkeypatch.setattr(trainer_mod, "train_update", update)
+        monkeypatch.setattr(trainer_mod, "validate", validate)
+
+    def train(self, data, out, overrides, **kwargs):
+        return train(COPY_CONFIG, data, out, EXACT + overrides, **kwargs)
+
+
+# common overrides, the first session's, the resumed session's (= the reference run's), the best
+# validation's update, and what stops the reference run
+STOPS = {
+    # 27 micro-batches per epoch: update 14 takes the last of epoch 0 and the first of epoch 1.
+    "max_epochs": (["train.valid_every=5"], ["train.max_epochs=1"], ["train.max_epochs=2"], 0, "max_epochs"),
+    # The first session ends between validations (at 10) and validates there; patience counts only
+    # the validations of the schedule (4, 8, 12, ...), so both runs stop at 20.
+    "max_updates": (["train.valid_every=4", "train.patience=3"], ["train.max_updates=10"], [], 8, "patience"),
+    "patience": (["train.valid_every=4"], ["train.patience=2"], ["train.patience=3"], 8, "patience"),
+    # Validations every 6 s of training; the first session's 9 s budget ends between two of them, and
+    # its validation at the end moves neither the schedule (12, 18) nor patience.
+    "max_minutes": (["train.valid_every=0", "train.valid_every_minutes=0.1", "train.patience=2", "train.max_minutes=1"],
+                    ["train.max_minutes=0.15"], [], 6, "patience"),
+}
+
+
+@pytest.mark.parametrize("limit", list(STOPS))
+def test_stopping_at_a_limit_and_resuming_equals_one_run(limit, small_copy, tmp_path, monkeypatch):
+    """A run stopped by max_epochs, max_updates, max_minutes or patience and resumed with that limit
+    raised ends bitwise where one run with the raised limit ends: no training data is skipped or
+    repeated, and the extra validation at the end of a session changes no decision."""
+    from aiayn.data import TokenBatchSampler
+
+    common, first, then, best_step, reference_stop = STOPS[limit]
+    train_split = load_dataset(small_copy).split("train")
+    sampler = TokenBatchSampler(train_split.src_lens, train_split.tgt_lens, 150, seed=1)
+    assert len(sampler.batches(0)) == 27  # the straddling update the max_epochs case is about
+
+    reference = ScriptedRun(monkeypatch, best_step).train(small_copy, tmp_path / "reference", common + then)
+    assert reference.stop_reason == reference_stop
+    run = ScriptedRun(monkeypatch, best_step)
+    stopped = run.train(small_copy, tmp_path / "stopped", common + first)
+    assert stopped.stop_reason == limit and 0 < stopped.step < reference.step
+    resumed = run.train(small_copy, tmp_path / "stopped", common + then, resume=True)
+    assert (resumed.step, resumed.stop_reason) == (reference.step, reference.stop_reason)
+    assert_same_final_state(tmp_path / "stopped", tmp_path / "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress on standard error
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_redirected_training_log_gets_plain_lines_not_frames(small_copy, tmp_path, capsys):
+    """Standard error is not a terminal here (captured): the trainer's progress is aiayn.progress's
+    plain lines (one every PLAIN_EVERY_S seconds and one at the end), not a bar's frames."""
+    train(COPY_CONFIG, small_copy, tmp_path / "run",
+          EXACT + ["train.progress=true", "train.max_updates=40", "train.valid_every=20", "train.log_every=1"])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    progress = [line for line in err.splitlines() if line.startswith("train")]
+    assert 1 <= len(progress) <= 3, err  # a 40-update run takes seconds: the line at the end, maybe one more
+    assert "40/40 upd" in progress[-1] and "loss=" in progress[-1]
+
+
+def test_the_progress_display_says_validating_while_validation_runs(small_copy, tmp_path, monkeypatch):
+    import aiayn.progress as progress_mod
+    import aiayn.train.trainer as trainer_mod
+
+    bars, seen = [], []
+    real_bar, real_validate = progress_mod.progress_bar, trainer_mod.validate
+
+    def recorded_bar(*args, **kwargs):
+        bars.append(real_bar(*args, **kwargs))
+        return bars[-1]
+
+    def validate(*args, **kwargs):
+        seen.append((bars[-1].desc, bars[-1].postfix))
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(progress_mod, "progress_bar", recorded_bar)
+    monkeypatch.setattr(trainer_mod, "validate", validate)
+    train(COPY_CONFIG, small_copy, tmp_path / "run", EXACT + ["train.progress=true", "train.max_updates=6",
+                                                               "train.valid_every=3"])
+    assert len(seen) == 2 and all("validating" in f"{desc} {postfix}" for desc, postfix in seen)
+    bar, = bars
+    assert "validating" not in f"{bar.desc} {bar.postfix}"  # training again after each
+
+
+# ---------------------------------------------------------------------------------------------
+# What --resume needs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_new_run(small_copy, tmp_path):
+    import shutil
+
+    missing = tmp_path / "missing"
+    with pytest.raises(UserError, match=r"nothing to resume: .*does not exist; drop --resume"):
+        train(COPY_CONFIG, small_copy, missing, EXACT + ["train.max_updates=2"], resume=True)
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"nothing to resume: .*is empty; drop --resume"):
+        train(COPY_CONFIG, small_copy, empty, EXACT + ["train.max_updates=2"], resume=True)
+    assert not any(empty.iterdir())
+    # A run that stopped before its first checkpoint: --force starts it again (without --resume, an
+    # existing run directory is refused).
+    run = tmp_path / "run"
+    train(COPY_CONFIG, small_copy, run, EXACT + ["train.max_updates=2"])
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UserError, match=r"nothing to resume: .*holds no checkpoint.*--force instead of --resume"):
+        train(COPY_CONFIG, small_copy, run, EXACT + ["train.max_updates=2"], resume=True)
+    assert train(COPY_CONFIG, small_copy, run, EXACT + ["train.max_updates=2"], force=True).step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The report at the end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_final_report_names_the_model_to_use_and_the_next_commands(small_copy, tmp_path, capsys):
+    """copy.yaml averages nothing (average_last 0): the report points at last/, and never at an
+    averaged/ that does not exist; with averaging, at averaged/. Its commands run as printed."""
+    import shlex
+
+    from aiayn.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--config", str(COPY_CONFIG), "--data", str(small_copy), "--out", str(out), *TINY,
+            "train.batch_tokens=300", "train.save_every=2", "train.valid_bleu_sentences=5"]
+    assert main(args + ["train.max_updates=4"]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "averaged").exists() and "averaged" not in printed
+    assert "stopped at update 4 (max_updates)" in printed
+    assert f"aiayn translate --checkpoint {out / 'last'}" in printed
+    evaluate = f"aiayn evaluate --checkpoint {out / 'last'} --src {small_copy / 'test.src'} --ref {small_copy / 'test.tgt'}"
+    assert evaluate in printed
+    assert main(shlex.split(evaluate)[1:]) == 0
+    assert "BLEU" in capsys.readouterr().out
+
+    result = train(COPY_CONFIG, small_copy, out, args[7:] + ["train.max_updates=6", "train.average_last=2"],
+                   resume=True)
+    assert result.model_dir == out / "averaged" and (out / "averaged").is_dir()
+    assert f"aiayn translate --checkpoint {out / 'averaged'}" in result.next_steps()
+    assert "the average of the last 2 checkpoints" in result.next_steps()

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
 def train(args) -> int:
+    """Train; print how the run ended, the model to use and the next commands (TrainResult.next_steps).
+    Ctrl-C: print what was saved and the command that continues the run, then let the CLI exit
+    with status 130."""
+    from ..train import TrainingInterrupted
     from ..train import train as run_training
 
-    result = run_training(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun only rank 0 reports
-    bleu = f", best valid BLEU {result.best_bleu:.2f}" if result.best_bleu is not None else ""
-    print(f"aiayn train: stopped at update {result.step} ({result.stop_reason}){bleu}; "
-          f"checkpoints in {Path(args.out) / 'checkpoints'}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    try:
+        result = run_training(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(e.report(), file=sys.stderr, flush=True)
+        raise
+    if main_rank:
+        print(result.next_steps())
     return 0
 
 

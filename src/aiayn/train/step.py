@@ -36,8 +36,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class StepContext:
+    """What an update needs besides the model, the optimizer and the batches."""
+
     label_smoothing: float
-    pad_id: int
     clip_norm: float = 0.0  # 0: no clipping
     precision: str = "fp32"
     scaler: torch.amp.GradScaler | None = None  # fp16 only

@@ -16,17 +16,32 @@ Adam moments, the update count (which fixes the learning rate), the RNG states o
 (dropout), the data position (epoch and batches consumed), the grad scaler, and the
 early-stopping bookkeeping. A run killed at any moment and resumed with ``--resume`` repeats
 the updates after that checkpoint exactly; on CPU the final weights are bitwise identical.
+
+Stopping and resuming is not stopping. A run that ends at a limit (max_updates, max_epochs,
+max_minutes, patience) or at Ctrl-C and is resumed with the limit raised ends where one run with
+the raised limit ends, bitwise on CPU:
+
+- the data: an update's ``update_freq`` micro-batches are drawn before its epoch is known; when
+  the last of them lies past ``max_epochs``, they are put back (the sampler's position is
+  restored), so the final checkpoint resumes at the first micro-batch not trained on;
+- validations: the one at the end of a session (when its last update had none) is recorded, and
+  it keeps OUT/best, but patience counts only the validations of the schedule (valid_every or
+  valid_every_minutes), and neither it nor the checkpoint at the end moves the clock schedules
+  (valid_every_minutes, save_every_minutes);
+- Ctrl-C (train/interrupt.py) ends the run after the update in progress and after the validation
+  and checkpoint due after it, exactly where an uninterrupted run carries on from.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +50,7 @@ from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_io
+from .. import progress as progress_display
 from ..allocator import active as allocator_in_use
 from ..checkpoint import load_config, read_meta, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
@@ -43,11 +59,14 @@ from ..errors import UserError
 from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace, sha256_file
 from ..model import Transformer
 from . import distributed
+from .advice import PACE_SECONDS, PACE_SHARE, PACE_UPDATES, stop_limits, vocabulary_warning, warmup_warning, warn
 from .config import RunConfig
 from .dropout import use_fast_dropout
+from .interrupt import StopRequest, TrainingInterrupted
 from .schedule import inverse_sqrt_lr
 from .state import (
     RNG,
+    TRAINER_STATE,
     list_checkpoints,
     local_rng_state,
     optimizer_from_files,
@@ -74,6 +93,38 @@ class TrainResult:
     best_bleu: float | None
     last_valid: dict | None
     updates_skipped: int
+    data_dir: Path | None = None  # the dataset trained on (for the evaluate command)
+    averaged: Path | None = None  # OUT/averaged, when this session wrote it
+    averaged_from: int = 0  # how many checkpoints it averages
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The model to use: OUT/averaged if this run wrote it (the paper's averaging, §6.1), else
+        the newest checkpoint (OUT/last)."""
+        if self.averaged is not None:
+            return self.averaged
+        last = self.out_dir / "last"
+        return last if last.exists() else self.last_checkpoint
+
+    def next_steps(self) -> str:
+        """The report of ``aiayn train``: how the run ended, the model to use, and the commands
+        that translate with it and score it on the dataset's test split."""
+        bleu = f", best valid BLEU {self.best_bleu:.2f}" if self.best_bleu is not None else ""
+        lines = [f"aiayn train: stopped at update {self.step} ({self.stop_reason}){bleu}"]
+        model = self.model_dir
+        if model is None:
+            return lines[0]
+        what = (f"the average of the last {self.averaged_from} checkpoints" if self.averaged is not None
+                else "the newest checkpoint")
+        if (self.out_dir / "best").is_dir():
+            what += f"; {self.out_dir / 'best'}: the best valid BLEU"
+        quoted = shlex.quote(str(model))
+        lines += [f"  model      {model}  ({what})",
+                  f"  translate  aiayn translate --checkpoint {quoted}"]
+        if self.data_dir is not None:
+            src, ref = (shlex.quote(str(self.data_dir / f"test.{side}")) for side in ("src", "tgt"))
+            lines.append(f"  evaluate   aiayn evaluate --checkpoint {quoted} --src {src} --ref {ref}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -84,16 +135,30 @@ class Progress:
     skipped_total: int = 0
     skipped_in_row: int = 0
     overflow_total: int = 0
-    best_bleu: float | None = None
+    best_bleu: float | None = None  # the best valid BLEU of any validation (OUT/best)
     best_step: int | None = None
+    # Patience: the best BLEU of the scheduled validations, and how many of them in a row have
+    # not beaten it (the validation at the end of a session counts for neither).
+    patience_bleu: float | None = None
     bad_validations: int = 0
     last_valid_step: int = 0
     last_valid: dict | None = None
     elapsed_s: float = 0.0
     tokens_seen: int = 0
-    last_save_s: float = 0.0  # elapsed_s at the last checkpoint / validation (for the
-    last_valid_s: float = 0.0  # *_every_minutes cadences)
-    extra: dict = field(default_factory=dict)
+    last_save_s: float = 0.0  # elapsed_s at the last scheduled checkpoint / validation (for
+    last_valid_s: float = 0.0  # the *_every_minutes cadences)
+
+    @classmethod
+    def from_state(cls, stored: dict, path: Path) -> Progress:
+        """Progress from a checkpoint's trainer_state.json, also one written by an older version:
+        its unused ``extra`` is dropped, and its patience is the best BLEU it had."""
+        stored = {k: v for k, v in stored.items() if k != "extra"}
+        unknown = sorted(set(stored) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown progress field(s) {', '.join(unknown)} (written by a newer aiayn?)",
+                            path=path / TRAINER_STATE)
+        stored.setdefault("patience_bleu", stored.get("best_bleu"))
+        return cls(**stored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,12 +168,21 @@ class Progress:
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> str | None:
     """Create OUT or check it may be used; returns an error message instead of raising, so
-    that rank 0 can hand it to the other ranks. --resume continues a run directory (or starts
-    one where there is none); --force replaces a run directory, never anything else."""
+    that rank 0 can hand it to the other ranks. --resume continues a run directory from its
+    newest checkpoint (anything else is an error, never a new run); --force replaces a run
+    directory, never anything else."""
     try:
         if resume:
-            if out.exists() and not is_empty_dir(out) and artefact_kind(out) != "run":
+            if not (out.exists() or out.is_symlink()):
+                raise UserError("nothing to resume: the directory does not exist; drop --resume to start a new run",
+                                path=out)
+            if is_empty_dir(out):
+                raise UserError("nothing to resume: the directory is empty; drop --resume to start a new run", path=out)
+            if artefact_kind(out) != "run":
                 raise UserError(f"cannot resume: {describe(out)}; --resume continues {ARTEFACTS['run']}", path=out)
+            if not list_checkpoints(out):
+                raise UserError("nothing to resume: the run holds no checkpoint (it stopped before its first one); "
+                                "start it again with --force instead of --resume", path=out)
         elif artefact_kind(out) == "run" and not force:
             raise UserError("run directory already exists; pass --resume to continue it or --force to replace it",
                             path=out)
@@ -192,8 +266,8 @@ class Trainer:
         scaler = None
         if tc.precision == "fp16":
             scaler = torch.amp.GradScaler(self.device.type)
-        self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, pad_id=cfg.model.pad_id,
-                                    clip_norm=tc.clip_norm, precision=tc.precision, scaler=scaler, dist=dist)
+        self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm,
+                                    precision=tc.precision, scaler=scaler, dist=dist)
         train = data.split("train")
         longest = int(max(train.src_lens.max(initial=0), train.tgt_lens.max(initial=0)))
         if cfg.model.positions == "learned" and longest + 1 > cfg.model.max_positions:  # + EOS, or BOS
@@ -212,7 +286,9 @@ class Trainer:
         # What an update runs: the model with its loss (wrapped in DDP when distributed).
         self.criterion: torch.nn.Module = Criterion(self.model, tc.label_smoothing)
         self.log: MetricsLog | None = None
+        self.bar = None  # the progress display (rank 0, train.progress)
         self._postfix: dict[str, str] = {}  # what the progress bar shows after it
+        self._projected = False  # the time budget's end was estimated (once a session)
 
     # -- learning rate ----------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -243,9 +319,11 @@ class Trainer:
                 out[f"{key}.rank{rank}"] = part.cpu().contiguous()
         return out
 
-    def save(self) -> Path | None:
-        """Write OUT/checkpoints/step_N atomically (rank 0), prune old ones, point OUT/last."""
-        self.progress.last_save_s = self.progress.elapsed_s  # before the state is written
+    def save(self, scheduled: bool = True) -> Path | None:
+        """Write OUT/checkpoints/step_N atomically (rank 0), prune old ones, point OUT/last.
+        A checkpoint off the schedule (at the end of a session) leaves save_every_minutes' clock."""
+        if scheduled:
+            self.progress.last_save_s = self.progress.elapsed_s  # before the state is written
         rng = self.gather_rng()  # collective: before the rank check
         if not self.dist.is_main:
             self.dist.barrier()
@@ -311,31 +389,42 @@ class Trainer:
                             "number of processes must stay as they were)", path=path) from None
         if state.get("scaler") and self.step_ctx.scaler is not None:
             self.step_ctx.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
+        self.progress = Progress.from_state(state["progress"], path)
         mine = {key.split(".rank")[0]: t for key, t in rng.items() if key.endswith(f".rank{self.dist.rank}")}
         if "cpu" not in mine:
             raise UserError(f"{RNG} has no RNG state for rank {self.dist.rank}", path=path)
         set_local_rng_state(mine, self.device)
 
     # -- validation -----------------------------------------------------------------------------
-    def validate_and_track(self) -> bool:
-        """Rank 0 validates, keeps OUT/best, and counts patience; True if patience ran out."""
+    def validate_and_track(self, scheduled: bool = True) -> bool:
+        """Rank 0 validates, keeps OUT/best, and counts patience; True if patience ran out.
+        ``scheduled``: a validation of valid_every / valid_every_minutes; the one at the end of a
+        session is not, and moves neither patience nor the clock (see the module docstring)."""
         p, tc = self.progress, self.tcfg
         stop = False
         p.last_valid_step = p.step  # on every rank: it decides whether all ranks validate at the end
-        p.last_valid_s = p.elapsed_s
+        if scheduled:
+            p.last_valid_s = p.elapsed_s
         if self.dist.is_main:
-            res: ValidResult = validate(
-                self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
-                bleu_sentences=tc.valid_bleu_sentences, max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
-                precision=tc.precision, device=self.device)
+            self._bar_status("validating")
+            try:
+                res: ValidResult = validate(
+                    self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
+                    bleu_sentences=tc.valid_bleu_sentences, max_len_a=tc.valid_max_len_a,
+                    max_len_b=tc.valid_max_len_b, precision=tc.precision, device=self.device)
+            finally:
+                self._bar_status(None)
             p.last_valid = {"step": p.step, **res.as_dict()}
-            if res.bleu is not None and (p.best_bleu is None or res.bleu > p.best_bleu):
-                p.best_bleu, p.best_step, p.bad_validations = res.bleu, p.step, 0
+            better = res.bleu is not None and (p.best_bleu is None or res.bleu > p.best_bleu)
+            if better:
+                p.best_bleu, p.best_step = res.bleu, p.step
                 save_checkpoint(self.out / "best", self.model, self.tokenizer_file, self.meta(), force=True)
-            else:
-                p.bad_validations += 1
-            stop = tc.patience > 0 and p.bad_validations >= tc.patience
+            if scheduled:
+                if res.bleu is not None and (p.patience_bleu is None or res.bleu > p.patience_bleu):
+                    p.patience_bleu, p.bad_validations = res.bleu, 0
+                else:
+                    p.bad_validations += 1
+                stop = tc.patience > 0 and p.bad_validations >= tc.patience
             self.record({"kind": "valid", "step": p.step, **res.as_dict(), "best_bleu": p.best_bleu,
                          "best_step": p.best_step, "elapsed_s": p.elapsed_s})
         # The other ranks wait here, and learn rank 0's decision.
@@ -360,67 +449,156 @@ class Trainer:
                          "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
                          # real / padded tokens of this epoch's batches (§5.1's length grouping at work)
                          "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4)})
-        bar = self._progress_bar()
+            self._announce()
+        bar = self.bar = self._progress_bar()
         stream = self.batch_stream()
         started = time.perf_counter() - p.elapsed_s
+        session = (p.step, p.elapsed_s)  # where this session started: the pace of the time budget
         window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "src_tokens": 0, "correct": 0, "updates": 0,
                   "t0": time.perf_counter()}
         last_saved = p.step if p.step > 0 else -1  # p.step > 0: restored from that checkpoint
         stop_reason = "max_updates"
         saved_path: Path | None = None
+        averaged: tuple[Path | None, int] = (None, 0)
+        request = StopRequest(announce=dist.is_main)
         try:
-            while p.step < tc.max_updates:
-                batches, epoch = [], 0
-                for _ in range(tc.update_freq):
-                    epoch, indices = next(stream)
-                    batches.append(self.train_split.collate(indices))
-                if tc.max_epochs and epoch >= tc.max_epochs:
-                    stop_reason = "max_epochs"
-                    break
-                res = train_update(self.criterion, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
-                p.elapsed_s = time.perf_counter() - started
-                if res.skipped:
-                    self._count_skip(res)
-                    continue
-                p.skipped_in_row = 0
-                p.step += 1
-                p.tokens_seen += res.n_tokens
-                self._accumulate(window, res)
-                if bar is not None:
-                    self._advance(bar)
-                if p.step % tc.log_every == 0 or p.step == tc.max_updates:
-                    self._log_train(window, bar)
-                stop = False
-                paused = time.perf_counter()
-                if self._due(tc.valid_every, tc.valid_every_minutes, p.last_valid_s):
-                    if self.validate_and_track():
-                        stop, stop_reason = True, "patience"
-                if self._due(tc.save_every, tc.save_every_minutes, p.last_save_s):
-                    saved_path, last_saved = self.save(), p.step
-                window["t0"] += time.perf_counter() - paused  # tokens/s counts training time only
-                out_of_time = tc.max_minutes > 0 and p.elapsed_s >= tc.max_minutes * 60
-                if dist.any(out_of_time) and not stop:
-                    stop, stop_reason = True, "max_minutes"
-                if stop:
-                    break
-            # The end: a last validation and checkpoint unless this step already has them.
-            if p.last_valid_step != p.step and p.step > 0:
-                self.validate_and_track()
-            if last_saved != p.step:
-                saved_path = self.save()
-            elif dist.is_main:
-                saved_path = self.out / "checkpoints" / step_dir_name(p.step)
-            if dist.is_main and tc.average_last >= 2:
-                self._average_last()
-            self.record({"kind": "end", "step": p.step, "reason": stop_reason, "elapsed_s": p.elapsed_s,
-                         "best_bleu": p.best_bleu, "best_step": p.best_step, "updates_skipped": p.skipped_total,
-                         "fp16_overflows": p.overflow_total, "tokens_seen": p.tokens_seen})
+            with request:
+                while p.step < tc.max_updates:
+                    if dist.any(request.requested):  # Ctrl-C: after the update, its validation and checkpoint
+                        stop_reason = "interrupted"
+                        break
+                    position = self.sampler.state_dict()
+                    batches, epoch = [], 0
+                    for _ in range(tc.update_freq):
+                        epoch, indices = next(stream)
+                        batches.append(self.train_split.collate(indices))
+                    if tc.max_epochs and epoch >= tc.max_epochs:
+                        # Not trained on: put them back, so that a run resumed with a higher
+                        # max_epochs takes this update as one run without the stop does.
+                        stream.close()
+                        self.sampler.load_state_dict(position)
+                        stop_reason = "max_epochs"
+                        break
+                    res = train_update(self.criterion, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
+                    p.elapsed_s = time.perf_counter() - started
+                    if res.skipped:
+                        self._count_skip(res)
+                        continue
+                    p.skipped_in_row = 0
+                    p.step += 1
+                    p.tokens_seen += res.n_tokens
+                    self._accumulate(window, res)
+                    if bar is not None:
+                        self._advance(bar)
+                    if p.step % tc.log_every == 0 or p.step == tc.max_updates:
+                        self._log_train(window, bar)
+                    self._project_time_budget(*session)
+                    stop = False
+                    paused = time.perf_counter()
+                    if self._due(tc.valid_every, tc.valid_every_minutes, p.last_valid_s):
+                        if self.validate_and_track():
+                            stop, stop_reason = True, "patience"
+                    if self._due(tc.save_every, tc.save_every_minutes, p.last_save_s):
+                        saved_path, last_saved = self.save(), p.step
+                    window["t0"] += time.perf_counter() - paused  # tokens/s counts training time only
+                    out_of_time = tc.max_minutes > 0 and p.elapsed_s >= tc.max_minutes * 60
+                    if dist.any(out_of_time) and not stop:
+                        stop, stop_reason = True, "max_minutes"
+                    if stop:
+                        break
+                # The end: a last validation and checkpoint unless this step already has them;
+                # after Ctrl-C only the checkpoint.
+                interrupted = stop_reason == "interrupted"
+                if not interrupted and p.last_valid_step != p.step and p.step > 0:
+                    self.validate_and_track(scheduled=False)
+                interrupted = dist.any(request.requested)
+                if last_saved != p.step:
+                    saved_path = self.save(scheduled=False)
+                elif dist.is_main:
+                    saved_path = self.out / "checkpoints" / step_dir_name(p.step)
+                if interrupted:
+                    stop_reason = "interrupted"
+                elif dist.is_main and tc.average_last >= 2:
+                    averaged = self._average_last()
+                self.record({"kind": "end", "step": p.step, "reason": stop_reason, "elapsed_s": p.elapsed_s,
+                             "best_bleu": p.best_bleu, "best_step": p.best_step, "updates_skipped": p.skipped_total,
+                             "fp16_overflows": p.overflow_total, "tokens_seen": p.tokens_seen})
+        except KeyboardInterrupt as e:
+            if isinstance(e, TrainingInterrupted):
+                raise
+            # A second Ctrl-C (or a KeyboardInterrupt from elsewhere): anywhere, even half-way
+            # through an update, so nothing is saved; the newest checkpoint is intact.
+            newest = list_checkpoints(self.out)
+            raise TrainingInterrupted(self.out, p.step, newest[-1] if newest else None, saved=False,
+                                      world_size=dist.world_size) from None
         finally:
             if bar is not None:
                 bar.close()
+            self.bar = None
             if self.log is not None:
                 self.log.close()
-        return TrainResult(self.out, p.step, stop_reason, saved_path, p.best_bleu, p.last_valid, p.skipped_total)
+        if stop_reason == "interrupted":
+            raise TrainingInterrupted(self.out, p.step, self.out / "checkpoints" / step_dir_name(p.step), saved=True,
+                                      world_size=dist.world_size)
+        return TrainResult(self.out, p.step, stop_reason, saved_path, p.best_bleu, p.last_valid, p.skipped_total,
+                           data_dir=self.data.path, averaged=averaged[0], averaged_from=averaged[1])
+
+    # -- what the run says ------------------------------------------------------------------------
+    def _epochs_end(self) -> int | None:
+        """The update at which max_epochs ends (None without it): the micro-batches left before
+        the limit, counting this epoch's number for every epoch, over update_freq."""
+        if not self.tcfg.max_epochs:
+            return None
+        left = (self.tcfg.max_epochs - self.sampler.epoch) * len(self.sampler) - self.sampler.position
+        return self.progress.step + max(0, left) // self.tcfg.update_freq
+
+    def _announce(self) -> None:
+        """Rank 0, at the start: the limits that stop the run, and warnings about the recipe."""
+        tc, p = self.tcfg, self.progress
+        epochs_end = self._epochs_end()
+        print(f"aiayn train: {stop_limits(tc, epochs_end=epochs_end, elapsed_s=p.elapsed_s)}", file=sys.stderr,
+              flush=True)
+        train = self.train_split
+        warn(vocabulary_warning(self.data.tokenizer.vocab_size, int(train.src_lens.sum() + train.tgt_lens.sum())))
+        end = min(tc.max_updates, epochs_end if epochs_end is not None else tc.max_updates)
+        warn(warmup_warning(end, tc.warmup, f"the run ends at update {end}"))
+
+    def _project_time_budget(self, start_step: int, start_s: float) -> None:
+        """Once a session, under max_minutes (rank 0): after its first updates, the update at which
+        the budget ends at the pace so far (this session's updates over its training time), or the
+        time at which max_updates / max_epochs comes first; a warning if the budget ends inside
+        the warm-up. See advice.PACE_*."""
+        tc, p = self.tcfg, self.progress
+        if self._projected or tc.max_minutes <= 0 or not self.dist.is_main:
+            return
+        budget = tc.max_minutes * 60
+        updates, seconds = p.step - start_step, p.elapsed_s - start_s
+        if updates < PACE_UPDATES or seconds < min(PACE_SECONDS, PACE_SHARE * (budget - start_s)):
+            return
+        self._projected = True
+        if p.elapsed_s >= budget:
+            return
+        rate = updates / seconds
+        pace = f"at this pace ({rate * 60:.0f} updates a minute)"
+        epochs_end = self._epochs_end()
+        limit = min(tc.max_updates, epochs_end if epochs_end is not None else tc.max_updates)
+        projected = p.step + round(rate * (budget - p.elapsed_s))
+        if projected < limit:
+            what = f"{pace} the {tc.max_minutes:g}-minute budget ends near update {projected}"
+            warning = warmup_warning(projected, tc.warmup, what)
+            self._say(f"aiayn: warning: {warning}" if warning else f"aiayn train: {what}")
+        else:
+            minutes = (p.elapsed_s + (limit - p.step) / rate) / 60
+            self._say(f"aiayn train: {pace} the run reaches update {limit} after about {minutes:.1f} minutes, "
+                      f"within the {tc.max_minutes:g}-minute budget")
+
+    def _say(self, line: str) -> None:
+        """A line on standard error that does not break a tqdm bar."""
+        write = getattr(type(self.bar), "write", None)
+        if write is not None:
+            write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _due(self, every_updates: int, every_minutes: float, last_s: float) -> bool:
         """Whether a checkpoint (or validation) is due after this update: every_minutes of
@@ -477,36 +655,42 @@ class Trainer:
     def _progress_bar(self):
         """The bar counts what ends the run: with a wall-clock budget (max_minutes) the budget's
         seconds, the updates in its postfix (counting to max_updates, a 10-minute run showed a
-        28-hour ETA); otherwise the updates to max_updates."""
+        28-hour ETA); otherwise the updates to max_updates. `aiayn.progress.progress_bar`: a tqdm
+        bar on a terminal, a plain line every PLAIN_EVERY_S seconds in a redirected log."""
         if not (self.dist.is_main and self.tcfg.progress):
             return None
-        from tqdm import tqdm
-
-        common = dict(dynamic_ncols=True, file=sys.stderr, desc="train")
         if self.tcfg.max_minutes > 0:
             budget = self.tcfg.max_minutes * 60
             self._postfix["upd"] = str(self.progress.step)
-            return tqdm(total=budget, initial=min(self.progress.elapsed_s, budget), unit="s", postfix=self._postfix,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget, "
-                                   "{remaining} left{postfix}", **common)
-        return tqdm(total=self.tcfg.max_updates, initial=self.progress.step, unit="upd", **common)
+            return progress_display.progress_bar(
+                budget, "train", "s", initial=min(self.progress.elapsed_s, budget), postfix=self._postfix,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget, "
+                           "{remaining} left{postfix}")
+        return progress_display.progress_bar(self.tcfg.max_updates, "train", "upd", initial=self.progress.step)
+
+    def _bar_status(self, status: str | None) -> None:
+        """What the bar shows besides training: 'train (validating)' while validation runs."""
+        if self.bar is not None:
+            self.bar.set_description(f"train ({status})" if status else "train")
 
     def _advance(self, bar) -> None:
         """After an update: one more update, or the seconds of the budget spent so far."""
         p = self.progress
         if self.tcfg.max_minutes > 0:
-            bar.update(min(p.elapsed_s, bar.total) - bar.n)
+            bar.update(round(min(p.elapsed_s, bar.total), 1) - bar.n)  # tenths: a log's lines stay short
             self._postfix["upd"] = str(p.step)
             bar.set_postfix(self._postfix, refresh=False)
         else:
             bar.update(1)
 
-    def _average_last(self) -> None:
+    def _average_last(self) -> tuple[Path | None, int]:
+        """OUT/averaged from the last average_last checkpoints (at least 2): (its path, how many)."""
         from .average import average_checkpoints
 
         ckpts = list_checkpoints(self.out)[-self.tcfg.average_last:]
-        if len(ckpts) >= 2:
-            average_checkpoints(ckpts, self.out / "averaged", force=True)
+        if len(ckpts) < 2:
+            return None, 0
+        return average_checkpoints(ckpts, self.out / "averaged", force=True), len(ckpts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,13 +715,15 @@ def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume:
                 trim_metrics(out / METRICS_FILE, trainer.progress.step)
                 print(f"aiayn train: resuming {out} from {ckpts[-1].name} (update {trainer.progress.step})",
                       file=sys.stderr)
-        elif resume and dist.is_main:
-            print(f"aiayn train: {out} has no checkpoint yet; starting from scratch", file=sys.stderr)
-            trim_metrics(out / METRICS_FILE, 0)
         if dist.is_main:
             config_io.save_yaml(cfg.to_dict(), out / CONFIG_FILE)
         dist.barrier()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted as e:
+            if e.saved:
+                dist.barrier()  # as below: rank 0 has written the checkpoint; leave together
+            raise
         # All ranks leave together: rank 0 may still be validating, saving or averaging, and a
         # peer that tears gloo down meanwhile can abort the process ("terminate called ...").
         dist.barrier()
