@@ -3,30 +3,28 @@
 1. prepare   LibreOffice's help pages, English→German (Debian packages), a joint 8k BPE vocabulary
 2. train     the paper's architecture at smaller dimensions, the paper's recipe, ~10 minutes
 3. average   the last checkpoints (done by the trainer at the end of the run, as §6.1 does)
-4. evaluate  beam search (beam 4, α 0.6) on the held-out test split, sacreBLEU with its signature
+4. evaluate  beam search on the held-out test split with the search the checkpoint records (the
+             config's ``search:`` section: beam 4, α 1.3), sacreBLEU with its signature
 5. show      example translations next to their references
 6. inspect   attention heatmaps of every layer and head for one test sentence
 
 Each stage reuses what a previous run of the demo finished: the prepared data, a finished
-training run (an interrupted one is resumed exactly). Delete ``--workdir`` to start over.
+training run (an interrupted one is resumed exactly: Ctrl-C saves a checkpoint, and running the
+demo again continues from it). Delete ``--workdir`` to start over.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
-
-CONFIG = "libreoffice-small.yaml"
+CONFIG = "libreoffice-small"  # a shipped config, by name; its search: section is the test split's search
 # The demo's corpus: `aiayn prepare` options (the benchmarks prepare the same data).
 DATA = dict(corpus="libreoffice-help", lang="de", vocab_size=8000)
 EXAMPLES = 5
-# The test split's search: beam 4 and max length |x|+50 as the paper (§6.1); the length penalty
-# is chosen on the valid split (docs/experiments.md): a model trained for minutes ends sentences
-# too early under the paper's α = 0.6 (brevity penalty 0.82 on valid), α = 1.3 gave 1.0 and +1.1 BLEU.
-BEAM, ALPHA = 4, 1.3
 
 
 def _say(step: str, text: str) -> None:
@@ -34,11 +32,10 @@ def _say(step: str, text: str) -> None:
 
 
 def config_path() -> Path:
-    """configs/ lives beside src/ in the repository (the demo runs from a checkout)."""
-    path = Path(__file__).resolve().parents[2] / "configs" / CONFIG
-    if not path.is_file():
-        raise UserError("the demo's config is missing; run the demo from a checkout of aiayn", path=path)
-    return path
+    """The demo's config file: a config shipped with aiayn (package data), found by name."""
+    from .config import find_config
+
+    return find_config(CONFIG)
 
 
 def _finished(run: Path) -> bool:
@@ -58,14 +55,27 @@ def _pick_attention_sentence(sources: list[str]) -> str:
     return min(sources, key=lambda s: abs(len(s.split()) - 10))
 
 
+def go_on(data_dir: Path, model: Path) -> str:
+    """The demo's closing advice: commands for the `aiayn` on PATH that work from any directory
+    (the demo's own files by absolute path; the config by name, not by a path into a checkout)."""
+    data, model = shlex.quote(str(data_dir.resolve())), shlex.quote(str(model.resolve()))
+    return f"""Go on:
+  translate your own sentences   aiayn translate --checkpoint {model}
+  look inside one                aiayn attention --checkpoint {model} --src "Click OK." --out runs/attn
+  train longer                   aiayn train --config {CONFIG} --data {data} --out runs/longer train.max_minutes=60
+  use your own data              aiayn prepare --src my.en --tgt my.de --out data/mine
+                                 aiayn train --config {CONFIG} --data data/mine --out runs/mine
+"""
+
+
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict:
     from .attention import export_attention
     from .checkpoint import load_checkpoint
-    from .config import SearchConfig
     from .data import PrepareOptions, load_dataset, prepare
     from .evaluate import format_report, score
-    from .train import train
+    from .train import TrainingInterrupted, train
     from .train.plot import plot_curves, read_metrics
+    from .train.state import list_checkpoints
     from .translator import Translator
 
     work = Path(workdir)
@@ -86,20 +96,29 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     if _finished(run_dir) and not overrides:
         _say("2/6", f"Training: reusing the finished run in {run_dir} (delete it to train again)")
     else:
-        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        resume = bool(list_checkpoints(run_dir))
         verb = ("Continuing the finished run" if _finished(run_dir) else "Resuming the interrupted run") if resume else "Training"
         _say("2/6", f"{verb}: {config.name} (the paper's architecture and recipe, smaller), into {run_dir}")
-        train(config, data_dir, run_dir, overrides or [], resume=resume, force=not resume)
+        try:
+            train(config, data_dir, run_dir, overrides or [], resume=resume, force=not resume)
+        except TrainingInterrupted as e:
+            again = shlex.join(["aiayn", "demo", "--workdir", str(work), *(overrides or [])])
+            print(f"aiayn demo: training interrupted at update {e.step}"
+                  + (f"; saved {e.checkpoint}" if e.saved else "")
+                  + f". Run the demo again to continue it:\n  {again}", file=sys.stderr, flush=True)
+            raise
     timings["train_s"] = time.perf_counter() - t0
     averaged = run_dir / "averaged" if (run_dir / "averaged").is_dir() else run_dir / "last"
     _say("3/6", f"Using the average of the last checkpoints: {averaged}")
 
-    # 4. evaluation on the held-out test split
-    _say("4/6", f"Translating the test split with beam search (beam {BEAM}, α = {ALPHA}, max length |x|+50)")
+    # 4. evaluation on the held-out test split, with the search the checkpoint records
     t0 = time.perf_counter()
     ckpt = load_checkpoint(averaged)
+    search = ckpt.search
+    _say("4/6", f"Translating the test split with beam search (beam {search.beam}, α = {search.alpha:g}, max length "
+                f"{search.max_len_a:g}·|x|+{search.max_len_b}: the search {CONFIG} recommends)")
     sources, refs = data.raw("test", "src"), data.raw("test", "tgt")
-    hyps = Translator(ckpt, search=SearchConfig(beam=BEAM, alpha=ALPHA)).translate(sources, progress=True)
+    hyps = Translator(ckpt, search=search).translate(sources, progress=True)
     timings["translate_s"] = time.perf_counter() - t0
     hyp_file = work / "test.hyp.de"
     hyp_file.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
@@ -123,7 +142,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     summary = {
         "bleu": round(result["bleu"], 2), "bleu_signature": result["bleu_signature"],
         "brevity_penalty": round(result["brevity_penalty"], 3), "chrf": round(result["chrf"], 2),
-        "beam": BEAM, "alpha": ALPHA,
+        "beam": search.beam, "alpha": search.alpha,
         "tokenized_bleu": round(result["tokenized_bleu"], 2), "test_sentences": len(sources),
         "checkpoint": str(averaged), **{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1),
     }
@@ -140,12 +159,6 @@ Where everything is:
   curves        {curves}
   summary       {work / 'summary.json'}
 
-Go on:
-  translate your own sentences   .venv/bin/aiayn translate --checkpoint {averaged}
-  look inside one                .venv/bin/aiayn attention --checkpoint {averaged} --src "Click OK." --out runs/attn
-  train longer                   .venv/bin/aiayn train --config {config} --data {data_dir} --out runs/longer train.max_minutes=60
-  use your own data              .venv/bin/aiayn prepare --src my.en --tgt my.de --out data/mine
-                                 .venv/bin/aiayn train --config {config} --data data/mine --out runs/mine
-""")
+{go_on(data_dir, averaged)}""")
     return summary
 
