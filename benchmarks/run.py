@@ -162,13 +162,13 @@ def _demo_data(path: str | None, log) -> Path | None:
     """The demo's dataset: --data, or prepared once into ~/.cache/aiayn/bench (None if impossible)."""
     if path:
         return Path(path)
-    from aiayn.data import PrepareOptions, prepare
+    from aiayn.data import PrepareOptions, prepare_dataset
     from aiayn.demo import DATA
     from aiayn.errors import UserError
 
     out = Path.home() / ".cache" / "aiayn" / "bench" / f"lo-en-de-{DATA['vocab_size']}"
     try:
-        prepare(PrepareOptions(out=str(out), **DATA))
+        prepare_dataset(PrepareOptions(out=str(out), **DATA))
     except UserError as e:
         log(f"demo section skipped: cannot prepare the demo's data ({e})")
         return None

@@ -28,6 +28,14 @@ from helpers import (  # noqa: F401
 
 
 @pytest.fixture(scope="session")
+def small_copy(tmp_path_factory) -> Path:
+    """A small prepared copy-task dataset (helpers.SMALL_COPY) for the training tests' short runs."""
+    from helpers import SMALL_COPY
+
+    return prepare_synthetic(tmp_path_factory.mktemp("data") / "small_copy", "copy", *SMALL_COPY)
+
+
+@pytest.fixture(scope="session")
 def copy_dataset(tmp_path_factory) -> Path:
     """A prepared copy-task dataset directory (19k train / 1k valid / 1k test pairs)."""
     return prepare_synthetic(tmp_path_factory.mktemp("data") / "copy", "copy")

@@ -466,3 +466,19 @@ def test_your_own_held_out_sets_are_checked_like_training_files(tmp_path, capsys
                  "--valid-tgt", dev_en]) == 2
     assert "go with your own training data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_data_package_names_its_functions_even_after_its_modules_are_imported():
+    """`from aiayn.data import prepare_dataset` is the function, also once aiayn.data.prepare (the
+    module) has been imported: a lazily exported name must not be a submodule's name."""
+    import importlib
+
+    import aiayn.data as data
+
+    for name in data.__all__:
+        importlib.import_module(f"aiayn.data.{data._WHERE[name]}")
+    for name in data.__all__:
+        assert not isinstance(getattr(data, name), type(data)), name
+    from aiayn.data import prepare_dataset
+
+    assert callable(prepare_dataset)

@@ -310,12 +310,12 @@ def base_sandbox(tmp_path_factory) -> Path:
     data/mine (prepared from it as the quick start does), and runs/mine/averaged and
     runs/demo/train/averaged (small random models on its vocabulary). Not configs/: the examples
     name configs, which works from any directory."""
-    from aiayn.data.prepare import PrepareOptions, prepare
+    from aiayn.data import PrepareOptions, prepare_dataset
 
     root = tmp_path_factory.mktemp("docs-sandbox")
     write_corpus(root)
     with working_directory(root), contextlib.redirect_stdout(io.StringIO()):
-        prepare(PrepareOptions(out="data/mine", src="corpus/train.en", tgt="corpus/train.de",
+        prepare_dataset(PrepareOptions(out="data/mine", src="corpus/train.en", tgt="corpus/train.de",
                                valid_src="corpus/dev.en", valid_tgt="corpus/dev.de",
                                test_src="corpus/test.en", test_tgt="corpus/test.de"))
     put_model(root / "data" / "mine", root / "runs" / "mine")

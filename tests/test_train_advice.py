@@ -3,22 +3,15 @@ vocabulary too large for the data and for a budget that ends inside the learning
 
 from __future__ import annotations
 
-import pytest
-
 from aiayn.train import train
 from aiayn.train.advice import MIN_TOKENS_PER_SUBWORD, stop_limits, vocabulary_warning, warmup_warning
 from aiayn.train.config import TrainConfig
 from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, SMALL_COPY, TINY, prepare_synthetic
+from helpers import COPY_CONFIG, TINY, prepare_synthetic
 
 OPTS = TINY + ["train.batch_tokens=300", "train.update_freq=2", "train.valid_every=0", "train.average_last=0",
                "train.valid_bleu_sentences=5"]
-
-
-@pytest.fixture(scope="module")
-def small_copy(tmp_path_factory):
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "small_copy", "copy", *SMALL_COPY)
 
 
 def start_lines(err: str) -> list[str]:

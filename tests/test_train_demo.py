@@ -18,7 +18,7 @@ def test_the_demo_translates_with_the_checkpoints_search_and_its_advice_runs_any
     from aiayn.config import SearchConfig
     from aiayn.demo import run_demo
 
-    def prepare(options):  # the demo's corpus is downloaded; a small copy task stands in for it
+    def prepare_dataset(options):  # the demo's corpus is downloaded; a small copy task stands in for it
         prepare_synthetic(options.out, "copy", *SMALL_COPY)
 
     searches = []
@@ -28,7 +28,7 @@ def test_the_demo_translates_with_the_checkpoints_search_and_its_advice_runs_any
             searches.append((search, ckpt.search))
             super().__init__(ckpt, *args, search=search, **kwargs)
 
-    monkeypatch.setattr(data_mod, "prepare", prepare)
+    monkeypatch.setattr(data_mod, "prepare_dataset", prepare_dataset)
     monkeypatch.setattr(translator_mod, "Translator", Recorded)
     work = tmp_path / "demo"
     summary = run_demo(work, list(DEMO))

@@ -15,15 +15,10 @@ from aiayn.train import train
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, SMALL_COPY, TINY, assert_same_final_state, prepare_synthetic
+from helpers import COPY_CONFIG, TINY, assert_same_final_state
 
 OPTS = TINY + ["model.dropout=0.1", "train.batch_tokens=300", "train.max_updates=12", "train.save_every=4",
                "train.valid_every=4", "train.valid_bleu_sentences=5", "train.log_every=2", "train.average_last=0"]
-
-
-@pytest.fixture(scope="module")
-def small_copy(tmp_path_factory):
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "small_copy", "copy", *SMALL_COPY)
 
 
 @pytest.fixture(scope="module")

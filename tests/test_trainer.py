@@ -21,7 +21,7 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, REPO, SMALL_COPY, TINY, assert_same_final_state, poison_decoder, prepare_synthetic
+from helpers import COPY_CONFIG, REPO, TINY, assert_same_final_state, poison_decoder
 
 
 def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_path, monkeypatch):
@@ -306,11 +306,6 @@ def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, m
 # ---------------------------------------------------------------------------------------------
 # Stopping at a limit and resuming == not stopping
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_copy(tmp_path_factory):
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "small_copy", "copy", *SMALL_COPY)
 
 
 # Dropout on (the RNG state must carry over), two micro-batches per update.

@@ -71,7 +71,7 @@ def go_on(data_dir: Path, model: Path) -> str:
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict:
     from .attention import export_attention
     from .checkpoint import load_checkpoint
-    from .data import PrepareOptions, load_dataset, prepare
+    from .data import PrepareOptions, load_dataset, prepare_dataset
     from .evaluate import format_report, score
     from .train import TrainingInterrupted, train
     from .train.plot import plot_curves, read_metrics
@@ -86,7 +86,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     # 1. the corpus
     _say("1/6", f"Preparing the LibreOffice help corpus, English→German, into {data_dir}")
     t0 = time.perf_counter()
-    prepare(PrepareOptions(out=str(data_dir), **DATA))
+    prepare_dataset(PrepareOptions(out=str(data_dir), **DATA))
     data = load_dataset(data_dir)
     timings["prepare_s"] = time.perf_counter() - t0
 

@@ -6,8 +6,8 @@ import dataclasses
 
 
 def run(args) -> int:
-    from ..data.prepare import PrepareOptions, prepare
+    from ..data.prepare import PrepareOptions, prepare_dataset
 
     fields = {f.name for f in dataclasses.fields(PrepareOptions)}
-    prepare(PrepareOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    prepare_dataset(PrepareOptions(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0

@@ -1,6 +1,6 @@
 """The data stage: parallel corpora -> a joint subword vocabulary -> token-based batches.
 
-- `prepare` (``aiayn prepare``) builds a dataset directory from the user's files, a TSV,
+- `prepare_dataset` (``aiayn prepare``) builds a dataset directory from the user's files, a TSV,
   Multi30k, LibreOffice's help pages (English-X, from Debian packages) or a synthetic task,
   as `PrepareOptions` say.
 - `load_dataset` opens such a directory: ``.manifest``, ``.tokenizer``, ``.split(name)``,
@@ -18,7 +18,7 @@ import importlib
 _WHERE = {
     "Batch": "batching", "TokenBatchSampler": "batching", "collate": "batching",
     "PreparedData": "dataset", "Split": "dataset", "load_dataset": "dataset",
-    "PrepareOptions": "options", "prepare": "prepare",
+    "PrepareOptions": "options", "prepare_dataset": "prepare",
     "Tokenizer": "tokenizer", "PAD_ID": "tokenizer", "UNK_ID": "tokenizer", "BOS_ID": "tokenizer",
     "EOS_ID": "tokenizer",
 }

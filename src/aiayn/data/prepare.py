@@ -269,9 +269,9 @@ def _length_stats(ids: list[list[int]]) -> dict:
             "max": int(lens.max())}
 
 
-def prepare(args: PrepareOptions) -> Path:
+def prepare_dataset(args: PrepareOptions) -> Path:
     """Build the dataset directory ``args.out`` (or reuse it when it already holds exactly this
-    dataset); returns its path. ``prepare(PrepareOptions(out="data/copy", corpus="copy"))``."""
+    dataset); returns its path. ``prepare_dataset(PrepareOptions(out="data/copy", corpus="copy"))``."""
     started = time.time()
     kind = _source_kind(args)
     held_out = _held_out_files(args, kind)
