@@ -12,7 +12,10 @@ The conventions (docs/development.md, "The documentation check"):
 - a ``sh`` block after ``<!-- test -->`` runs line by line in such a directory: ``aiayn`` lines
   in-process (`aiayn.cli.main`), other lines with bash. ``aiayn train`` and ``aiayn serve``
   lines are only parsed (minutes; forever); for ``train --out DIR`` a small random model is put
-  at DIR/averaged, where the run would leave its model.
+  at DIR/averaged, where the run would leave its model;
+- what the pages quote from the code is the code's: every shipped config is in the training page's
+  table, every quoted ``aiayn: error: override '...'`` line is the error that override gives, and
+  the serving page's /api/info example shows the server's default limits.
 """
 
 from __future__ import annotations
@@ -423,3 +426,47 @@ def test_serving_page_shows_the_apis_fields(base_sandbox):
     text = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
     health_doc = json_keys(text[text.index("### `GET /api/health`"):text.index("### Errors")])
     assert set(health) == health_doc, f"/api/health: {sorted(health)} against docs/serving.md's {sorted(health_doc)}"
+
+
+# -- what the pages quote from the code ------------------------------------------------------------
+
+
+def test_every_shipped_config_is_in_the_training_pages_table():
+    from aiayn.config import shipped_configs
+
+    text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    table = text[text.index("| config | what it is |"):]
+    table = table[:table.index("\n\n")]
+    named = set(re.findall(r"`([\w-]+)`", "\n".join(row.split("|")[1] for row in table.splitlines()[2:])))
+    assert set(shipped_configs()) <= named, f"docs/training.md's config table lacks {sorted(set(shipped_configs()) - named)}"
+
+
+QUOTED_OVERRIDE_ERROR = re.compile(r"aiayn: error: (override '([^']+)': .*)$")
+
+
+def test_quoted_override_errors_are_the_ones_the_code_gives():
+    """Each ``aiayn: error: override 'KEY=VALUE': ...`` line of a page's code blocks, against the
+    error that override gives on a shipped config (an override's error names the override, not a
+    file line: no page may promise FILE:LINE for it)."""
+    from aiayn.errors import UserError
+    from aiayn.train.config import load_raw_config, resolve_config
+
+    quoted = [(b, m) for b in BLOCKS for line in b.code.splitlines() if (m := QUOTED_OVERRIDE_ERROR.search(line))]
+    assert quoted, "no page quotes an override's error"
+    for block, match in quoted:
+        with pytest.raises(UserError) as caught:
+            resolve_config(load_raw_config(shipped_config("libreoffice-small"), [match.group(2)]), vocab_size=8000)
+        assert str(caught.value) == match.group(1), f"{block.name}: the code says {caught.value}"
+
+
+def test_the_serving_pages_limits_are_the_servers_defaults():
+    from aiayn.serve.engine import MAX_ALPHA, ServeSettings
+
+    example = example_after("serving.md", "### `GET /api/info`")
+    documented = {k: float(v) for k, v in re.findall(r'"(max_\w+|batch_wait_ms)": ([\d.]+)', example)}
+    s = ServeSettings()
+    defaults = {"max_lines": s.max_lines, "max_chars": s.max_chars, "max_beam": s.max_beam, "max_alpha": MAX_ALPHA,
+                "max_body_bytes": s.max_body_bytes, "batch_wait_ms": s.batch_wait_ms,
+                "max_batch_lines": s.max_batch_lines}
+    for key, value in defaults.items():
+        assert documented.get(key) == value, f"docs/serving.md: {key} {documented.get(key)}, the server's default {value}"
