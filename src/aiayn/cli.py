@@ -232,7 +232,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
                    help="fp32 on the CPU: oneDNN-packed weights, same outputs, faster (default: on)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist): outputs restricted to "
-                                       "each batch's candidates; faster, scores normalised over them")
+                                       "each sentence's own candidates; faster, scores normalised over them")
 
 
 # Subcommands that run the model: they get a fast memory allocator (aiayn.allocator).

@@ -1,4 +1,4 @@
-"""Vocabulary shortlist: the target subwords a batch may produce, for faster decoding.
+"""Vocabulary shortlist: the target subwords a sentence may produce, for faster decoding.
 
 The output layer is the largest matrix product of a decoder step (V × d_model: 37,000 × 512 for
 the paper's vocabulary) and the normaliser and top-k read all V logits of every hypothesis. Most

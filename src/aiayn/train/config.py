@@ -76,7 +76,7 @@ class TrainConfig:
     valid_max_len_b: int = 50
     # -- logging --------------------------------------------------------------------------------
     log_every: int = 100  # updates between lines of metrics.jsonl / TensorBoard points
-    progress: bool = True  # tqdm progress bar (rank 0)
+    progress: bool = True  # progress display (rank 0): a bar on a terminal, plain lines in a log
 
     def __post_init__(self) -> None:
         positive = ("batch_tokens", "update_freq", "max_updates", "warmup", "save_every", "keep_last",
