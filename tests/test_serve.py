@@ -250,6 +250,34 @@ def test_attention_of_the_translation_has_the_searchs_own_tokens(byte_piece_chec
         assert body["tgt_tokens"] == tok.pieces(tok.encode(BYTE_PIECE_TEXT)) + ["</s>"]
 
 
+def test_a_candidates_tokens_give_the_attention_of_exactly_that_output(byte_piece_checkpoint):
+    """The explorer's path: /api/translate with details gives each candidate's subword ids, and
+    /api/attention with them as tgt_ids shows the weights of exactly that output (its text,
+    encoded again, would be other subwords)."""
+    engine = Engine(byte_piece_checkpoint)
+    tok = engine.checkpoint.tokenizer
+    ids = [tok.sp.piece_to_id(p) for p in BYTE_PIECE_OUTPUT]
+    with TestClient(create_app(engine)) as client:
+        status, body = post(client, "/api/translate", {"text": "the cat sat", "beam": 2, "details": True})
+        assert status == 200
+        (candidate,) = body["translations"][0]
+        assert candidate["text"] == BYTE_PIECE_TEXT and candidate["tokens"] == ids
+        assert set(candidate) == {"text", "score", "log_prob", "tokens"}
+        status, plain = post(client, "/api/translate", {"text": "the cat sat", "beam": 2})
+        assert plain["translations"] == [BYTE_PIECE_TEXT]  # without details: the text alone
+        status, body = post(client, "/api/attention", {"src": "the cat sat", "tgt": candidate["text"],
+                                                        "tgt_ids": candidate["tokens"]})
+        assert status == 200 and body["tgt"] == BYTE_PIECE_TEXT and body["translated"] is False
+        assert body["tgt_tokens"] == BYTE_PIECE_OUTPUT + ["</s>"]
+        status, body = post(client, "/api/attention", {"src": "the cat sat", "tgt_ids": ids})
+        assert status == 200 and body["tgt"] == BYTE_PIECE_TEXT  # the text of the ids
+        for bad in ([tok.eos_id], [tok.vocab_size], [-1], [ids[0]] * (engine.max_subwords + 1)):
+            status, body = post(client, "/api/attention", {"src": "the cat sat", "tgt_ids": bad})
+            assert status == 422 and "tgt_ids" in body["error"], body
+        status, body = post(client, "/api/attention", {"src": "the cat sat", "tgt_ids": ["a"]})
+        assert status == 422
+
+
 def test_attention_with_a_given_target(client):
     status, body = post(client, "/api/attention", {"src": "a b c", "tgt": "c  b"})
     assert status == 200 and body["translated"] is False and body["tgt"] == "c b"

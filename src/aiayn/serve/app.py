@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -97,6 +97,8 @@ class TranslateRequest(BaseModel):
     beam: StrictInt | None = Field(None, description=BEAM)
     alpha: float | None = Field(None, description=ALPHA)
     nbest: StrictInt = Field(1, description="translations per sentence, best first (1 ... beam); > 1 adds scores")
+    details: StrictBool = Field(False, description="each translation as a candidate object (text, score, log_prob, "
+                                "tokens) also when nbest is 1")
 
     @field_validator("text", mode="before")
     @classmethod
@@ -118,6 +120,8 @@ class Candidate(BaseModel):
     text: str
     score: float = Field(description="log P(y|x) / ((5+|y|)/6)^alpha, the ranking score (|y| counts the EOS)")
     log_prob: float = Field(description="log P(y|x), natural log, output tokens and EOS")
+    tokens: list[int] = Field(description="the subword ids the search produced (no BOS/EOS): give them to "
+                              "/api/attention as tgt_ids to see the attention of exactly this output")
 
 
 class TranslateResponse(BaseModel):
@@ -135,6 +139,9 @@ class AttentionRequest(BaseModel):
                                   "its own subwords)")
     beam: StrictInt | None = Field(None, description="for the translation when tgt is absent: " + BEAM)
     alpha: float | None = Field(None, description="for the translation when tgt is absent: " + ALPHA)
+    tgt_ids: list[StrictInt] | None = Field(None, description="the target as subword ids (a candidate's tokens from "
+                                            "/api/translate): the weights of exactly that output; tgt, if given, "
+                                            "is only its text")
 
     _unicode = field_validator("src", "tgt")(valid_unicode)
     _alpha = field_validator("alpha", mode="before")(number_or_none)
@@ -236,6 +243,19 @@ def create_app(engine: Engine) -> FastAPI:
                 raise ApiError(422, str(e)) from None
         return engine.search.replace(beam=beam, alpha=alpha)
 
+    def check_target_ids(ids: list[int]) -> list[int]:
+        """tgt_ids: subword ids of the model's vocabulary, no special ids, at most max_subwords."""
+        vocab = engine.tokenizer.vocab_size
+        specials = {engine.tokenizer.pad_id, engine.tokenizer.bos_id, engine.tokenizer.eos_id}
+        for number, i in enumerate(ids, start=1):
+            if not 0 <= i < vocab or i in specials:
+                raise ApiError(422, f"tgt_ids: id {number} is {i}, not a subword of this model's vocabulary "
+                                    f"(0 ... {vocab - 1} without pad, bos and eos)")
+        if len(ids) > engine.max_subwords:
+            raise ApiError(422, f"tgt_ids has {len(ids)} subwords; this model reads at most {engine.max_subwords} "
+                                "(max_subwords)")
+        return list(ids)
+
     def check_length(text: str, what: str) -> None:
         # Characters as Python counts them: one per code point, so "😀" is one (JSON may send
         # it as two escapes, "\\ud83d\\ude00").
@@ -270,10 +290,10 @@ def create_app(engine: Engine) -> FastAPI:
             check_length(line, name)
         check_subwords(lines, names)
         results = await translate_lines(lines, search, body.nbest)
-        if body.nbest == 1:
+        if body.nbest == 1 and not body.details:
             return {"translations": [hyps[0].text for hyps in results]}
-        return {"translations": [[{"text": h.text, "score": h.score, "log_prob": h.log_prob} for h in hyps]
-                                 for hyps in results]}
+        return {"translations": [[{"text": h.text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}
+                                  for h in hyps] for hyps in results]}
 
     @app.post("/api/attention", responses={200: {"model": AttentionResponse}, **ERRORS})
     async def attention(body: AttentionRequest):
@@ -283,11 +303,15 @@ def create_app(engine: Engine) -> FastAPI:
             raise ApiError(422, "src is empty: give a sentence to look at")
         search = check_search(body.beam, body.alpha)
         check_length(body.src, "src")
-        translated = body.tgt is None
-        if not translated:
+        translated = body.tgt is None and body.tgt_ids is None
+        if body.tgt is not None:
             check_length(body.tgt, "tgt")
-        check_subwords([body.src] if translated else [body.src, body.tgt], ["src", "tgt"])
-        if translated:
+        check_subwords([body.src] if body.tgt is None or body.tgt_ids is not None else [body.src, body.tgt],
+                       ["src", "tgt"])
+        if body.tgt_ids is not None:
+            tgt_ids = check_target_ids(body.tgt_ids)
+            tgt = body.tgt if body.tgt is not None else engine.tokenizer.decode_line(tgt_ids)
+        elif translated:
             # The search's own subwords: its text encoded again may give other ones (a byte
             # piece spelling a control character is written as a space, for instance), and the
             # weights must belong to what the model produced.

@@ -130,11 +130,11 @@ async function translate() {
   setBusy(true, "Translating…");
   const started = performance.now();
   try {
-    const data = await api("/api/translate", {text, beam, nbest});
+    // details: candidate objects with the search's own subword ids, also for nbest 1
+    const data = await api("/api/translate", {text, beam, nbest, details: true});
     if (id !== state.request) return;
-    const found = data.translations[0];
     state.source = text;
-    state.candidates = nbest === 1 ? [{text: found}] : found;
+    state.candidates = data.translations[0];
     state.timing = `translated in ${Math.round(performance.now() - started)} ms`;
     renderCandidates();
     await selectCandidate(0);
@@ -180,7 +180,9 @@ async function selectCandidate(index) {
   setBusy(true, "Computing attention…");
   const started = performance.now();
   try {
-    const data = await api("/api/attention", {src: state.source, tgt: state.candidates[index].text});
+    // The weights of exactly the output the search produced: its subword ids, not its text encoded again.
+    const cand = state.candidates[index];
+    const data = await api("/api/attention", {src: state.source, tgt: cand.text, tgt_ids: cand.tokens});
     if (id !== state.request) return;
     state.result = data;
     state.hover = null;
