@@ -206,3 +206,26 @@ def assert_same_final_state(run: Path, reference: Path) -> None:
         assert got[part].keys() == want[part].keys()
         for key in want[part]:
             assert torch.equal(got[part][key], want[part][key]), f"{part}: {key}"
+
+
+def one_second_updates(monkeypatch) -> list[float]:
+    """A fake clock for the trainer: every update takes exactly one second and nothing else
+    takes time. Returns the clock (a one-element list, seconds) for the test to read."""
+    import aiayn.train.trainer as trainer_module
+    from aiayn.train.step import train_update
+
+    clock = [0.0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    def one_second_update(*args, **kwargs):
+        clock[0] += 1.0
+        return train_update(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "time", FakeTime)
+    monkeypatch.setattr(trainer_module, "train_update", one_second_update)
+    return clock
+

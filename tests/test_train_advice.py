@@ -6,9 +6,8 @@ from __future__ import annotations
 from aiayn.train import train
 from aiayn.train.advice import MIN_TOKENS_PER_SUBWORD, stop_limits, vocabulary_warning, warmup_warning
 from aiayn.train.config import TrainConfig
-from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, TINY, prepare_synthetic
+from helpers import COPY_CONFIG, TINY, one_second_updates, prepare_synthetic
 
 OPTS = TINY + ["train.batch_tokens=300", "train.update_freq=2", "train.valid_every=0", "train.average_last=0",
                "train.valid_bleu_sentences=5"]
@@ -82,21 +81,7 @@ def test_an_update_budget_inside_the_warmup_is_warned_about(small_copy, tmp_path
 def test_a_time_budget_is_projected_from_the_first_updates(small_copy, tmp_path, monkeypatch, capsys):
     """A fake clock: every update takes one second, so a 1-minute budget ends at update 60, inside
     copy.yaml's 100-update warm-up; the run says so after its first updates, once."""
-    import aiayn.train.trainer as trainer_mod
-
-    clock = [0.0]
-
-    class FakeTime:
-        @staticmethod
-        def perf_counter() -> float:
-            return clock[0]
-
-    def one_second_update(*args, **kwargs):
-        clock[0] += 1.0
-        return train_update(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "time", FakeTime)
-    monkeypatch.setattr(trainer_mod, "train_update", one_second_update)
+    one_second_updates(monkeypatch)
     result = train(COPY_CONFIG, small_copy, tmp_path / "run", OPTS + ["train.max_minutes=1"])
     assert result.step == 60
     lines = start_lines(capsys.readouterr().err)

@@ -21,7 +21,7 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, REPO, TINY, assert_same_final_state, poison_decoder
+from helpers import COPY_CONFIG, REPO, TINY, assert_same_final_state, one_second_updates, poison_decoder
 
 
 def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_path, monkeypatch):
@@ -275,21 +275,7 @@ def test_progress_bar_counts_the_time_budget(copy_dataset, tmp_path, monkeypatch
 def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, monkeypatch):
     """save_every_minutes / valid_every_minutes: checkpoints and validations follow elapsed time,
     not the update count. A fake clock makes every update take exactly one second."""
-    import aiayn.train.trainer as trainer_module
-
-    clock = [0.0]
-
-    class FakeTime:
-        @staticmethod
-        def perf_counter() -> float:
-            return clock[0]
-
-    def one_second_update(*args, **kwargs):
-        clock[0] += 1.0
-        return train_update(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "time", FakeTime)
-    monkeypatch.setattr(trainer_module, "train_update", one_second_update)
+    one_second_updates(monkeypatch)
     result = train(REPO / "configs/copy.yaml", copy_dataset, tmp_path / "run",
                    TINY + ["train.max_updates=10", "train.save_every=1000", "train.valid_every=1000",
                            "train.save_every_minutes=0.05", "train.valid_every_minutes=0.1",  # 3 s, 6 s
