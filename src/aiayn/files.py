@@ -137,7 +137,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
-    umask = os.umask(0)
+    """The process's umask. Read from /proc where it can be: setting it to read it back (the
+    portable way) changes it for every thread for a moment, and a file another thread creates
+    then would get mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # the strictest mask while it is read back
     os.umask(umask)
     return umask
 
