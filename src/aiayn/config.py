@@ -35,6 +35,11 @@ from .errors import UserError
 T = TypeVar("T")
 
 
+# The arithmetic a command runs in (`aiayn.precision`): auto is bf16 where the device does bf16
+# natively, else fp32. Here, without torch, so that the CLI can offer the choices.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """How a translation is searched: the paper's §6.1 settings by default.

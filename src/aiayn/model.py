@@ -151,6 +151,7 @@ def scaled_dot_product_attention(
     *,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    fused_kernel: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V.
 
@@ -158,19 +159,21 @@ def scaled_dot_product_attention(
     and is True where a query may attend to a key.
 
     Two paths compute the same function. The default calls PyTorch's fused kernel, which
-    never materialises the T×S probabilities. With ``need_weights=True`` the explicit
-    formula runs instead and the probabilities are returned too (for inspection).
+    never materialises the T×S probabilities. With ``need_weights=True`` or ``fused_kernel=False``
+    the explicit formula runs instead, and with ``need_weights`` the probabilities are returned
+    too (for inspection). The explicit path takes the softmax in fp32 whatever the inputs'
+    dtype (in bf16 the products run in bf16, the normalisation does not lose digits).
     """
-    if not need_weights:
+    if fused_kernel and not need_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     if mask is not None:
         # The most negative finite value rather than -inf: a row with no allowed key then gives
         # a uniform row instead of NaN, and the value cannot overflow in fp16 or bf16.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-    return torch.matmul(attn, v), probs
+    return torch.matmul(attn.to(v.dtype), v), probs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +188,12 @@ class MultiHeadAttention(nn.Module):
     self-attention Q, K and V come from the same input, so one fused (d_model → 3·h·d_k)
     projection computes all three in a single matmul. For encoder-decoder attention Q comes
     from the decoder and K, V from the encoder output: one projection for Q, one fused for K, V.
+
+    ``fused_kernel``: attention through PyTorch's fused kernel (True) or the explicit formula (see
+    `scaled_dot_product_attention`); the same function.
     """
+
+    fused_kernel: bool = True
 
     def __init__(self, d_model: int, n_heads: int, d_k: int, *, self_attention: bool, dropout: float = 0.0):
         super().__init__()
@@ -212,7 +220,8 @@ class MultiHeadAttention(nn.Module):
             (q,) = self._project(self.q_proj(x), 1)
             k, v = self._project(self.kv_proj(memory), 2)
         out, probs = scaled_dot_product_attention(
-            q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights
+            q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
+            fused_kernel=self.fused_kernel,
         )
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_k)
         return self.out_proj(out), probs
@@ -276,7 +285,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         if offset + length > self.table.size(0):
-            self.table = sinusoidal_table(2 * (offset + length), self.d_model).to(self.table.device)
+            self.table = sinusoidal_table(2 * (offset + length), self.d_model).to(self.table)  # device, dtype
         return self.table[offset : offset + length]
 
 

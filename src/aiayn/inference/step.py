@@ -7,7 +7,9 @@ instead of recomputing them. It is written out flat, over the model's own sublay
 projections, because a search calls it once per output token and at small batches the
 per-call Python of the general module path (the sublayer closures, the masks, eval-mode dropout
 calls) costs as much as the arithmetic. The linear layers and the FFN are still called as
-modules, so prepacked and int8 models (`aiayn.inference.packed`) take this path too.
+modules, so prepacked, bf16 and int8 models (`aiayn.inference.packed`) take this path too, and
+attention goes through the model's own function, fused kernel or explicit formula as each
+attention module says (``fused_kernel``).
 
 Beams without copying the encoder output: the decoder batch may hold K rows per sentence (the
 K hypotheses of sentence i in rows i·K ... i·K+K-1) against one row of encoder output per
@@ -17,10 +19,9 @@ sentence's keys and values serve all its beams.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import Transformer
+from ..model import Transformer, scaled_dot_product_attention
 from .cache import DecoderCache
 
 
@@ -46,7 +47,7 @@ def decode_step(model: Transformer, tokens: Tensor, memory: Tensor, memory_mask:
         h = norm0(x) if pre else x
         q, k, v = self_attn._project(self_attn.qkv_proj(h), 3)
         k, v = entry["self"].append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out, _ = scaled_dot_product_attention(q, k, v, fused_kernel=self_attn.fused_kernel)
         x = x + self_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
         if not pre:
             x = norm0(x)
@@ -59,7 +60,7 @@ def decode_step(model: Transformer, tokens: Tensor, memory: Tensor, memory_mask:
         if b % sentences:
             raise ValueError(f"decoder batch {b} is not a multiple of the encoder batch {sentences}")
         q = cross_attn.q_proj(h).view(sentences, b // sentences, cross_attn.n_heads, cross_attn.d_k).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, kv["k"], kv["v"], attn_mask=key_mask)
+        out, _ = scaled_dot_product_attention(q, kv["k"], kv["v"], key_mask, fused_kernel=cross_attn.fused_kernel)
         x = x + cross_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
         if not pre:
             x = norm1(x)
