@@ -21,6 +21,7 @@ from helpers import (  # noqa: F401
     COPY_COOLDOWN_LR,
     COPY_MAX_UPDATES,
     COPY_ROUND,
+    FP32,
     TEXT,
     copy_failures,
     prepare_synthetic,
@@ -48,13 +49,13 @@ def copy_run(tmp_path_factory, copy_dataset):
     from aiayn.train import train
 
     out = tmp_path_factory.mktemp("runs") / "copy"
-    result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false"])
+    result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false", FP32])
     lr_factor = COPY_COOLDOWN_LR
     while failures := copy_failures(result.last_checkpoint, copy_dataset):
         if result.step >= COPY_MAX_UPDATES:
             pytest.fail(f"the copy-task model still fails {len(failures)} of its checks after {result.step} "
                         f"updates (cap {COPY_MAX_UPDATES}), e.g. {failures[0]}")
-        result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false", f"train.lr_factor={lr_factor}",
+        result = train(COPY_CONFIG, copy_dataset, out, ["train.progress=false", FP32, f"train.lr_factor={lr_factor}",
                                                         f"train.max_updates={result.step + COPY_ROUND}"], resume=True)
         lr_factor /= 2
     return result

@@ -15,9 +15,13 @@ from aiayn.model import Transformer, TransformerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COPY_CONFIG = REPO / "configs" / "copy.yaml"
+# The suite's training runs are pinned to fp32, so that what they learn is the same on every
+# machine (train.precision is auto by default: bf16 on CPUs with AVX512-BF16 or AMX, fp32 on
+# others). bf16 training has its own tests (test_train_step.py, test_trainer.py).
+FP32 = "train.precision=fp32"
 # Overrides for quick runs of copy.yaml: a tiny model, no progress bar, one thread.
 TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
-        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1"]
+        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1", FP32]
 
 # Continuing the copy run: rounds of COPY_ROUND updates (= save_every in configs/copy.yaml, so
 # every round ends on a checkpoint of the regular grid) at a falling learning rate, up to

@@ -66,3 +66,33 @@ def test_fused_projection_and_loss_equal_the_reference(eps, monkeypatch):
     # Without gradients (validation) the same sums, and nothing saved for a backward pass.
     with torch.no_grad():
         assert float(loss_mod.smoothed_cross_entropy(h1, w1, target, eps, pad).loss) == pytest.approx(float(ref.loss), rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.0])
+def test_fused_loss_under_bf16_autocast_equals_the_reference_on_bf16_products(eps, monkeypatch):
+    """Under bf16 autocast the fused loss multiplies in bf16 but reduces, normalises and forms
+    the gradient in fp32: it equals the textbook loss on the same bf16-rounded logits to fp32
+    accuracy, and its gradients are the reference's to bf16 accuracy (the gradient of the
+    logits is rounded once, to bf16, before its two products)."""
+    import aiayn.train.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "MIN_ROWS", 16)
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 16 * 50)
+    torch.manual_seed(1)
+    n, d, vocab, pad = 75, 8, 50, 0
+    hidden, weight = torch.randn(n, d), torch.randn(vocab, d)
+    target = torch.randint(1, vocab, (n,))
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_mod.smoothed_cross_entropy(h1, w1, target, eps, pad)
+    assert fused.loss.dtype == torch.float32
+    fused.loss.backward()
+    assert h1.grad.dtype == w1.grad.dtype == torch.float32
+    logits = (hidden.bfloat16() @ weight.bfloat16().t()).float()  # the products autocast makes
+    ref = label_smoothed_loss(logits, target, eps, pad)
+    assert float(fused.loss.detach()) == pytest.approx(float(ref.loss), rel=1e-5)
+    assert float(fused.nll) == pytest.approx(float(ref.nll), rel=1e-5)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    label_smoothed_loss(h2 @ w2.t(), target, eps, pad).loss.backward()
+    for got, want in [(h1.grad, h2.grad), (w1.grad, w2.grad)]:
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()

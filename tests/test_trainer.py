@@ -472,3 +472,54 @@ def test_the_final_report_names_the_model_to_use_and_the_next_commands(small_cop
     assert result.model_dir == out / "averaged" and (out / "averaged").is_dir()
     assert f"aiayn translate --checkpoint {out / 'averaged'}" in result.next_steps()
     assert "the average of the last 2 checkpoints" in result.next_steps()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision (aiayn.precision): auto resolved per machine, checkpoints in fp32 either way
+# ---------------------------------------------------------------------------------------------
+
+
+def _start_record(out):
+    return next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+
+
+def test_auto_precision_is_resolved_recorded_and_checkpoints_are_fp32(small_copy, tmp_path, capsys):
+    """train.precision defaults to auto: the start record and the start line say what it became on
+    this machine; the weights written are fp32 whatever the arithmetic was."""
+    from aiayn.checkpoint import load_checkpoint
+    from aiayn.precision import resolve_precision
+
+    overrides = [o for o in TINY if not o.startswith("train.precision")] + [
+        "train.max_updates=3", "train.valid_every=0", "train.average_last=0", "train.batch_tokens=300"]
+    result = train(COPY_CONFIG, small_copy, tmp_path / "run", overrides)
+    expected = resolve_precision("auto", torch.device("cpu"))
+    start = _start_record(tmp_path / "run")
+    assert (start["precision"], start["precision_setting"]) == (expected, "auto")
+    assert f"precision {expected} (auto; this CPU has" in capsys.readouterr().err
+    tensors = load_file(str(result.last_checkpoint / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    model = load_checkpoint(result.last_checkpoint).model
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_forced_bf16_is_refused_where_the_cpu_would_emulate_it(small_copy, tmp_path, monkeypatch):
+    from aiayn import precision
+
+    monkeypatch.setattr(precision, "cpu_arithmetic", lambda: precision.CpuArithmetic("AVX2", False, False, False))
+    with pytest.raises(UserError, match="train.precision bf16: this CPU .* has no native bf16"):
+        train(COPY_CONFIG, small_copy, tmp_path / "run", TINY + ["train.precision=bf16", "train.max_updates=1"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bf16_run_stopped_and_resumed_equals_one_bf16_run(small_copy, tmp_path):
+    """Exact resume holds in bf16 too (where the CPU has it natively; elsewhere bf16 is refused)."""
+    from aiayn.precision import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    common = EXACT + ["train.precision=bf16", "train.valid_every=4"]
+    train(COPY_CONFIG, small_copy, tmp_path / "reference", common + ["train.max_updates=8"])
+    train(COPY_CONFIG, small_copy, tmp_path / "stopped", common + ["train.max_updates=5"])
+    train(COPY_CONFIG, small_copy, tmp_path / "stopped", common + ["train.max_updates=8"], resume=True)
+    assert _start_record(tmp_path / "reference")["precision"] == "bf16"
+    assert_same_final_state(tmp_path / "stopped", tmp_path / "reference")

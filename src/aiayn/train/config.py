@@ -55,7 +55,9 @@ class TrainConfig:
     # -- regularisation (§5.4); dropout is a model field ---------------------------------------
     label_smoothing: float = 0.1
     # -- precision and device -----------------------------------------------------------------
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a GradScaler
+    # auto: bf16 where the device multiplies bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
+    # else fp32 (aiayn.precision); bf16/fp16: autocast with fp32 weights; fp16 adds a GradScaler
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto: cuda (the local rank's GPU) if available, else cpu
     num_threads: int = 0  # CPU threads for torch; 0: torch's default
     max_nonfinite: int = 5  # stop after this many consecutive updates with a non-finite loss

@@ -59,6 +59,22 @@ def _check_vocab(vocab: int, epsilon: float) -> None:
         raise ValueError("label smoothing needs a vocabulary of at least 3 classes")
 
 
+def _logit_gradient(p: Tensor, y: Tensor, smooth: float, epsilon: float, pad_id: int, dtype: torch.dtype) -> Tensor:
+    """∂H/∂z = p - q for a chunk, in ``dtype``: p - ε/(V-2) everywhere, p at pad, p - (1-ε) at
+    y. Computed in fp32 and rounded once; in fp32 in place of ``p``."""
+    if dtype == p.dtype:
+        if smooth:
+            p.sub_(smooth)
+            p[:, pad_id] += smooth
+        return p.scatter_add_(1, y, torch.full_like(y, smooth - (1.0 - epsilon), dtype=p.dtype))
+    at_y = p.gather(1, y).sub_(1.0 - epsilon).to(dtype)
+    if not smooth:
+        return p.to(dtype).scatter_(1, y, at_y)
+    g = torch.sub(p, smooth, out=torch.empty(p.shape, dtype=dtype, device=p.device))  # one pass, rounded once
+    g[:, pad_id] = p[:, pad_id]
+    return g.scatter_(1, y, at_y)
+
+
 class _SmoothedCrossEntropy(torch.autograd.Function):
     """(hidden (N, d), weight (V, d), target (N,)) -> (Σ H, Σ NLL, Σ correct); see the module
     docstring. Gradients flow to ``hidden`` and ``weight`` only."""
@@ -84,15 +100,17 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
             for start in range(0, n, rows):
                 h = h_all[start:start + rows]
                 y = target[start:start + rows, None]
-                z = torch.mm(h, w.t()).float()  # (rows, V) logits of this chunk
-                z_y = z.gather(1, y).squeeze(1)
-                z_max = z.amax(dim=1)  # (amax is a plain vectorised reduction; max(dim) is 7x slower)
-                p = torch.softmax(z, dim=1)
+                # (rows, V) logits of this chunk in the product's dtype; every reduction over
+                # them accumulates in fp32, and the softmax is taken in fp32.
+                z = torch.mm(h, w.t())
+                z_y = z.gather(1, y).squeeze(1).float()
+                z_max = z.amax(dim=1).float()  # (amax is a plain vectorised reduction; max(dim) is 7x slower)
+                p = torch.softmax(z, dim=1, dtype=torch.float32)
                 # lse = max z - log max p: max p >= 1/V, so its log never underflows.
                 lse = z_max - p.amax(dim=1).log()
                 nll_rows = lse - z_y
                 if smooth:
-                    others = z.sum(dim=1) - z_y - z[:, pad_id]
+                    others = z.sum(dim=1, dtype=torch.float32) - z_y - z[:, pad_id].float()
                     loss += (nll_rows + epsilon * z_y - smooth * others).sum()
                 else:
                     loss += nll_rows.sum()
@@ -103,12 +121,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                 if not needs_grad:
                     continue
                 del z
-                # ∂H/∂z = p - q, in place: -ε/(V-2) everywhere, back to 0 at pad, -(1-ε) at y.
-                if smooth:
-                    p.sub_(smooth)
-                    p[:, pad_id] += smooth
-                p.scatter_add_(1, y, torch.full_like(y, smooth - (1.0 - epsilon), dtype=p.dtype))
-                g = p.to(mm_dtype)
+                g = _logit_gradient(p, y, smooth, epsilon, pad_id, mm_dtype)
                 grad_hidden[start:start + rows] = torch.mm(g, w)
                 if mm_dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)

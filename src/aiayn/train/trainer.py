@@ -58,6 +58,13 @@ from ..data.dataset import SPM_MODEL
 from ..errors import UserError
 from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace, sha256_file
 from ..model import Transformer
+from ..precision import (
+    TRAIN_PRECISIONS,
+    cpu_arithmetic,
+    describe_precision,
+    resolve_precision,
+    use_explicit_attention,
+)
 from . import distributed
 from .advice import PACE_SECONDS, PACE_SHARE, PACE_UPDATES, stop_limits, vocabulary_warning, warmup_warning, warn
 from .config import RunConfig
@@ -257,17 +264,23 @@ class Trainer:
         # The same initial weights on every rank (DDP also broadcasts rank 0's), then a
         # different dropout stream per rank.
         torch.manual_seed(tc.seed)
+        # The arithmetic of this run on this machine (auto: bf16 where native); a resumed run may
+        # resolve differently on another machine, which changes speed, not the recipe.
+        self.precision = resolve_precision(tc.precision, self.device, allowed=TRAIN_PRECISIONS,
+                                           setting="train.precision")
         self.model = use_fast_dropout(Transformer(cfg.model)).to(self.device)
+        if self.precision == "bf16" and self.device.type == "cpu":
+            use_explicit_attention(self.model)
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2),
                                           eps=tc.adam_eps, weight_decay=tc.weight_decay)
         scaler = None
-        if tc.precision == "fp16":
+        if self.precision == "fp16":
             scaler = torch.amp.GradScaler(self.device.type)
         self.step_ctx = StepContext(label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm,
-                                    precision=tc.precision, scaler=scaler, dist=dist)
+                                    precision=self.precision, scaler=scaler, dist=dist)
         train = data.split("train")
         longest = int(max(train.src_lens.max(initial=0), train.tgt_lens.max(initial=0)))
         if cfg.model.positions == "learned" and longest + 1 > cfg.model.max_positions:  # + EOS, or BOS
@@ -411,7 +424,7 @@ class Trainer:
                 res: ValidResult = validate(
                     self.model, self.data, label_smoothing=tc.label_smoothing, batch_tokens=tc.valid_batch_tokens,
                     bleu_sentences=tc.valid_bleu_sentences, max_len_a=tc.valid_max_len_a,
-                    max_len_b=tc.valid_max_len_b, precision=tc.precision, device=self.device)
+                    max_len_b=tc.valid_max_len_b, precision=self.precision, device=self.device)
             finally:
                 self._bar_status(None)
             p.last_valid = {"step": p.step, **res.as_dict()}
@@ -444,6 +457,8 @@ class Trainer:
         if dist.is_main:
             self.log = MetricsLog(self.out, p.step)
             self.record({"kind": "start", "step": p.step, "world_size": dist.world_size, "device": str(self.device),
+                         "precision": self.precision, "precision_setting": tc.precision,
+                         "cpu": cpu_arithmetic().describe() if self.device.type == "cpu" else None,
                          "parameters": self.model.num_parameters(), "micro_batch_tokens": self.sampler.max_tokens,
                          "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler),
                          "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
@@ -558,6 +573,8 @@ class Trainer:
         epochs_end = self._epochs_end()
         print(f"aiayn train: {stop_limits(tc, epochs_end=epochs_end, elapsed_s=p.elapsed_s)}", file=sys.stderr,
               flush=True)
+        print(f"aiayn train: {describe_precision(self.precision, tc.precision, self.device)}", file=sys.stderr,
+              flush=True)
         train = self.train_split
         warn(vocabulary_warning(self.data.tokenizer.vocab_size, int(train.src_lens.sum() + train.tgt_lens.sum())))
         end = min(tc.max_updates, epochs_end if epochs_end is not None else tc.max_updates)
@@ -659,6 +676,7 @@ class Trainer:
         bar on a terminal, a plain line every PLAIN_EVERY_S seconds in a redirected log."""
         if not (self.dist.is_main and self.tcfg.progress):
             return None
+        self._postfix["precision"] = self.precision
         if self.tcfg.max_minutes > 0:
             budget = self.tcfg.max_minutes * 60
             self._postfix["upd"] = str(self.progress.step)
