@@ -19,12 +19,15 @@ from aiayn.inference import cache as cache_module
 from aiayn.inference import packed
 from aiayn.inference.cache import KeyValueBuffer
 from aiayn.inference.packed import (
+    Bf16Linear,
     Int8Linear,
     PackedFeedForward,
     PackedLinear,
     is_packed,
     pack_for_inference,
+    product_dtype,
     quantize_int8,
+    use_bf16_products,
 )
 from aiayn.inference.step import decode_step, new_cache
 from aiayn.model import Transformer, TransformerConfig
@@ -134,6 +137,67 @@ def test_packed_search_equals_plain_search_up_to_ties():
     assert greedy_search(fast, src, SearchConfig(max_len_b=10)) == greedy_search(fast, src, SearchConfig(max_len_b=10), use_cache=False)
     beam1 = beam_search(fast, src, SearchConfig(beam=1, alpha=0.0, max_len_b=10))
     assert [h[0].tokens for h in beam1] == greedy_search(fast, src, SearchConfig(max_len_b=10))
+
+
+# bf16 products (pack_for_inference with dtype bf16, Bf16Linear). Fast even where bf16 is
+# emulated: toy sizes. bf16 keeps 8 significant bits, so tolerances are about 2^-8 of the
+# values' scale, not fp32's rounding.
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_bf16_products_compute_the_fp32_function_to_bf16_accuracy(norm_first):
+    model = toy_model(norm_first=norm_first)
+    half = use_bf16_products(model)
+    assert product_dtype(half) == torch.bfloat16 and product_dtype(model) == torch.float32
+    # every product in bf16 but the pre-softmax projection's: the logits stay fp32 (packed.py)
+    assert [type(m) for m in half.modules() if type(m) is torch.nn.Linear] == [torch.nn.Linear]
+    assert type(half.generator) is torch.nn.Linear and half.generator.weight.dtype == torch.float32
+    src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
+    with torch.inference_mode():
+        reference, logits = model(src, tgt), half(src, tgt)
+    assert logits.dtype == torch.float32  # everything between the products stays fp32
+    assert (logits - reference).abs().max() <= 0.02 * reference.abs().max()
+    assert logits.argmax(-1).eq(reference.argmax(-1)).float().mean() >= 0.9
+    # by hand: one product of inputs rounded to bf16, accumulated in fp32
+    layer = model.decoder.layers[0].ffn.w2
+    x = torch.randn(3, layer.in_features)
+    expected = x.bfloat16().float() @ layer.weight.bfloat16().float().T + layer.bias.bfloat16().float()
+    torch.testing.assert_close(Bf16Linear(layer)(x), expected, atol=1e-2, rtol=1e-2)
+
+
+@needs_onednn
+def test_packed_bf16_products_equal_unpacked_bf16_products():
+    """The bf16 twin of the prepacked path: the same function as `Bf16Linear` (both round the
+    same inputs; only the kernels' summation order and the output's rounding differ)."""
+    model = toy_model()
+    fast, plain = pack_for_inference(model, dtype=torch.bfloat16), use_bf16_products(model)
+    assert is_packed(fast) and product_dtype(fast) == torch.bfloat16
+    assert all(m.packed_weight.dtype == torch.bfloat16 for m in fast.modules()
+               if isinstance(m, PackedLinear) and m is not fast.generator)
+    assert fast.generator.dtype == torch.float32
+    src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(src, tgt), plain(src, tgt), atol=2e-2, rtol=2e-2)
+
+
+@needs_onednn
+def test_bf16_cached_decoding_and_search_invariants():
+    """decode_step with a cache equals the full forward with bf16 products too, and beam 1
+    equals greedy."""
+    fast = pack_for_inference(small_model(), dtype=torch.bfloat16)
+    src, tgt = random_ids(3, 7), random_ids(3, 6, seed=2)
+    src[2, 5:] = PAD
+    with torch.inference_mode():
+        full = fast(src, tgt)
+        memory, mask = fast.encode(src), fast.source_mask(src)
+        cache = new_cache(fast)
+        steps = [fast.generator(decode_step(fast, tgt[:, t: t + 1], memory, mask, cache)) for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-2, rtol=2e-2)
+    src = batch_of(LENGTHS)
+    greedy = greedy_search(fast, src, SearchConfig(max_len_b=10))
+    assert greedy == greedy_search(fast, src, SearchConfig(max_len_b=10), use_cache=False)
+    beam1 = beam_search(fast, src, SearchConfig(beam=1, alpha=0.0, max_len_b=10))
+    assert [h[0].tokens for h in beam1] == greedy
 
 
 def test_without_onednn_packing_falls_back_to_the_plain_model(monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastapi, uvicorn)")
 
+import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from aiayn.attention import attention_maps  # noqa: E402
@@ -30,7 +31,8 @@ from aiayn.translator import Translator  # noqa: E402
 
 from helpers import BYTE_PIECE_OUTPUT, BYTE_PIECE_TEXT  # noqa: E402
 
-SETTINGS = dict(max_lines=8, max_chars=200, max_beam=6)
+# fp32: the exactness checks below compare with the fp32 model (auto is bf16 on CPUs that have it).
+SETTINGS = dict(max_lines=8, max_chars=200, max_beam=6, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_translate_one_sentence_and_a_list(client):
 def test_nbest_answers_have_the_translators_scores(client, copy_checkpoint):
     status, body = post(client, "/api/translate", {"text": ["a b c d", "e f"], "beam": 4, "nbest": 3})
     assert status == 200
-    expected = Translator(copy_checkpoint, search=SearchConfig(beam=4)).translate_nbest(["a b c d", "e f"], nbest=3)
+    expected = Translator(copy_checkpoint, search=SearchConfig(beam=4), precision="fp32").translate_nbest(["a b c d", "e f"], nbest=3)
     assert len(body["translations"]) == 2
     for got, want in zip(body["translations"], expected):
         assert [c["text"] for c in got] == [t.text for t in want]
@@ -390,6 +392,18 @@ def test_int8_server_translates(copy_checkpoint):
     with TestClient(create_app(Engine(copy_checkpoint, ServeSettings(quantize="int8")))) as client:
         assert post(client, "/api/translate", {"text": "a b c d"}) == (200, {"translations": ["a b c d"]})
         assert client.get("/api/info").json()["quantize"] == "int8"
+
+
+def test_the_server_says_which_precision_it_runs_in(copy_checkpoint):
+    """precision auto (the default) is resolved once, at start-up, and /api/info says both."""
+    from aiayn.precision import resolve_precision
+
+    with TestClient(create_app(Engine(copy_checkpoint, ServeSettings()))) as client:
+        info = client.get("/api/info").json()
+        assert (info["precision"], info["precision_setting"]) == (resolve_precision("auto", torch.device("cpu")), "auto")
+        assert post(client, "/api/translate", {"text": "a b c d"}) == (200, {"translations": ["a b c d"]})
+    with pytest.raises(UserError, match="unknown --precision 'fp8'"):
+        ServeSettings(precision="fp8").check(name=lambda field: f"--{field}")
 
 
 def test_a_server_with_a_shortlist_translates(copy_checkpoint, copy_dataset, tmp_path, capsys):

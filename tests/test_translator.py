@@ -13,6 +13,7 @@ import torch
 
 from aiayn.cli import main
 from aiayn.config import SearchConfig
+from aiayn.errors import UserError
 from aiayn.inference import packed
 from aiayn.inference.packed import Int8Linear, is_packed, quantize_int8
 from aiayn.translator import Translator
@@ -237,3 +238,50 @@ def test_prepare_for_inference_leaves_the_callers_model_alone(random_checkpoint)
         fast = prepare_for_inference(model, cpu)
         assert is_packed(fast) and not is_packed(model)
     assert prepare_for_inference(model, cpu, prepack=False) is model
+
+
+# -- precision (aiayn.precision): auto resolved once; bf16 refused where emulated; int8 apart -------
+
+
+def test_translator_precision_is_resolved_and_checked(random_checkpoint, monkeypatch):
+    from aiayn import precision
+    from aiayn.inference.packed import product_dtype
+    from aiayn.precision import resolve_precision
+
+    auto = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=4))
+    assert auto.precision == resolve_precision("auto", torch.device("cpu"))
+    assert product_dtype(auto.model) == (torch.bfloat16 if auto.precision == "bf16" else torch.float32)
+    assert Translator(random_checkpoint, precision="fp32").precision == "fp32"
+    assert Translator(random_checkpoint, quantize="int8").precision == "fp32"  # int8: fp32 activations
+    with pytest.raises(UserError, match="int8 quantisation and precision bf16 exclude each other"):
+        Translator(random_checkpoint, quantize="int8", precision="bf16")
+    with pytest.raises(UserError, match="unknown precision 'half'"):
+        Translator(random_checkpoint, precision="half")
+    monkeypatch.setattr(precision, "cpu_arithmetic", lambda: precision.CpuArithmetic("AVX2", False, False, False))
+    assert Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=4)).precision == "fp32"
+    with pytest.raises(UserError, match="precision bf16: this CPU .* has no native bf16"):
+        Translator(random_checkpoint, precision="bf16")
+
+
+def test_bf16_products_translate_the_copy_task(copy_checkpoint, monkeypatch):
+    """bf16 products (forced: on a CPU without native bf16 the mock lets it run, emulated and slow
+    but tiny) translate the trained copy model as fp32 does."""
+    from aiayn import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    lines = ["a b c d e f g", "f e d c b a", "b b c c"]
+    fp32 = Translator(copy_checkpoint, search=SearchConfig(beam=4), precision="fp32").translate(lines)
+    bf16 = Translator(copy_checkpoint, search=SearchConfig(beam=4), precision="bf16")
+    assert bf16.precision == "bf16"
+    assert bf16.translate(lines) == fp32 == lines
+
+
+def test_cli_precision_flag_errors_in_one_line(random_checkpoint, capsys, monkeypatch, tmp_path):
+    from aiayn import precision
+
+    monkeypatch.setattr(precision, "cpu_arithmetic", lambda: precision.CpuArithmetic("AVX2", False, False, False))
+    source = tmp_path / "in.txt"
+    source.write_text("a dog\n", encoding="utf-8")
+    assert main(["translate", "--checkpoint", str(random_checkpoint), "--precision", "bf16", "--input", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "aiayn: error: precision bf16: this CPU (AVX2, no native bf16)" in err

@@ -28,7 +28,7 @@ import importlib
 import sys
 
 from . import __version__
-from .config import SearchConfig, shipped_configs
+from .config import PRECISIONS, SearchConfig, shipped_configs
 from .data.options import PrepareOptions
 from .errors import UserError
 
@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt", help="target sentence (default: the model's own translation)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    _search_settings(p.add_argument_group("search"))
+    g = p.add_argument_group("search and speed")
+    _search_settings(g)
+    _precision_option(g)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_handler("attention:run"))
 
     # -- export --------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search and speed; a request may choose its own beam, alpha and nbest")
     _search_settings(g)
     g.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    _precision_option(g)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist) for every search")
     g = p.add_argument_group("limits and batching")
@@ -216,6 +220,12 @@ def _search_settings(g) -> None:
     g.add_argument("--max-len-b", type=int, help=f"max output length = a*|x| + b: b {_recommended(SEARCH.max_len_b)}")
 
 
+def _precision_option(g) -> None:
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="arithmetic of the model: auto is bf16 where the CPU or GPU does bf16 natively (AVX512-BF16 "
+                        "or AMX; Ampere or newer), else fp32 (default %(default)s)")
+
+
 def _search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search and speed")
     _search_settings(g)
@@ -229,8 +239,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=1,
                    help="CPU: worker processes translating different batches at once (default 1; a small model "
                         "on several cores translates faster with --workers set to the cores)")
+    _precision_option(g)
     g.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
-                   help="fp32 on the CPU: oneDNN-packed weights, same outputs, faster (default: on)")
+                   help="on the CPU: oneDNN-packed weights, same outputs, faster (default: on)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist): outputs restricted to "
                                        "each sentence's own candidates; faster, scores normalised over them")
 

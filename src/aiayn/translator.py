@@ -1,7 +1,8 @@
 """Text in, text out: the `Translator` behind ``aiayn translate``, ``evaluate`` and ``serve``.
 
     prepare_for_inference  the one place that puts a model on its device and chooses its
-                           inference layers (oneDNN-packed fp32 or int8, `aiayn.inference.packed`)
+                           arithmetic and inference layers (oneDNN-packed fp32 or bf16, or int8:
+                           `aiayn.inference.packed`)
     Translator             cleans, encodes, batches (by sentences or by padded source tokens),
                            searches (`aiayn.search`, settings per call), decodes, restores order;
                            optionally in several worker processes
@@ -27,8 +28,9 @@ from .config import SearchConfig
 from .data.text import clean
 from .data.tokenizer import EOS_ID
 from .errors import UserError
-from .inference.packed import pack_for_inference, quantize_int8
+from .inference.packed import onednn_available, pack_for_inference, quantize_int8, use_bf16_products
 from .inference.shortlist import Shortlist
+from .precision import resolve_precision
 from .progress import progress_bar
 from .search import Hypothesis, search
 
@@ -62,16 +64,32 @@ def resolve_device(device: str | torch.device | None, quantize: str | None = Non
     return dev
 
 
+def inference_precision(precision: str, device: torch.device, quantize: str | None = None) -> str:
+    """The resolved precision of a model searched on ``device`` (`aiayn.precision.resolve_precision`).
+    int8 models compute their activations in fp32: with ``quantize``, auto is fp32 and a forced
+    bf16 is a `UserError`."""
+    if quantize is not None:
+        if precision == "bf16":
+            raise UserError("int8 quantisation and precision bf16 exclude each other; choose one")
+        resolve_precision(precision, device)  # checks the name
+        return "fp32"
+    return resolve_precision(precision, device)
+
+
 def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: str | None = None,
-                          prepack: bool = True, inplace: bool = False) -> nn.Module:
+                          precision: str = "fp32", prepack: bool = True, inplace: bool = False) -> nn.Module:
     """``model`` ready to search on ``device``: moved there, then quantised to int8
-    (``quantize="int8"``, CPU only), or with fp32 CPU weights prepacked for oneDNN (``prepack``;
+    (``quantize="int8"``, CPU only), or with its linear products in ``precision`` (resolved:
+    "fp32" or "bf16", `inference_precision`; bf16 rounds each product's inputs, everything else
+    stays fp32: `aiayn.inference.packed`), its CPU weights prepacked for oneDNN (``prepack``;
     the same function with faster matrix products). Without ``inplace`` the caller's model is
     not changed (quantising always copies)."""
     if quantize is not None and quantize not in QUANTIZE:
         raise UserError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE)}")
     if quantize is not None and device.type != "cpu":
         raise UserError(f"int8 quantisation runs on the CPU only (device {device})")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"prepare_for_inference takes a resolved precision, fp32 or bf16 (got {precision!r})")
     if quantize == "int8":
         try:
             return quantize_int8(model.to("cpu") if inplace else model)
@@ -84,8 +102,11 @@ def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: s
 
         model = copy.deepcopy(model).to(device)
         inplace = True
-    if prepack and device.type == "cpu":
-        model = pack_for_inference(model, inplace=inplace)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if prepack and device.type == "cpu" and onednn_available():
+        model = pack_for_inference(model, inplace=inplace, dtype=dtype)
+    elif precision == "bf16":
+        model = use_bf16_products(model, inplace=inplace)
     return model.eval() if inplace else model
 
 
@@ -123,7 +144,9 @@ class Translator:
     (default: unchanged). ``workers`` > 1 (CPU): that many worker processes translate different
     batches at once, each on ``threads`` threads (default 1), like CTranslate2's
     ``inter_threads``; a small model gains most, as its batches are too small to keep several
-    threads busy. ``prepack`` and ``quantize``: `prepare_for_inference`. ``shortlist``: a
+    threads busy. ``precision``: auto (bf16 where the device does bf16 natively, else fp32),
+    fp32 or bf16, resolved once (``self.precision``). ``prepack`` and ``quantize``:
+    `prepare_for_inference`. ``shortlist``: a
     vocabulary shortlist file (`aiayn.inference.shortlist`, built by ``aiayn shortlist``): each
     sentence's outputs are restricted to its candidates, which is faster and changes scores (P
     normalised over them). ``search``: the default `SearchConfig` of every call (None: the
@@ -133,7 +156,8 @@ class Translator:
     """
 
     def __init__(self, checkpoint: Checkpoint | str | Path, *, search: SearchConfig | None = None,
-                 device: str | torch.device | None = None, quantize: str | None = None, prepack: bool = True,
+                 device: str | torch.device | None = None, quantize: str | None = None, precision: str = "auto",
+                 prepack: bool = True,
                  batch_size: int = 64, batch_tokens: int | None = None, max_src_len: int | None = None,
                  threads: int | None = None, workers: int = 1, shortlist: str | Path | None = None):
         if threads is not None and threads < 1:
@@ -143,6 +167,7 @@ class Translator:
         if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
             raise UserError("the batch size and the batch's token budget must be positive")
         self.device = resolve_device(device, quantize)
+        self.precision = inference_precision(precision, self.device, quantize)
         owned = not isinstance(checkpoint, Checkpoint)  # loaded here: nobody else holds the model
         if workers > 1 and not owned:
             raise UserError("workers > 1 needs the checkpoint's path (each worker process loads it)")
@@ -155,12 +180,14 @@ class Translator:
             self.shortlist = Shortlist.load(shortlist)
             self.shortlist.check(ckpt.tokenizer, path=shortlist)
         # The searches switch to eval mode (and back) themselves; a model loaded here is changed in place.
-        self.model = prepare_for_inference(ckpt.model, self.device, quantize=quantize, prepack=prepack, inplace=owned)
+        self.model = prepare_for_inference(ckpt.model, self.device, quantize=quantize, precision=self.precision,
+                                           prepack=prepack, inplace=owned)
         self.tokenizer, self.config, self.checkpoint_path = ckpt.tokenizer, ckpt.model.config, ckpt.path
         self.threads = threads
         # Worker processes (started on first use): each builds this Translator with workers=1.
         self.workers, self._pool = workers, None
-        self._worker_args = dict(checkpoint=str(checkpoint), device="cpu", quantize=quantize, max_src_len=max_src_len,
+        self._worker_args = dict(checkpoint=str(checkpoint), device="cpu", quantize=quantize, precision=self.precision,
+                                 max_src_len=max_src_len,
                                  threads=threads or 1, prepack=prepack,
                                  shortlist=None if shortlist is None else str(shortlist))
         self.batch_size, self.batch_tokens = batch_size, batch_tokens

@@ -22,13 +22,15 @@ def run(args) -> int:
     from ..serve.app import create_app
     from ..serve.engine import Engine, ServeSettings
     from ..serve.server import bind_socket, is_loopback, url_of
-    from ..translator import resolve_device
+    from ..translator import inference_precision, resolve_device
 
-    resolve_device(args.device, args.quantize)  # before loading: a wrong --device fails fast
+    # Before loading: a wrong --device, or bf16 where it is emulated, fails fast.
+    inference_precision(args.precision, resolve_device(args.device, args.quantize), args.quantize)
     settings = ServeSettings(
         beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b, max_beam=args.max_beam,
         max_lines=args.max_lines, max_chars=args.max_chars, batch_wait_ms=args.batch_wait_ms,
-        max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize, shortlist=args.shortlist,
+        max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize, precision=args.precision,
+        shortlist=args.shortlist,
     ).check(name=flag)  # the settings' messages name fields; here, the flags that set them
     if not is_loopback(args.host):
         print(f"aiayn: warning: listening on {args.host}, beyond this machine: the API has no authentication, "
@@ -36,7 +38,8 @@ def run(args) -> int:
     engine = Engine(args.checkpoint, settings)  # before binding: a bad checkpoint fails fast
     sock = bind_socket(args.host, args.port)
     url = url_of(sock)
-    print(f"aiayn: serving {engine.name} on {url}/ (the explorer), API docs at {url}/docs; Ctrl-C stops",
+    print(f"aiayn: serving {engine.name} on {url}/ (the explorer), API docs at {url}/docs, in "
+          f"{engine.translator.precision}; Ctrl-C stops",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=args.access_log,
                             lifespan="on", timeout_graceful_shutdown=10)

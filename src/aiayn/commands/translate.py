@@ -20,9 +20,10 @@ def search_config(args, checkpoint):
 def translator_from_args(args):
     """A `Translator` from the search and speed options of ``aiayn translate`` / ``evaluate``."""
     from ..checkpoint import load_checkpoint
-    from ..translator import Translator, resolve_device
+    from ..translator import Translator, inference_precision, resolve_device
 
-    resolve_device(args.device, args.quantize)  # before loading: a wrong --device fails fast
+    # Before loading: a wrong --device, or bf16 where it is emulated, fails fast.
+    inference_precision(args.precision, resolve_device(args.device, args.quantize), args.quantize)
     if args.workers > 1:  # each worker loads the checkpoint itself: pass the path
         from ..checkpoint import check_checkpoint_dir, read_meta, search_from_meta
 
@@ -33,7 +34,8 @@ def translator_from_args(args):
     else:
         checkpoint = load_checkpoint(args.checkpoint)
         search = search_config(args, checkpoint)
-    return Translator(checkpoint, search=search, device=args.device, quantize=args.quantize, prepack=args.prepack,
+    return Translator(checkpoint, search=search, device=args.device, quantize=args.quantize,
+                      precision=args.precision, prepack=args.prepack,
                       batch_size=args.batch_size, batch_tokens=args.batch_tokens, threads=args.threads,
                       workers=args.workers, shortlist=args.shortlist)
 

@@ -1,4 +1,4 @@
-"""Prepacked weights for CPU inference (oneDNN for fp32, fbgemm for int8).
+"""Prepacked weights for CPU inference (oneDNN for fp32 and bf16, fbgemm for int8).
 
 A plain ``nn.Linear`` hands its weight to the BLAS on every call, and the GEMM repacks it into
 the blocked layout its micro-kernel reads, every time. At decoding sizes (a handful of rows per
@@ -12,9 +12,18 @@ The packed model computes the same function: only the summation order inside eac
 differs, so logits agree to ~1e-5 and searches agree except at exact near-ties.
 
 The plain weight stays referenced too (single rows use it, see `PackedLinear.forward`), so a
-packed model holds its Linear weights twice. Packing is for inference only: the packed weights are not parameters (training, state_dict and
-``.to()`` do not see them) and they are fp32 on the CPU. Where oneDNN is missing (a build without
-mkldnn, another device) `pack_for_inference` leaves the model as it is.
+packed model holds its Linear weights twice. Packing is for inference only: the packed weights
+are not parameters (training, state_dict and ``.to()`` do not see them). Where oneDNN is
+missing (a build without mkldnn, another device) `pack_for_inference` leaves the model as it is.
+
+bf16 (``pack_for_inference(model, dtype=torch.bfloat16)``, or `use_bf16_products` without
+packing): the linear layers of the two stacks hold their weights in bf16 (packed, on
+AVX512-BF16 or AMX CPUs); each product's input is rounded to bf16, the product accumulates in
+fp32 and its result, rounded to bf16, comes back as fp32. Everything between the products stays
+fp32: the embeddings and positions, the residual stream, layer norms, attention's softmax and
+the search's scores. The pre-softmax projection stays fp32 too: its bf16 output would round
+every logit to 8 significant bits (steps of 1/16 at a logit of 10), which moves the beam's
+decisions; measured: benchmarks/RESULTS.md and docs/experiments.md.
 
 int8 models (`quantize_int8`) get the same treatment with `Int8Linear`: torch's fbgemm int8
 kernels on their prepacked weights, called directly (`use_int8_kernels`).
@@ -54,21 +63,25 @@ SMALL_WEIGHT = 65_536  # weight entries up to which MKL is faster at up to 64 ro
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W held in oneDNN's blocked layout."""
+    """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W held in oneDNN's blocked
+    layout, in fp32 or (``dtype=torch.bfloat16``) bf16; a bf16 product rounds x to bf16,
+    accumulates in fp32 and returns y in x's dtype."""
 
-    def __init__(self, linear: nn.Linear, activation: str = "none"):
+    def __init__(self, linear: nn.Linear, activation: str = "none", dtype: torch.dtype = torch.float32):
         super().__init__()
         if activation not in ("none", "relu"):
             raise ValueError(f"unsupported fused activation {activation!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.activation = activation
+        self.activation, self.dtype = activation, dtype
         with torch.no_grad():
             # Plain attributes, not buffers: the opaque mkldnn tensor must not enter a state_dict.
-            self.weight = linear.weight.detach()
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.float().contiguous())
-            self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+            self.weight = linear.weight.detach().to(dtype)
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous())
+            self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dtype != torch.float32:
+            return self._low_precision(x)
         if self.plain_is_faster(x.numel() // self.in_features):
             # Small products take MKL on the plain weight: oneDNN's packed call has a fixed cost
             # whatever the size, MKL's grows with it, so single rows (matrix-vector products,
@@ -78,12 +91,42 @@ class PackedLinear(nn.Module):
             return F.relu(y) if self.activation == "relu" else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
 
+    def _low_precision(self, x: Tensor) -> Tensor:
+        """bf16: oneDNN's packed product for every size (an unpacked bf16 product goes through
+        oneDNN as well, and reorders the weight at every call)."""
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed_weight, self.bias, self.activation, [], "")
+        return y.to(x.dtype)
+
     def plain_is_faster(self, rows: int) -> bool:
         size = self.weight.numel()
         return rows == 1 or rows * size <= SMALL_PRODUCT or (size <= SMALL_WEIGHT and rows <= 64)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{str(self.dtype).removeprefix('torch.')}, activation={self.activation}")
+
+
+class Bf16Linear(nn.Module):
+    """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W in bf16, without packing (a GPU,
+    or a CPU build without oneDNN): x rounded to bf16, the product accumulated in fp32, y
+    returned in x's dtype. `PackedLinear` with ``dtype=torch.bfloat16`` computes the same."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "relu"):
+            raise ValueError(f"unsupported fused activation {activation!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = activation
+        with torch.no_grad():
+            self.weight = linear.weight.detach().to(torch.bfloat16)
+            self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        return (F.relu(y) if self.activation == "relu" else y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16, activation={self.activation}"
 
 
 class Int8Linear(nn.Module):
@@ -133,9 +176,9 @@ class Int8Linear(nn.Module):
 
 class PackedFeedForward(nn.Module):
     """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3) with the ReLU fused into the first product.
-    ``linear``: `PackedLinear` (fp32, oneDNN) or `Int8Linear` (int8, fbgemm)."""
+    ``linear``: `PackedLinear` (fp32 or bf16, oneDNN), `Bf16Linear` or `Int8Linear` (int8, fbgemm)."""
 
-    def __init__(self, ffn: nn.Module, linear: type[nn.Module] = PackedLinear):
+    def __init__(self, ffn: nn.Module, linear=PackedLinear):
         super().__init__()
         self.w1 = linear(ffn.w1, activation="relu")
         self.w2 = linear(ffn.w2)
@@ -155,21 +198,48 @@ def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def pack_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+def product_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's linear products run in: bf16 after `pack_for_inference` with bf16 or
+    `use_bf16_products`, else its weights' dtype."""
+    for m in model.modules():
+        if isinstance(m, Bf16Linear):
+            return torch.bfloat16
+        if isinstance(m, PackedLinear):
+            return m.dtype
+    return next(model.parameters()).dtype
+
+
+def use_bf16_products(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with every ``nn.Linear`` replaced by a `Bf16Linear` (ReLU fused into the FFN's
+    first): bf16 products without oneDNN packing, on any device. Without ``inplace`` the model is
+    copied first. Returned in eval mode."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    generator = getattr(model, "generator", None)
+    _replace_linears(model, lambda m: type(m) is nn.Linear and m is not generator, Bf16Linear)
+    return model.eval()
+
+
+def pack_for_inference(model: nn.Module, inplace: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``model`` with every ``nn.Linear`` (the tied output projection included) replaced by a
-    `PackedLinear`, and each feed-forward block by a `PackedFeedForward` (ReLU fused).
+    `PackedLinear` holding its weight in ``dtype`` (fp32, or bf16 for bf16 products), and each
+    feed-forward block by a `PackedFeedForward` (ReLU fused).
 
     Returns ``model`` itself, unchanged, where packing is impossible: oneDNN unavailable, or
-    weights not fp32 on the CPU (e.g. a model already quantised to int8, whose Linear layers
-    are no longer ``nn.Linear``). Without ``inplace`` the model is copied first, so the caller's
+    weights not fp32 or bf16 on the CPU (e.g. a model already quantised to int8, whose Linear
+    layers are no longer ``nn.Linear``). Without ``inplace`` the model is copied first, so the caller's
     model keeps training as before. The packed model is for inference: it is put in eval mode.
     """
     if not onednn_available() or not _packable(model) or is_packed(model):
         return model
     if not inplace:
         model = copy.deepcopy(model)
-    # exactly nn.Linear: not a quantised or other subclass
-    _replace_linears(model, lambda m: type(m) is nn.Linear, PackedLinear)
+    # exactly nn.Linear: not a quantised or other subclass; in bf16 the logits stay fp32 (module docstring)
+    generator = getattr(model, "generator", None)
+    _replace_linears(model, lambda m: type(m) is nn.Linear and (dtype == torch.float32 or m is not generator),
+                     functools.partial(PackedLinear, dtype=dtype))
+    if dtype != torch.float32 and type(generator) is nn.Linear:
+        model.generator = PackedLinear(generator)
     return model.eval()
 
 
@@ -183,7 +253,7 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_linears(model: nn.Module, is_linear, linear: type[nn.Module]) -> None:
+def _replace_linears(model: nn.Module, is_linear, linear) -> None:
     """Replace, in place, every module for which ``is_linear`` holds by ``linear(module)``, and
     every feed-forward block whose two products are such modules by a `PackedFeedForward`."""
     from ..model import PositionwiseFeedForward

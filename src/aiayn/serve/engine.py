@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..attention import KINDS, attention_maps
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..config import SearchConfig
+from ..config import PRECISIONS, SearchConfig
 from ..data.text import clean
 from ..errors import UserError
 from ..translator import Translation, Translator
@@ -56,6 +56,7 @@ class ServeSettings:
     max_batch_lines: int = 64  # lines translated in one search
     device: str | None = None  # None: cuda if available, else cpu
     quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU)
+    precision: str = "auto"  # auto: bf16 where the device does bf16 natively, else fp32 (aiayn.precision)
     shortlist: str | None = None  # a vocabulary shortlist file (aiayn shortlist)
 
     def check(self, name: Callable[[str], str] = str) -> ServeSettings:
@@ -75,6 +76,8 @@ class ServeSettings:
             raise UserError(f"{name('batch_wait_ms')} must not be negative (got {self.batch_wait_ms})")
         if self.quantize not in (None, "int8"):
             raise UserError(f"unknown {name('quantize')} {self.quantize!r}; known: int8")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown {name('precision')} {self.precision!r}; known: {', '.join(PRECISIONS)}")
         if self.quantize and self.device not in (None, "cpu"):
             raise UserError(f"{name('quantize')} int8 runs on the CPU only ({name('device')} {self.device})")
         return self
@@ -128,7 +131,7 @@ class Engine:
             raise UserError(f"the checkpoint's recommended beam {self.search.beam} is over max_beam "
                             f"{s.max_beam}: choose a beam, or a larger max_beam")
         self.translator = Translator(ckpt, search=self.search, device=s.device, quantize=s.quantize,
-                                     batch_size=s.max_batch_lines, shortlist=s.shortlist)
+                                     precision=s.precision, batch_size=s.max_batch_lines, shortlist=s.shortlist)
         self.device = self.translator.device
         self.config = ckpt.model.config
         self.tokenizer = ckpt.tokenizer
@@ -189,6 +192,8 @@ class Engine:
             "vocab_size": self.tokenizer.vocab_size,
             "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers}, "heads": cfg.n_heads,
             "device": str(self.device), "quantize": s.quantize,
+            # The arithmetic in use (resolved: fp32 or bf16) and what was asked for (auto, ...).
+            "precision": self.translator.precision, "precision_setting": s.precision,
             # The default search (a request may choose its beam and alpha); whether a shortlist
             # is on, not where its file is: no paths.
             "search": {**asdict(self.search), "shortlist": s.shortlist is not None},
