@@ -109,3 +109,25 @@ def test_bf16_updates_follow_the_fp32_updates(copy_dataset):
     apart = sum(float((a - b).abs().sum()) for a, b in zip(w32, w16))
     assert apart <= 0.25 * moved
     assert all(p.dtype == torch.float32 for p in w16)
+
+
+def test_bf16_update_casts_each_weight_once_whatever_the_micro_batches(copy_dataset):
+    """One autocast region per update: a second micro-batch reuses the first one's bf16 copies of
+    the weights (only the gradients' casts repeat)."""
+    from torch.profiler import profile
+
+    src, tgt = train_pairs(copy_dataset, list(range(4)))
+    batch = collate(src, tgt)
+    model = tiny_model()
+    shape = list(model.decoder.layers[0].ffn.w1.weight.shape)
+    opt = adam(model)
+    ctx = StepContext(label_smoothing=0.1, precision="bf16")
+
+    def casts(micro_batches: int) -> int:
+        with profile(record_shapes=True) as prof:
+            train_update(model, opt, [batch] * micro_batches, 1e-3, ctx)
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == shape)
+
+    one, two, three = casts(1), casts(2), casts(3)
+    assert two - one == three - two < one  # each extra micro-batch casts less than the first

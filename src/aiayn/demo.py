@@ -47,6 +47,13 @@ def _finished(run: Path) -> bool:
     return bool(lines) and json.loads(lines[-1]).get("kind") == "end"
 
 
+def _train_precision(run: Path) -> str | None:
+    """The precision the run trained in (its last start record: auto resolved on this machine)."""
+    starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+              if '"kind": "start"' in line]
+    return starts[-1].get("precision") if starts else None
+
+
 def _pick_attention_sentence(sources: list[str]) -> str:
     """A test sentence of 7-12 words: long enough to show an alignment, short enough to read."""
     for line in sources:
@@ -118,7 +125,9 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     _say("4/6", f"Translating the test split with beam search (beam {search.beam}, α = {search.alpha:g}, max length "
                 f"{search.max_len_a:g}·|x|+{search.max_len_b}: the search {CONFIG} recommends)")
     sources, refs = data.raw("test", "src"), data.raw("test", "tgt")
-    hyps = Translator(ckpt, search=search).translate(sources, progress=True)
+    translator = Translator(ckpt, search=search)  # precision auto, as aiayn translate
+    print(f"  in {translator.precision} (precision auto on this machine)", flush=True)
+    hyps = translator.translate(sources, progress=True)
     timings["translate_s"] = time.perf_counter() - t0
     hyp_file = work / "test.hyp.de"
     hyp_file.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
@@ -143,6 +152,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
         "bleu": round(result["bleu"], 2), "bleu_signature": result["bleu_signature"],
         "brevity_penalty": round(result["brevity_penalty"], 3), "chrf": round(result["chrf"], 2),
         "beam": search.beam, "alpha": search.alpha,
+        "train_precision": _train_precision(run_dir), "translate_precision": translator.precision,
         "tokenized_bleu": round(result["tokenized_bleu"], 2), "test_sentences": len(sources),
         "checkpoint": str(averaged), **{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1),
     }

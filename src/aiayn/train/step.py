@@ -65,11 +65,12 @@ class UpdateResult:
         return self.nll_sum / max(self.n_tokens, 1)
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16/fp16 mixed precision for the forward pass; the loss itself is computed in fp32."""
+def autocast(precision: str, device: torch.device, enabled: bool = True):
+    """bf16/fp16 mixed precision for the forward pass; the loss itself is computed in fp32.
+    ``enabled=False`` inside an enabled one: a region without autocast that keeps its cache."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], enabled=enabled)
 
 
 class Criterion(nn.Module):
@@ -111,17 +112,22 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, batches: li
     scale = ctx.dist.world_size / max(n_tokens, 1)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, correct
-    for i, batch in enumerate(batches):
-        batch = batch.to(device, non_blocking=True)
-        last = i == len(batches) - 1
-        # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-        with sync:
-            with autocast(ctx.precision, device):
+    # One autocast region for the whole update: autocast caches each weight's low-precision copy
+    # until its outermost region ends, so the micro-batches of an update share one cast of every
+    # weight (the weights only change in the optimizer step, after the region). The backward
+    # passes run in a nested region without autocast, as autocast's documentation advises.
+    with autocast(ctx.precision, device):
+        for i, batch in enumerate(batches):
+            batch = batch.to(device, non_blocking=True)
+            last = i == len(batches) - 1
+            # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+            sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+            with sync:
                 loss, nll, correct = model(batch)
-            scaled = loss * scale
-            (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
-        totals += torch.stack([loss.detach().double(), nll.double(), correct.double()])
+                scaled = loss * scale
+                with autocast(ctx.precision, device, enabled=False):
+                    (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+            totals += torch.stack([loss.detach().double(), nll.double(), correct.double()])
     loss_sum, nll_sum, n_correct = ctx.dist.all_reduce_sum(totals)
 
     params = [p for p in model.parameters() if p.grad is not None]
