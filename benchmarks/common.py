@@ -83,13 +83,76 @@ def matmul_gflops(n: int, dtype: torch.dtype, repeats: int, budget_s: float = 10
 
 
 def bf16_supported() -> bool:
-    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX); torch runs bf16
-    matmuls either way, emulated when not."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether torch may use native bf16 products here (AVX512-BF16 or AMX, not limited by the
+    environment): what ``precision: auto`` decides by (`aiayn.precision`). torch runs bf16 matmuls
+    either way, emulated when not."""
+    from aiayn.precision import native_bf16
+
+    return native_bf16(torch.device("cpu"))
+
+
+def linear_gflops(rows: int, d_in: int, d_out: int, library: str, repeats: int, budget_s: float = 10.0) -> float:
+    """Median GFLOP/s of y = x Wᵀ, x (rows × d_in), W (d_out × d_in), through one library:
+
+        mkl-fp32     F.linear in fp32 (torch hands fp32 products to MKL)
+        onednn-fp32  oneDNN's linear on the plain fp32 weight (torch._C._nn.mkldnn_linear's kernel,
+                     torch.ops.mkldnn._linear_pointwise), as training would call it: no prepacking
+        onednn-bf16  F.linear in bf16 (torch hands bf16 products to oneDNN, AMX tiles where present)
+    """
+    import torch.nn.functional as F
+
+    x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
+    if library == "mkl-fp32":
+        def call():
+            return F.linear(x, w)
+    elif library == "onednn-fp32":
+        def call():
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    elif library == "onednn-bf16":
+        xb, wb = x.bfloat16(), w.bfloat16()
+
+        def call():
+            return F.linear(xb, wb)
+    else:
+        raise ValueError(library)
+    call()  # warm-up: thread pool, kernel selection, oneDNN's primitive cache
+    rates, spent = [], 0.0
+    for _ in range(repeats):
+        seconds, _ = timed(call)
+        rates.append(2 * rows * d_in * d_out / seconds / 1e9)
+        spent += seconds
+        if spent > budget_s:
+            break
+    return statistics.median(rates)
+
+
+# The probes of the machine's limit: (label, rows, d_in, d_out, library). The square product is
+# the classic probe; the others are the shapes of a training step (4096 rows: a ~4k-token batch).
+PROBES = [("2048 × 2048 × 2048", 2048, 2048, 2048), ("4096 × 512 × 2048", 4096, 512, 2048),
+          ("4096 × 2048 × 512", 4096, 2048, 512)]
+LIBRARIES = ["mkl-fp32", "onednn-fp32", "onednn-bf16"]
+
+
+def probe_limits(repeats: int, log=None) -> dict[tuple[str, str], float]:
+    """GFLOP/s of every probe shape in every library (bf16 only where native: emulated it takes
+    minutes): {(shape label, library): GFLOP/s}. The limit of a precision is its best entry."""
+    native = bf16_supported()
+    out = {}
+    for label, rows, d_in, d_out in PROBES:
+        for library in LIBRARIES:
+            if library.endswith("bf16") and not native:
+                continue
+            out[(label, library)] = linear_gflops(rows, d_in, d_out, library, repeats)
+        if log is not None:
+            log(f"probe {label}: " + ", ".join(f"{lib} {out[(label, lib)]:.0f}" for lib in LIBRARIES
+                                               if (label, lib) in out) + " GFLOP/s")
+    return out
+
+
+def best_limit(probes: dict[tuple[str, str], float], precision: str) -> tuple[float, str]:
+    """The best probe of a precision ("fp32" or "bf16"): (GFLOP/s, "shape, library")."""
+    entries = [(v, f"{shape}, {lib}") for (shape, lib), v in probes.items() if lib.endswith(precision)]
+    return max(entries) if entries else (float("nan"), "not measured")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +208,7 @@ def machine_description() -> dict[str, str]:
     except OSError:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags]
+    from aiayn.precision import cpu_arithmetic, resolve_precision
     info = {
         "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "CPU": _cpu_model(),
@@ -153,6 +217,7 @@ def machine_description() -> dict[str, str]:
         "ISA flags": ", ".join(isa) or "none of avx2/avx512/amx",
         "ISA torch uses": torch.backends.cpu.get_cpu_capability()
         + (f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})" if os.environ.get("ATEN_CPU_CAPABILITY") else ""),
+        "bf16": cpu_arithmetic().describe() + f"; precision auto resolves to {resolve_precision('auto', torch.device('cpu'))}",
         "memory allocator": _allocator(),
         "memory": f"{_mem_total_gib():.1f} GiB",
         "GPU": "none (no GPU is available to this task through the device tool)",

@@ -11,7 +11,10 @@ the allocator can differ between them (it must be chosen before a process starts
     before   (commit BASELINE_COMMIT, glibc malloc)   what users ran
     before   (commit BASELINE_COMMIT, fast allocator) the allocator alone
     now      (glibc malloc)                            the code alone
-    now      (fast allocator)                          what users run now
+    now      (fast allocator)                          what users run now in fp32
+    now      (fast allocator, bf16)                    where the CPU has native bf16: what users run
+                                                       there (precision auto: autocast, explicit
+                                                       attention, as the trainer does)
 
 The workers take turns: in every round each runs K updates while the others wait, on the same
 real batches (the demo's LibreOffice data, the demo's config: model, batch size, clipping, lr
@@ -36,11 +39,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BASELINE_COMMIT = "b6a27a9"  # main before the training-speed work (issue: training at the machine's limit)
-SYSTEMS = [("before", "system"), ("before", "fast"), ("now", "system"), ("now", "fast")]
+SYSTEMS = [("before", "system", "fp32"), ("before", "fast", "fp32"), ("now", "system", "fp32"), ("now", "fast", "fp32"),
+           ("now", "fast", "bf16")]
 
 
-def label(code: str, alloc: str, fast_name: str) -> str:
-    return f"{'commit ' + BASELINE_COMMIT if code == 'before' else 'now'}, {fast_name if alloc == 'fast' else 'glibc malloc'}"
+def label(code: str, alloc: str, fast_name: str, precision: str = "fp32") -> str:
+    name = f"{'commit ' + BASELINE_COMMIT if code == 'before' else 'now'}, {fast_name if alloc == 'fast' else 'glibc malloc'}"
+    return name + (", bf16" if precision == "bf16" else "")
 
 
 def unpack_baseline(directory: Path) -> Path:
@@ -59,7 +64,7 @@ def unpack_baseline(directory: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def worker(code: str, data_dir: str, config: str, batches: int, seed: int) -> None:
+def worker(code: str, data_dir: str, config: str, batches: int, seed: int, precision: str = "fp32") -> None:
     import torch
 
     if code == "before":
@@ -89,10 +94,14 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int) -> No
         from aiayn.train.dropout import use_fast_dropout
 
         use_fast_dropout(model)  # as the trainer builds it
+        if precision == "bf16":
+            from aiayn.precision import use_explicit_attention
+
+            use_explicit_attention(model)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
     # The baseline's StepContext still has pad_id (unused there too); today's has none.
-    extra = {"pad_id": cfg.model.pad_id} if code == "before" else {}
+    extra = {"pad_id": cfg.model.pad_id} if code == "before" else {"precision": precision}
     ctx = StepContext(label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm, **extra)
     unit = model if code == "before" else Criterion(model, tc.label_smoothing)
     step = 0
@@ -150,8 +159,10 @@ def run_demo_training(data_dir: Path, config: Path, rounds: int, updates: int, l
             result.error = f"could not unpack commit {BASELINE_COMMIT} with git ({e}); section skipped"
             return result
         procs = {}
-        for code, alloc in SYSTEMS:
-            if alloc == "fast" and fast is None:
+        from common import bf16_supported
+
+        for code, alloc, precision in SYSTEMS:
+            if (alloc == "fast" and fast is None) or (precision == "bf16" and not bf16_supported()):
                 continue
             env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "AIAYN_ALLOCATOR_REEXEC")}
             env["PYTHONPATH"] = os.pathsep.join([tmp, str(REPO / "src"), env.get("PYTHONPATH", "")])
@@ -159,10 +170,10 @@ def run_demo_training(data_dir: Path, config: Path, rounds: int, updates: int, l
                 from aiayn.allocator import preload_env
 
                 env = preload_env(fast, env)
-            name = label(code, alloc, result.fast_allocator)
+            name = label(code, alloc, result.fast_allocator, precision)
             procs[name] = subprocess.Popen(
                 [sys.executable, str(HERE / "demo_training.py"), "--worker", code, "--data", str(data_dir),
-                 "--config", str(config), "--batches", str(updates * (rounds + 1))],
+                 "--config", str(config), "--batches", str(updates * (rounds + 1)), "--precision", precision],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         try:
             for name, proc in procs.items():
@@ -202,8 +213,9 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
-    worker(args.worker, args.data, args.config, args.batches, args.seed)
+    worker(args.worker, args.data, args.config, args.batches, args.seed, args.precision)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Inference: generated tokens/s of greedy and beam-4 search at batch 1 and batch 64.
 
 Systems: aiayn (`aiayn.search`, fp32 with prepacked weights as ``aiayn translate`` runs it,
-and dynamic int8), Hugging Face `generate` and
-CTranslate2 (float32 and int8), all running the *same* weights: the aiayn model exported to
+dynamic int8, and, where the CPU does bf16 natively, bf16 products as ``precision: auto`` runs
+it there), Hugging Face `generate` and CTranslate2 (float32 and int8: its CPU compute types;
+its ``bfloat16`` falls back to float32 on CPUs), all running the *same* weights: the aiayn model exported to
 the Marian layout (`aiayn.export`), which CTranslate2's stock converter reads.
 
 Equal work. The model has random weights with </s> (and <s>, pad) made unreachable
@@ -27,15 +28,18 @@ import torch
 from aiayn.config import SearchConfig
 from aiayn.inference.packed import pack_for_inference, quantize_int8
 from aiayn.search import beam_search, greedy_search
+from aiayn.translator import prepare_for_inference
 
 import peers
-from common import Series, paired_ratio, timed
+from common import Series, bf16_supported, paired_ratio, timed
 from ct2_process import CT2Process
 
 SINGLE_SENTENCES = 6  # batch 1: sentences per system and round, one search call each
 
 SYSTEMS = ["aiayn fp32", "aiayn int8", "HF generate", "CT2 float32", "CT2 int8", "CT2 float32, 1 thread",
            "CT2 int8, 1 thread"]
+if bf16_supported():
+    SYSTEMS.insert(1, "aiayn bf16")
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Runner:
         # aiayn fp32 as `aiayn translate` runs it: oneDNN-prepacked weights (aiayn.inference.packed).
         self.model = pack_for_inference(plain)
         self.int8 = quantize_int8(plain).eval()
+        self.bf16 = (prepare_for_inference(plain, torch.device("cpu"), precision="bf16")
+                     if "aiayn bf16" in SYSTEMS else None)
         self.hf_dir = peers.export_hf(plain, workdir / f"hf-{name}", peers.tiny_sentencepiece(workdir / "spm"))
         self.hf = peers.load_hf(self.hf_dir)
         ct2_dir = peers.convert_ct2(self.hf_dir, workdir / f"ct2-{name}")
@@ -87,7 +93,7 @@ class Runner:
         """Wall-clock seconds of the system's search call, and its outputs as token ids."""
         beam = 1 if search == "greedy" else 4
         if system.startswith("aiayn"):
-            model = self.model if system == "aiayn fp32" else self.int8
+            model = {"aiayn fp32": self.model, "aiayn int8": self.int8, "aiayn bf16": self.bf16}[system]
             if beam == 1:
                 seconds, out = timed(lambda: greedy_search(model, src, SearchConfig(beam=1, max_len_a=0.0, max_len_b=steps - 1)))
             else:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from attention import LAYERS, AttentionResult  # noqa: E402
-from common import Series, fmt, machine_table, paired_ratio  # noqa: E402
+from common import LIBRARIES, Series, best_limit, fmt, machine_table, paired_ratio  # noqa: E402
 from demo_training import BASELINE_COMMIT, DemoTrainingResult  # noqa: E402
 from inference import SINGLE_SENTENCES, SYSTEMS, InferenceResult  # noqa: E402
 from training import TrainingResult  # noqa: E402
@@ -27,7 +27,7 @@ def _verdict(value: float, target: float) -> str:
 
 def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool, demo: DemoTrainingResult | None,
           train: list[TrainingResult], infer: InferenceResult | None, attn: AttentionResult | None, quick: bool,
-          workload=None, threads: int = 0) -> None:
+          workload=None, threads: int = 0, limits: dict | None = None) -> None:
     lines: list[str] = ["# aiayn benchmarks", ""]
     if quick:
         lines += ["> **Smoke run (`--quick`)**: tiny sizes and few repeats; the figures only show that the suite works.", ""]
@@ -61,15 +61,37 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         ]
         for r in train:
             lines.append(f"| fp32, n = 2048, during `{r.config}` training | {fmt(r.peak_gflops.median, 4)} | {r.peak_gflops.spread()} |")
+            if r.peak_bf16_gflops.values:
+                lines.append(f"| bf16 (oneDNN), 4096 × 512 × 2048, during `{r.config}` training | "
+                             f"{fmt(r.peak_bf16_gflops.median, 4)} | {r.peak_bf16_gflops.spread()} |")
         if probes.get("fp32 (end)") and probes["fp32 (end)"].values:
             lines.append(f"| fp32, n = 2048, end of run | {fmt(probes['fp32 (end)'].median, 4)} | {probes['fp32 (end)'].spread()} |")
         lines += [
-            f"| bf16 (n = 2048, or 512 when under 10 GFLOP/s) | {fmt(probes['bf16'].median, 3)} | {probes['bf16'].spread()} |",
             "",
-            f"Native bf16 (AVX512-BF16/AMX) on this CPU: {'yes' if bf16_native else 'no'}; "
-            + "every system below runs in fp32 (or int8 where named); bf16 is reported as the machine's limit only.",
+            f"Native bf16 (AVX512-BF16/AMX that torch may use) on this CPU: {'yes' if bf16_native else 'no'}"
+            + ("; the bf16 systems below run only where it is (emulated bf16 is far slower than fp32)." if not bf16_native
+               else "; the bf16 systems below are what `precision: auto` runs here."),
             "",
         ]
+    if limits:
+        libraries = [lib for lib in LIBRARIES if any(key[1] == lib for key in limits)]
+        shapes = list(dict.fromkeys(shape for shape, _ in limits))
+        lines += [
+            "Each precision and library (y = x Wᵀ, rows × in × out; `mkl-fp32`: F.linear in fp32, which torch hands",
+            "to MKL; `onednn-fp32`: oneDNN's linear on the plain weight, as training would call it;",
+            "`onednn-bf16`: F.linear in bf16, which torch hands to oneDNN, on AMX tiles where the CPU has them):",
+            "",
+            "| product | " + " | ".join(libraries) + " |",
+            "|---|" + "---|" * len(libraries),
+        ]
+        for shape in shapes:
+            lines.append(f"| {shape} | " + " | ".join(fmt(limits[(shape, lib)], 4) if (shape, lib) in limits else "–"
+                                                      for lib in libraries) + " |")
+        for precision in ("fp32", "bf16"):
+            value, where = best_limit(limits, precision)
+            if value == value:
+                lines.append(f"\nBest {precision} probe: {fmt(value, 4)} GFLOP/s ({where}).")
+        lines.append("")
 
     # 2. training -------------------------------------------------------------------------------
     if demo is not None:
@@ -78,8 +100,11 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines += ["## 2. Training throughput", "",
                   "One step = forward, label-smoothed cross-entropy, backward, Adam, dropout 0.1 on; the same random",
                   "batch for every system. MFU = model FLOPs per second (formula in `benchmarks/training.py`)",
-                  "over the fp32 matmul probe measured in the same rounds. HF Marian runs the aiayn weights",
-                  "(exported); nn.Transformer has its own initialisation and the same sizes.", ""]
+                  "over the matmul probe of the system's precision measured in the same rounds (fp32: n = 2048;",
+                  "bf16: 4096 × 512 × 2048 through oneDNN). HF Marian runs the aiayn weights (exported);",
+                  "nn.Transformer has its own initialisation and the same sizes. The bf16 rows (where the CPU has",
+                  "native bf16): aiayn as `aiayn train` runs under `precision: auto` (autocast, fp32 master weights,",
+                  "explicit attention), HF Marian under the same autocast.", ""]
         for r in train:
             lines += [
                 f"### `{r.config}`: {r.sentences} sentences, {r.target_tokens} target tokens per batch "
@@ -91,6 +116,11 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
             for system, series in r.tokens_per_s.items():
                 ratio = "1" if system == "aiayn" else fmt(r.ratio("aiayn", system))
                 lines.append(f"| {system} | {fmt(series.median, 4)} | {series.spread()} | {r.mfu(system):.2f} | {ratio} |")
+            if "aiayn bf16" in r.tokens_per_s:
+                lines += ["", f"- aiayn bf16 vs aiayn fp32: {_verdict(r.ratio('aiayn bf16', 'aiayn'), 2.0)}",
+                          f"- aiayn bf16 vs HF Marian bf16: {_verdict(r.ratio('aiayn bf16', 'HF Marian bf16'), 1.5)}",
+                          f"- aiayn bf16 MFU: **{r.mfu('aiayn bf16'):.2f}** of the same-run bf16 probe (target ≥ 0.5: "
+                          f"{'met' if r.mfu('aiayn bf16') >= 0.5 else 'not met'})"]
             lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), TRAIN_PEER_TARGET)}",
                       f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), TRAIN_PEER_TARGET)}",
                       f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run matmul probe"
@@ -149,6 +179,15 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines.append("")
         for b in batches:
             lines.append(f"- beam-4 at batch {b}, aiayn fp32 vs HF `generate`: {_verdict(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b), 3.0)}")
+        if "aiayn bf16" in SYSTEMS:
+            lines += ["", "bf16 (`precision: auto` on this CPU: bf16 products, the logits in fp32; `aiayn.inference.packed`),",
+                      "against aiayn fp32 and against CTranslate2's best CPU setting in each round (float32 or int8, its",
+                      f"{threads} or 1 threads; CTranslate2 has no bf16 on CPUs):", ""]
+            for b in batches:
+                for search, label in (("greedy", "greedy"), ("beam4", "beam-4")):
+                    best = infer.ratio_best("aiayn bf16", BEST_CT2["fp32"] + BEST_CT2["int8"], search, b)
+                    lines.append(f"- {label}, batch {b}: aiayn bf16 ÷ aiayn fp32 "
+                                 f"{fmt(infer.ratio('aiayn bf16', 'aiayn fp32', search, b))}, ÷ best CT2 {fmt(best)}")
         lines.append("")
         _plot_inference(out / "inference.png", infer, batches)
         lines += ["![inference throughput](inference.png)", ""]
@@ -194,7 +233,8 @@ MFU_TARGET = {"small": 0.6, "base": 0.75}
 
 
 def _demo_names(demo: DemoTrainingResult) -> tuple[str, str]:
-    """(before as users ran it, now as users run it): the glibc baseline, the fast-allocator present."""
+    """(before as users ran it, now as users run it): the glibc baseline, the fast-allocator present
+    (in bf16 where the CPU has it natively: what precision auto runs there)."""
     before = next(n for n in demo.tokens_per_s if n.startswith("commit") and n.endswith("glibc malloc"))
     now = [n for n in demo.tokens_per_s if n.startswith("now")][-1]
     return before, now
@@ -208,7 +248,7 @@ def _demo_section(demo: DemoTrainingResult) -> list[str]:
     info = next(iter(demo.systems.values()))
     lines += [
         f"The demo's model and recipe (`{demo.config}`, {info['parameters']:,} parameters) on the demo's data",
-        f"(`{Path(demo.data).name}`, real length-bucketed batches), {info['threads']} torch threads. Four worker processes",
+        f"(`{Path(demo.data).name}`, real length-bucketed batches), {info['threads']} torch threads. The worker processes",
         f"take turns, {demo.updates_per_turn} updates per turn, {demo.rounds} rounds: the code of commit {BASELINE_COMMIT}",
         "(unpacked from git: the last commit before the speed work) and today's code, each under glibc's malloc and",
         f"under the fast allocator aiayn now preloads ({demo.fast_allocator}). Target tokens per wall second (`benchmarks/demo_training.py`).",
@@ -221,8 +261,12 @@ def _demo_section(demo: DemoTrainingResult) -> list[str]:
         ratio = "1" if name == before else fmt(paired_ratio(series, Series(demo.tokens_per_s[before])))
         lines.append(f"| {name} (allocator: {demo.systems[name]['allocator']}) | {fmt(series.median, 4)} | {series.spread()} | {ratio} |")
     gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
-    lines += ["", f"- now vs before, as users run them: {_verdict(gain, DEMO_TARGET)}", ""]
-    return lines
+    lines += ["", f"- now vs before, as users run them: {_verdict(gain, DEMO_TARGET)}"]
+    fp32_now = next((n for n in demo.tokens_per_s if n.startswith("now") and n.endswith(demo.fast_allocator)), None)
+    if now.endswith("bf16") and fp32_now:
+        bf16_gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[fp32_now]))
+        lines.append(f"- bf16 (precision auto here) vs fp32, today's code: {_verdict(bf16_gain, 2.0)}")
+    return lines + [""]
 
 
 def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer: InferenceResult | None,
@@ -233,11 +277,25 @@ def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer
         before, now = _demo_names(demo)
         gain = paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[before]))
         rows.append(f"| demo-size training, target tokens/s | aiayn before ({BASELINE_COMMIT}) | ≥ {DEMO_TARGET:g} | {fmt(gain)} |")
+        fp32_now = next((n for n in demo.tokens_per_s if n.startswith("now") and n.endswith(demo.fast_allocator)), None)
+        if now.endswith("bf16") and fp32_now:
+            rows.append(f"| demo-size training, bf16, target tokens/s | aiayn fp32 today | ≥ 2 | "
+                        f"{fmt(paired_ratio(Series(demo.tokens_per_s[now]), Series(demo.tokens_per_s[fp32_now])))} |")
     for r in train:
         rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'HF Marian'))} |")
         rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
         if r.config in MFU_TARGET:
             rows.append(f"| training `{r.config}`, MFU | the matmul probe | ≥ {MFU_TARGET[r.config]:g} | {r.mfu('aiayn'):.2f} |")
+        if "aiayn bf16" in r.tokens_per_s:
+            rows.append(f"| training `{r.config}`, bf16, target tokens/s | aiayn fp32 | ≥ 2 | {fmt(r.ratio('aiayn bf16', 'aiayn'))} |")
+            rows.append(f"| training `{r.config}`, bf16, target tokens/s | HF Marian bf16 | ≥ 1.5 | "
+                        f"{fmt(r.ratio('aiayn bf16', 'HF Marian bf16'))} |")
+            rows.append(f"| training `{r.config}`, bf16, MFU | the bf16 probe | ≥ 0.5 | {r.mfu('aiayn bf16'):.2f} |")
+    if infer and "aiayn bf16" in SYSTEMS:
+        for b, target in ((64, 2.0), (1, 1.5)):
+            if ("aiayn bf16", "beam4", b) in infer.tokens_per_s:
+                best = infer.ratio_best("aiayn bf16", BEST_CT2["fp32"] + BEST_CT2["int8"], "beam4", b)
+                rows.append(f"| beam-4 decoding, batch {b}, bf16 | CTranslate2's best CPU setting | ≥ {target:g} | {fmt(best)} |")
     if infer:
         for b in sorted({b for (_, _, b) in infer.tokens_per_s}):
             rows.append(f"| beam-4 decoding, batch {b}, fp32 | HF `generate` | ≥ 3 | {fmt(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b))} |")
@@ -260,7 +318,10 @@ def _plot_training(path: Path, train: list[TrainingResult]) -> None:
         values = [r.tokens_per_s[s].median for s in systems]
         lows = [v - min(r.tokens_per_s[s].values) for s, v in zip(systems, values)]
         highs = [max(r.tokens_per_s[s].values) - v for s, v in zip(systems, values)]
-        ax.bar(systems, values, yerr=[lows, highs], color=["tab:blue", "tab:gray", "tab:orange"][: len(systems)], capsize=4)
+        palette = {"aiayn": "tab:blue", "nn.Transformer": "tab:gray", "HF Marian": "tab:orange",
+                   "aiayn bf16": "tab:purple", "HF Marian bf16": "tab:brown"}
+        ax.bar(systems, values, yerr=[lows, highs], color=[palette.get(s, "tab:gray") for s in systems], capsize=4)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
         for i, s in enumerate(systems):
             ax.text(i, values[i], f" MFU {r.mfu(s):.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"training, {r.config} (~{r.target_tokens} target tokens/batch)")
@@ -273,7 +334,8 @@ def _plot_training(path: Path, train: list[TrainingResult]) -> None:
 def _plot_inference(path: Path, infer: InferenceResult, batches: list[int]) -> None:
     panels = [(s, b) for s in ("greedy", "beam4") for b in batches]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    colors = ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:green", "tab:olive"]
+    palette = {"aiayn fp32": "tab:blue", "aiayn bf16": "tab:purple", "aiayn int8": "tab:cyan", "HF generate": "tab:orange"}
+    colors = [palette.get(s, "tab:green" if "float32" in s else "tab:olive") for s in SYSTEMS]
     for ax, (search, b) in zip(axes[0], panels):
         values = [infer.median(s, search, b) for s in SYSTEMS]
         ax.bar(range(len(SYSTEMS)), values, color=colors)

@@ -34,7 +34,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from common import Series, bf16_supported, load_average, machine_description, matmul_gflops  # noqa: E402
+from common import Series, bf16_supported, load_average, machine_description, matmul_gflops, probe_limits  # noqa: E402
 
 # Sizes of the full suite and of --quick. Training batches hold about 4k target tokens
 # (136 sentences of 26-34 subwords + </s>), the paper's 25k-token batches scaled to 2 cores.
@@ -76,16 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     log("machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()))
     results: dict = {"machine": machine, "quick": args.quick, "sizes": sizes}
 
-    probes = {"fp32 (start)": Series(), "bf16": Series()}
+    probes = {"fp32 (start)": Series()}
+    limits: dict = {}
     if "probe" in sections:
         for _ in range(3):
             probes["fp32 (start)"].add(matmul_gflops(2048, torch.float32, repeats=sizes["probe_repeats"]))
-        # bf16 can be ~100x slower than fp32 where it is emulated: try a small matrix first,
-        # and the probe's size only if that is fast enough to finish in seconds.
-        bf16_small = matmul_gflops(512, torch.bfloat16, repeats=3, budget_s=5.0)
-        probes["bf16"].add(bf16_small if bf16_small < 10 else
-                           matmul_gflops(2048, torch.bfloat16, repeats=sizes["probe_repeats"], budget_s=10.0))
-        log(f"matmul fp32 {probes['fp32 (start)'].median:.1f} GFLOP/s, bf16 {probes['bf16'].median:.2f} GFLOP/s")
+        log(f"matmul fp32 {probes['fp32 (start)'].median:.1f} GFLOP/s")
+        # Each precision and library (bf16 only where native: emulated, it would take minutes).
+        limits = probe_limits(sizes["probe_repeats"], log)
 
     demo_result = None
     if "demo" in sections:
@@ -127,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["suite wall time"] = f"{(time.time() - started) / 60:.1f} min"
 
     results.update(probes={k: v.values for k, v in probes.items()},
+                   limits={f"{shape}, {lib}": v for (shape, lib), v in limits.items()},
                    demo_training=_plain(demo_result) if demo_result else None,
                    training=[_plain(r) for r in train_results],
                    inference=_plain(infer_result) if infer_result else None,
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                    workload=_plain(workload_result) if workload_result else None)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     report.write(out, machine, probes, bf16_supported(), demo_result, train_results, infer_result, attn_result,
-                 args.quick, workload_result, threads)
+                 args.quick, workload_result, threads, limits)
     log(f"wrote {out / 'RESULTS.md'}")
     return 0
 

@@ -21,12 +21,18 @@ vocabulary V:
 and training costs 3× the forward pass (the backward pass computes two products per forward
 one). The output term counts real tokens only: projecting padding is work no system needs,
 so a system that does it spends time the formula does not credit. MFU = (model FLOPs / step
-time) / (the matmul probe's GFLOP/s, measured in the same run). The same formula serves all
-three systems, so their MFU ratios equal their throughput ratios.
+time) / (the matmul probe's GFLOP/s of the precision the system runs in, measured in the same
+rounds). The same formula serves all systems, so within a precision their MFU ratios equal their
+throughput ratios.
+
+bf16, where the CPU does it natively (`aiayn.precision`): "aiayn bf16" is what ``aiayn train``
+runs under ``precision: auto`` there (autocast to bf16, fp32 master weights, the explicit
+attention formula), and "HF Marian bf16" the same Marian step under the same autocast.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import peers
-from common import Series, matmul_gflops, paired_ratio, timed
+from common import Series, bf16_supported, linear_gflops, matmul_gflops, paired_ratio, timed
 
 LABEL_SMOOTHING = 0.1
 
@@ -61,14 +67,20 @@ def _adam(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
 
 
-def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tensor) -> Callable[[], float]:
-    """A peer's step: full logits, then torch's label-smoothed cross-entropy."""
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tensor, bf16: bool = False) -> Callable[[], float]:
+    """A peer's step: full logits, then torch's label-smoothed cross-entropy (in fp32)."""
     opt = _adam(model)
     model.train()
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = _loss(forward(), target)
+        with _autocast(bf16):
+            logits = forward()
+        loss = _loss(logits.float(), target)
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -76,17 +88,22 @@ def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tens
     return step
 
 
-def _aiayn_step_fn(model, batch) -> Callable[[], float]:
-    """aiayn's step: its Criterion (projection fused with the loss, real positions only)."""
+def _aiayn_step_fn(model, batch, bf16: bool = False) -> Callable[[], float]:
+    """aiayn's step: its Criterion (projection fused with the loss, real positions only); in bf16
+    as the trainer runs it (`aiayn.train.trainer`: explicit attention, autocast)."""
+    from aiayn.precision import use_explicit_attention
     from aiayn.train.step import Criterion
 
+    if bf16:
+        use_explicit_attention(model)
     criterion = Criterion(model, LABEL_SMOOTHING)
     opt = _adam(model)
     model.train()
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = criterion(batch)
+        with _autocast(bf16):
+            loss, _, _ = criterion(batch)
         loss = loss / batch.n_tgt_tokens
         loss.backward()
         opt.step()
@@ -113,12 +130,15 @@ class TrainingResult:
     target_tokens: int
     flops_per_step: float
     tokens_per_s: dict[str, Series] = field(default_factory=dict)
-    peak_gflops: Series = field(default_factory=Series)
+    peak_gflops: Series = field(default_factory=Series)  # fp32 probe, each round
+    peak_bf16_gflops: Series = field(default_factory=Series)  # bf16 probe, each round (native bf16 only)
     loss: dict[str, float] = field(default_factory=dict)
 
     def mfu(self, system: str) -> float:
+        """Model FLOPs utilisation against the probe of the system's own precision."""
         step_s = self.target_tokens / self.tokens_per_s[system].median
-        return self.flops_per_step / step_s / (self.peak_gflops.median * 1e9)
+        peak = self.peak_bf16_gflops if system.endswith("bf16") else self.peak_gflops
+        return self.flops_per_step / step_s / (peak.median * 1e9)
 
     def ratio(self, a: str, b: str) -> float:
         return paired_ratio(self.tokens_per_s[a], self.tokens_per_s[b])
@@ -146,11 +166,18 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
     hf_dec = tgt_in.clone()
     hf_dec[:, 0] = v  # Marian starts from its zero-embedding pad row (see aiayn.export)
 
+    batch = _batch(src, tgt_in, target)
     steps = {
-        "aiayn": _aiayn_step_fn(ours, _batch(src, tgt_in, target)),
+        "aiayn": _aiayn_step_fn(ours, batch),
         "nn.Transformer": _step_fn(theirs_torch, lambda: theirs_torch(src, tgt_in), target),
         "HF Marian": _step_fn(hf, lambda: hf(input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=hf_dec).logits, target),
     }
+    bf16 = bf16_supported()
+    if bf16:  # each system's best CPU setting: the same steps under bf16 autocast, on copies of the weights
+        ours16, hf16 = copy.deepcopy(ours), copy.deepcopy(hf)
+        steps["aiayn bf16"] = _aiayn_step_fn(ours16, batch, bf16=True)
+        steps["HF Marian bf16"] = _step_fn(
+            hf16, lambda: hf16(input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=hf_dec).logits, target, bf16=True)
     result = TrainingResult(name, sentences, src.size(1), tgt_in.size(1), n_target,
                             training_flops(cfg, sentences, src.size(1), tgt_in.size(1), n_target))
     for system, step in steps.items():  # warm-up: Adam state, allocator, thread pool
@@ -159,11 +186,14 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
     order = list(steps)
     for r in range(rounds):
         result.peak_gflops.add(matmul_gflops(2048, torch.float32, repeats=5))
+        if bf16:
+            result.peak_bf16_gflops.add(linear_gflops(4096, 512, 2048, "onednn-bf16", repeats=5))
         for system in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
             seconds, loss = timed(steps[system])
             result.tokens_per_s[system].add(n_target / seconds)
             result.loss[system] = loss
         log(f"training {name} round {r + 1}/{rounds}: "
             + ", ".join(f"{s} {result.tokens_per_s[s].values[-1]:.0f} tok/s" for s in order)
-            + f"; matmul {result.peak_gflops.values[-1]:.0f} GFLOP/s")
+            + f"; matmul {result.peak_gflops.values[-1]:.0f} GFLOP/s"
+            + (f", bf16 {result.peak_bf16_gflops.values[-1]:.0f}" if bf16 else ""))
     return result  # the models are freed with this frame
