@@ -165,7 +165,11 @@ def test_bf16_products_compute_the_fp32_function_to_bf16_accuracy(norm_first):
     torch.testing.assert_close(Bf16Linear(layer)(x), expected, atol=1e-2, rtol=1e-2)
 
 
-@needs_onednn
+needs_onednn_bf16 = pytest.mark.skipif(not packed.onednn_available(torch.bfloat16),
+                                       reason="oneDNN cannot pack bf16 weights on this CPU")
+
+
+@needs_onednn_bf16
 def test_packed_bf16_products_equal_unpacked_bf16_products():
     """The bf16 twin of the prepacked path: the same function as `Bf16Linear` (both round the
     same inputs; only the kernels' summation order and the output's rounding differ)."""
@@ -180,7 +184,7 @@ def test_packed_bf16_products_equal_unpacked_bf16_products():
         torch.testing.assert_close(fast(src, tgt), plain(src, tgt), atol=2e-2, rtol=2e-2)
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_bf16_cached_decoding_and_search_invariants():
     """decode_step with a cache equals the full forward with bf16 products too, and beam 1
     equals greedy."""
@@ -200,8 +204,18 @@ def test_bf16_cached_decoding_and_search_invariants():
     assert [h[0].tokens for h in beam1] == greedy
 
 
+def test_bf16_without_packing_support_falls_back_to_unpacked_bf16_products(monkeypatch):
+    """Where oneDNN cannot pack bf16 (an AVX2-only CPU), bf16 inference still has bf16 products."""
+    from aiayn.translator import prepare_for_inference
+
+    monkeypatch.setattr(packed, "onednn_available", lambda dtype=torch.float32: dtype == torch.float32)
+    model = prepare_for_inference(toy_model(), torch.device("cpu"), precision="bf16")
+    assert not is_packed(model) and product_dtype(model) == torch.bfloat16
+    assert pack_for_inference(toy_model(), dtype=torch.bfloat16).__class__ is Transformer  # left as it is
+
+
 def test_without_onednn_packing_falls_back_to_the_plain_model(monkeypatch):
-    monkeypatch.setattr(packed, "onednn_available", lambda: False)
+    monkeypatch.setattr(packed, "onednn_available", lambda dtype=torch.float32: False)
     model = toy_model()
     assert pack_for_inference(model) is model
     assert not is_packed(model)

@@ -28,7 +28,8 @@ from .config import SearchConfig
 from .data.text import clean
 from .data.tokenizer import EOS_ID
 from .errors import UserError
-from .inference.packed import onednn_available, pack_for_inference, quantize_int8, use_bf16_products
+from .inference import packed
+from .inference.packed import pack_for_inference, quantize_int8, use_bf16_products
 from .inference.shortlist import Shortlist
 from .precision import resolve_precision
 from .progress import progress_bar
@@ -103,7 +104,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: s
         model = copy.deepcopy(model).to(device)
         inplace = True
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if prepack and device.type == "cpu" and onednn_available():
+    if prepack and device.type == "cpu" and packed.onednn_available(dtype):
         model = pack_for_inference(model, inplace=inplace, dtype=dtype)
     elif precision == "bf16":
         model = use_bf16_products(model, inplace=inplace)

@@ -44,12 +44,13 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """Whether this torch build can reorder and multiply oneDNN-packed linear weights (probed once)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build, on this CPU, can reorder and multiply oneDNN-packed linear
+    weights of ``dtype`` (probed once per dtype; bf16 needs AVX-512 or AVX-NE-CONVERT)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w, x = torch.ones(3, 2), torch.ones(1, 2)
+        w, x = torch.ones(3, 2, dtype=dtype), torch.ones(1, 2, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         return bool(torch.equal(y, x @ w.T))
@@ -225,12 +226,13 @@ def pack_for_inference(model: nn.Module, inplace: bool = False, dtype: torch.dty
     `PackedLinear` holding its weight in ``dtype`` (fp32, or bf16 for bf16 products), and each
     feed-forward block by a `PackedFeedForward` (ReLU fused).
 
-    Returns ``model`` itself, unchanged, where packing is impossible: oneDNN unavailable, or
+    Returns ``model`` itself, unchanged, where packing is impossible: oneDNN unavailable (for
+    ``dtype``: `onednn_available`), or
     weights not fp32 or bf16 on the CPU (e.g. a model already quantised to int8, whose Linear
     layers are no longer ``nn.Linear``). Without ``inplace`` the model is copied first, so the caller's
     model keeps training as before. The packed model is for inference: it is put in eval mode.
     """
-    if not onednn_available() or not _packable(model) or is_packed(model):
+    if not onednn_available(dtype) or not _packable(model) or is_packed(model):
         return model
     if not inplace:
         model = copy.deepcopy(model)
