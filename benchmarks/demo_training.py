@@ -94,10 +94,9 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int, preci
         from aiayn.train.dropout import use_fast_dropout
 
         use_fast_dropout(model)  # as the trainer builds it
-        if precision == "bf16":
-            from aiayn.precision import use_explicit_attention
+        from aiayn.precision import for_training
 
-            use_explicit_attention(model)
+        for_training(model, precision, torch.device("cpu"))
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
     # The baseline's StepContext still has pad_id (unused there too); today's has none.

@@ -91,11 +91,10 @@ def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tens
 def _aiayn_step_fn(model, batch, bf16: bool = False) -> Callable[[], float]:
     """aiayn's step: its Criterion (projection fused with the loss, real positions only); in bf16
     as the trainer runs it (`aiayn.train.trainer`: explicit attention, autocast)."""
-    from aiayn.precision import use_explicit_attention
+    from aiayn.precision import for_training
     from aiayn.train.step import Criterion
 
-    if bf16:
-        use_explicit_attention(model)
+    for_training(model, "bf16" if bf16 else "fp32", torch.device("cpu"))
     criterion = Criterion(model, LABEL_SMOOTHING)
     opt = _adam(model)
     model.train()

@@ -3,7 +3,8 @@
     cpu_arithmetic      what torch and oneDNN report about this CPU (ISA, AVX512-BF16, AMX)
     native_bf16         whether bf16 runs natively on a device (never where it is emulated)
     resolve_precision   "auto" -> "bf16" where native, else "fp32"; a forced "bf16" checked
-    use_explicit_attention  the model's attention through the explicit formula (bf16 on CPUs)
+    for_training        a model as training runs it in a precision on a device (bf16 on CPUs:
+                        explicit attention, `use_explicit_attention`)
 
 bf16 keeps fp32's 8-bit exponent and cuts the mantissa to 7 bits, so it needs no loss scaling;
 a bf16 matrix product accumulates in fp32. CPUs with AVX512-BF16 (``vdpbf16ps``) or AMX tiles
@@ -20,8 +21,8 @@ AVX512_CORE_BF16 mean no native bf16, as on a machine without it.
 What "bf16" means where (the recipes are the same, only the arithmetic differs):
 - training: autocast to bf16 (`aiayn.train.step`), fp32 master weights and Adam state, the
   loss and its softmax in fp32, checkpoints in fp32;
-- translation: the model's weights in bf16 and its layer norms and softmaxes in fp32
-  (`aiayn.inference.packed.to_bf16`), the search's scores in fp32.
+- translation: the linear products in bf16 on bf16 weights, everything between them fp32, the
+  pre-softmax projection (the logits) fp32 too (`aiayn.inference.packed`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ def describe_precision(precision: str, requested: str, device: torch.device) -> 
     where = f"this CPU has {cpu_arithmetic().describe()}" if device.type == "cpu" else f"device {device}"
     how = "auto" if requested == "auto" else "forced"
     return f"precision {precision} ({how}; {where})"
+
+
+def for_training(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """``model`` (changed in place) as training runs it in the resolved ``precision`` on
+    ``device``: in bf16 on a CPU its attention takes the explicit formula
+    (`use_explicit_attention`); otherwise it is left as it is."""
+    if precision == "bf16" and device.type == "cpu":
+        use_explicit_attention(model)
+    return model
 
 
 def use_explicit_attention(model: nn.Module) -> nn.Module:

@@ -62,8 +62,8 @@ from ..precision import (
     TRAIN_PRECISIONS,
     cpu_arithmetic,
     describe_precision,
+    for_training,
     resolve_precision,
-    use_explicit_attention,
 )
 from . import distributed
 from .advice import PACE_SECONDS, PACE_SHARE, PACE_UPDATES, stop_limits, vocabulary_warning, warmup_warning, warn
@@ -268,9 +268,7 @@ class Trainer:
         # resolve differently on another machine, which changes speed, not the recipe.
         self.precision = resolve_precision(tc.precision, self.device, allowed=TRAIN_PRECISIONS,
                                            setting="train.precision")
-        self.model = use_fast_dropout(Transformer(cfg.model)).to(self.device)
-        if self.precision == "bf16" and self.device.type == "cpu":
-            use_explicit_attention(self.model)
+        self.model = for_training(use_fast_dropout(Transformer(cfg.model)).to(self.device), self.precision, self.device)
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
