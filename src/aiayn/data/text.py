@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import UserError
 
@@ -43,17 +45,69 @@ def one_line(text: str) -> str:
     return clean(_NOT_IN_A_LINE.sub(" ", text))
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file, each validated; raises UserError at the first problem."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise UserError("file not found", path=path)
     if not path.is_file():
         raise UserError("not a regular file", path=path)
-    data = path.read_bytes().removeprefix(BOM)
-    if not data.strip():
-        raise UserError("file is empty", path=path)
-    return decode_lines(data, path)
+
+
+def _decode(raw: bytes, path: str | Path, number: int) -> str:
+    """One raw line (without its ``\\n``) -> text: CR stripped; a NUL byte or invalid UTF-8 is a
+    UserError naming ``path`` and the line."""
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if b"\x00" in raw:
+        column = raw.index(b"\x00") + 1
+        raise UserError(f"NUL byte at column {column} (is this a binary or UTF-16 file?)",
+                        path=path, line=number)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                        path=path, line=number) from None
+
+
+def _raw_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """The lines of a binary stream split on ``\\n`` only (the newline removed), a UTF-8 BOM
+    dropped from the first. Buffered: memory is one line, whatever the file's size."""
+    first = True
+    for raw in stream:
+        if first:
+            raw, first = raw.removeprefix(BOM), False
+        yield raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def require_text(path: str | Path) -> None:
+    """A UserError unless ``path`` is a regular file with something besides whitespace (and a
+    BOM) in it. Reads only up to the first such byte."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(len(BOM))
+        block = head.removeprefix(BOM)
+        while True:
+            if block.strip():
+                return
+            block = f.read(1 << 16)
+            if not block:
+                raise UserError("file is empty", path=path)
+
+
+def iter_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, each validated as it is read (`read_lines` without
+    holding the file); raises UserError at the first problem. The file must not be empty
+    (`require_text`, checked before the first line)."""
+    path = Path(path)
+    require_text(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(_raw_lines(f), start=1):
+            yield _decode(raw, path, number)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file, each validated; raises UserError at the first problem."""
+    return list(iter_lines(path))
 
 
 def decode_lines(data: bytes, path: str | Path) -> list[str]:
@@ -62,40 +116,45 @@ def decode_lines(data: bytes, path: str | Path) -> list[str]:
     raw_lines = data.split(b"\n")
     if raw_lines[-1] == b"":  # a final newline ends the last line; it does not start another
         raw_lines.pop()
-    lines = []
-    for number, raw in enumerate(raw_lines, start=1):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if b"\x00" in raw:
-            column = raw.index(b"\x00") + 1
-            raise UserError(f"NUL byte at column {column} (is this a binary or UTF-16 file?)",
-                            path=path, line=number)
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                            path=path, line=number) from None
-    return lines
+    return [_decode(raw, path, number) for number, raw in enumerate(raw_lines, start=1)]
 
 
-def read_input_lines(path: str | Path | None) -> list[str]:
-    """Lines to translate or score: a UTF-8 file, or standard input when ``path`` is None,
-    split on ``\n`` only.
+def iter_input_lines(path: str | Path | None) -> Iterator[str]:
+    """Lines to translate or score, read as they are needed: a UTF-8 file, or standard input
+    when ``path`` is None, split on ``\\n`` only.
 
     Unlike `read_lines` (training data, where an empty file is a mistake), a file that is empty
     or all blank lines is valid here: it has that many empty sentences. CRLF endings and a UTF-8
-    byte-order mark are accepted; invalid UTF-8 or a NUL byte is a UserError naming the line.
+    byte-order mark are accepted; invalid UTF-8 or a NUL byte is a UserError naming the line
+    (raised when that line is reached).
     """
     import sys
 
-    name = "<stdin>" if path is None else path
     if path is None:
-        data = sys.stdin.buffer.read()
-    else:
-        if not Path(path).is_file():
-            raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
-        data = Path(path).read_bytes()
-    return decode_lines(data.removeprefix(BOM), name)
+        for number, raw in enumerate(_raw_lines(sys.stdin.buffer), start=1):
+            yield _decode(raw, "<stdin>", number)
+        return
+    if not Path(path).is_file():
+        raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(_raw_lines(f), start=1):
+            yield _decode(raw, path, number)
+
+
+def read_input_lines(path: str | Path | None) -> list[str]:
+    """`iter_input_lines`, all at once."""
+    return list(iter_input_lines(path))
+
+
+def count_lines(path: str | Path) -> int:
+    """Lines in a file as `iter_input_lines` counts them (a last line without ``\\n`` counts),
+    read in blocks: for progress bars over files too large to hold."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def _check_pair(src: str, tgt: str, where_src: tuple[Path, int], where_tgt: tuple[Path, int]):
@@ -108,34 +167,50 @@ def _check_pair(src: str, tgt: str, where_src: tuple[Path, int], where_tgt: tupl
                         path=where_tgt[0], line=where_tgt[1])
 
 
+def iter_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[int, str, str]]:
+    """Two line-aligned files, streamed -> (line number, src, tgt) per pair, cleaned; pairs blank
+    on both sides are skipped. Every line is validated as it is read; memory is one line of
+    each file, whatever their size."""
+    src_path, tgt_path = Path(src_path), Path(tgt_path)
+    require_text(src_path)
+    require_text(tgt_path)
+    src_lines, tgt_lines = iter_lines(src_path), iter_lines(tgt_path)
+    number = 0
+    while True:
+        s = next(src_lines, None)
+        t = next(tgt_lines, None)
+        if s is None or t is None:
+            if s is None and t is None:
+                return
+            # One file ended first: count the rest of the other for the message.
+            rest = 1 + sum(1 for _ in (tgt_lines if s is None else src_lines))
+            n_src, n_tgt = (number, number + rest) if s is None else (number + rest, number)
+            longer, shorter = (tgt_path, src_path) if s is None else (src_path, tgt_path)
+            raise UserError(
+                f"line has no counterpart: {src_path} has {n_src} lines, "
+                f"{tgt_path} has {n_tgt} (the files must be line-aligned; {shorter} ends "
+                f"after line {number})", path=longer, line=number + 1)
+        number += 1
+        _check_pair(s, t, (src_path, number), (tgt_path, number))
+        if s.strip():
+            yield number, clean(s), clean(t)
+
+
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str], list[int]]:
     """Two line-aligned files -> (src, tgt, line numbers), cleaned, pairs blank on both sides dropped."""
-    src_path, tgt_path = Path(src_path), Path(tgt_path)
-    src_lines = read_lines(src_path)
-    tgt_lines = read_lines(tgt_path)
-    if len(src_lines) != len(tgt_lines):
-        longer, shorter = ((src_path, tgt_path) if len(src_lines) > len(tgt_lines)
-                           else (tgt_path, src_path))
-        n_short = min(len(src_lines), len(tgt_lines))
-        raise UserError(
-            f"line has no counterpart: {src_path} has {len(src_lines)} lines, "
-            f"{tgt_path} has {len(tgt_lines)} (the files must be line-aligned; {shorter} ends "
-            f"after line {n_short})", path=longer, line=n_short + 1)
     src, tgt, numbers = [], [], []
-    for i, (s, t) in enumerate(zip(src_lines, tgt_lines), start=1):
-        _check_pair(s, t, (src_path, i), (tgt_path, i))
-        if s.strip():
-            src.append(clean(s))
-            tgt.append(clean(t))
-            numbers.append(i)
+    for number, s, t in iter_parallel(src_path, tgt_path):
+        src.append(s)
+        tgt.append(t)
+        numbers.append(number)
     return src, tgt, numbers
 
 
-def read_tsv(path: str | Path) -> tuple[list[str], list[str], list[int]]:
-    """A ``source<TAB>target`` file -> (src, tgt, line numbers); blank lines are skipped."""
+def iter_tsv(path: str | Path) -> Iterator[tuple[int, str, str]]:
+    """A ``source<TAB>target`` file, streamed -> (line number, src, tgt); blank lines are skipped."""
     path = Path(path)
-    src, tgt, numbers = [], [], []
-    for i, line in enumerate(read_lines(path), start=1):
+    found = False
+    for i, line in enumerate(iter_lines(path), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -146,9 +221,17 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str], list[int]]:
         if not s.strip() or not t.strip():
             side = "source" if not s.strip() else "target"
             raise UserError(f"the {side} side is empty", path=path, line=i)
-        src.append(clean(s))
-        tgt.append(clean(t))
-        numbers.append(i)
-    if not src:
+        found = True
+        yield i, clean(s), clean(t)
+    if not found:
         raise UserError("file has no sentence pairs", path=path)
+
+
+def read_tsv(path: str | Path) -> tuple[list[str], list[str], list[int]]:
+    """A ``source<TAB>target`` file -> (src, tgt, line numbers); blank lines are skipped."""
+    src, tgt, numbers = [], [], []
+    for number, s, t in iter_tsv(path):
+        src.append(s)
+        tgt.append(t)
+        numbers.append(number)
     return src, tgt, numbers
