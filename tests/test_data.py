@@ -179,6 +179,36 @@ def _lengths(n=3000, seed=0):
     return src, tgt
 
 
+def _lists(batches):
+    return [b.tolist() for b in batches]
+
+
+def _greedy_batches(src, tgt, max_tokens, order):
+    """The per-pair greedy loop the vectorised `make_batches` must reproduce exactly."""
+    batches, current, longest = [], [], 0
+    for i in order:
+        need = max(longest, src[i] + 1, tgt[i] + 1)
+        if current and (len(current) + 1) * need > max_tokens:
+            batches.append(current)
+            current, need = [], max(src[i] + 1, tgt[i] + 1)
+        current.append(int(i))
+        longest = need
+    return batches + ([current] if current else [])
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 60, 400, 5000])
+def test_vectorised_batches_equal_the_greedy_loop(max_tokens):
+    from aiayn.data.batching import make_batches
+
+    for seed in range(3):
+        src, tgt = _lengths(n=1500, seed=seed)
+        order = np.lexsort((np.random.default_rng(seed).permutation(len(src)), tgt, src, np.maximum(src, tgt)))
+        assert _lists(make_batches(src, tgt, max_tokens, order)) == _greedy_batches(src, tgt, max_tokens, order)
+    assert make_batches(src[:0], tgt[:0], 400, order[:0]) == []
+    with pytest.raises(ValueError, match="non-decreasing"):
+        make_batches(src, tgt, 400, np.arange(len(src)))  # not sorted by length
+
+
 def test_token_budget_and_each_pair_once_per_epoch():
     src, tgt = _lengths()
     sampler = TokenBatchSampler(src, tgt, max_tokens=400, seed=3)
@@ -191,7 +221,7 @@ def test_token_budget_and_each_pair_once_per_epoch():
             assert cost <= 400 or len(batch) == 1
             seen.extend(batch)
         assert sorted(seen) == list(range(len(src)))  # nothing lost or duplicated
-    assert [7] in sampler.batches()
+    assert [7] in _lists(sampler.batches())
     assert sampler.padding_efficiency() > 0.9
 
 
@@ -199,11 +229,11 @@ def test_batches_are_deterministic_and_reshuffled_per_epoch():
     src, tgt = _lengths()
     a = TokenBatchSampler(src, tgt, 400, seed=3)
     b = TokenBatchSampler(src, tgt, 400, seed=3)
-    assert a.batches(0) == b.batches(0)
-    assert a.batches(0) != a.batches(1)
-    assert a.batches(0) != TokenBatchSampler(src, tgt, 400, seed=4).batches(0)
+    assert _lists(a.batches(0)) == _lists(b.batches(0))
+    assert _lists(a.batches(0)) != _lists(a.batches(1))
+    assert _lists(a.batches(0)) != _lists(TokenBatchSampler(src, tgt, 400, seed=4).batches(0))
     plain = TokenBatchSampler(src, tgt, 400, shuffle=False)
-    assert plain.batches(0) == plain.batches(1)
+    assert _lists(plain.batches(0)) == _lists(plain.batches(1))
 
 
 def test_resume_mid_epoch_continues_exactly():
@@ -219,10 +249,10 @@ def test_resume_mid_epoch_continues_exactly():
     resumed = TokenBatchSampler(src, tgt, 400, seed=5)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the same epoch keeps the position
-    assert first + list(resumed) == expected
+    assert _lists(first + list(resumed)) == _lists(expected)
     # A finished epoch moves on by itself: its state resumes at the next epoch, not a replay.
     assert resumed.state_dict()["epoch"] == 3 and resumed.state_dict()["position"] == 0
-    assert list(resumed) == full.batches(3)
+    assert _lists(resumed) == _lists(full.batches(3))
 
 
 def test_shards_partition_the_batches():
@@ -231,7 +261,7 @@ def test_shards_partition_the_batches():
     shards = [TokenBatchSampler(src, tgt, 400, seed=1, num_shards=3, shard_id=k) for k in range(3)]
     assert len({len(s) for s in shards}) == 1
     assert len(shards[0]) == len(whole) // 3
-    assert [s.batches(0) for s in shards] == [whole[k:len(whole) // 3 * 3:3] for k in range(3)]
+    assert [_lists(s.batches(0)) for s in shards] == [_lists(whole[k:len(whole) // 3 * 3:3]) for k in range(3)]
 
 
 def test_collate_layout():
@@ -266,10 +296,10 @@ def test_prepare_copy_task_load_and_reuse(tmp_path, capsys):
     assert batch.src.shape[0] == batch.tgt_in.shape[0]
     capsys.readouterr()
 
-    stamp = (out / "train.npz").stat().st_mtime_ns
+    stamp = (out / "train.src.ids.npy").stat().st_mtime_ns
     assert main(args) == 0  # identical settings: a no-op that says so
     assert "reusing" in capsys.readouterr().out
-    assert (out / "train.npz").stat().st_mtime_ns == stamp
+    assert (out / "train.src.ids.npy").stat().st_mtime_ns == stamp
     changed = args[:-1] + ["8"]
     assert main(changed) == 2  # different settings: never overwrite without --force
     assert "--force" in capsys.readouterr().err
@@ -355,19 +385,150 @@ def test_prepare_multi30k(tmp_path):
 
 
 def test_split_keeps_groups_together_and_is_deterministic():
-    from aiayn.data.corpora import Pairs
-    from aiayn.data.prepare import split_pool
+    from aiayn.data.prepare import LABELS, split_pool
 
     n = 400
-    pairs = Pairs([f"s{i}" for i in range(n)], [f"t{i}" for i in range(n)],
-                  [f"o{i}" for i in range(n)], [f"page{i // 3}" for i in range(n)])
-    a = split_pool(pairs, 30, 21, seed=1)
-    assert a["valid"].src == split_pool(pairs, 30, 21, seed=1)["valid"].src
-    assert a["valid"].src != split_pool(pairs, 30, 21, seed=2)["valid"].src
-    assert (len(a["valid"]), len(a["test"])) == (30, 21)  # whole groups of 3 that fit
-    assert sorted(a["train"].src + a["valid"].src + a["test"].src) == sorted(pairs.src)
-    groups = {name: set(p.group) for name, p in a.items()}
-    assert not (groups["train"] & groups["valid"]) and not (groups["train"] & groups["test"])
+    names = [f"page{g}" for g in range(n // 3 + 1)]
+    groups = np.arange(n) // 3
+    a = split_pool(groups, names, 30, 21, seed=1)
+    assert (a == split_pool(groups, names, 30, 21, seed=1)).all()
+    assert (a != split_pool(groups, names, 30, 21, seed=2)).any()
+    counts = np.bincount(a, minlength=3)
+    assert (counts[LABELS["valid"]], counts[LABELS["test"]]) == (30, 21)  # whole groups of 3 that fit
+    for g in range(n // 3 + 1):
+        assert len(set(a[groups == g].tolist())) == 1  # a page never straddles two splits
+    # Without groups: a seeded permutation, exact sizes.
+    plain = split_pool(np.full(n, -1), [], 30, 21, seed=1)
+    assert np.bincount(plain, minlength=3).tolist() == [n - 51, 30, 21]
+    assert (plain != split_pool(np.full(n, -1), [], 30, 21, seed=2)).any()
+    with pytest.raises(UserError, match="at least half"):
+        split_pool(np.full(10, -1), [], 3, 3, seed=1)
+
+
+# -- streaming: chunks, late errors, memory-mapped arrays ---------------------------------------
+
+
+def _corpus(tmp_path: Path, n: int, *, name: str = "big") -> list[str]:
+    """n pairs with varied lengths, a duplicate of pair 3 far away and an untranslated pair."""
+    rng = np.random.default_rng(0)
+    words = "the a house cat sees runs big small red green old new".split()
+    src = [" ".join(rng.choice(words, rng.integers(2, 12))) + f" {i}" for i in range(n)]
+    tgt = [s.upper() for s in src]
+    src[n - 2], tgt[n - 2] = src[3], tgt[3]  # a duplicate, many chunks after the first occurrence
+    tgt[n - 5] = src[n - 5]  # untranslated
+    return [_lines(tmp_path / f"{name}.en", src), _lines(tmp_path / f"{name}.de", tgt)]
+
+
+def _dataset_contents(out: Path) -> dict:
+    data = load_dataset(out)
+    contents = {"manifest": {k: v for k, v in data.manifest.items() if k not in ("created",)}}
+    for split in ("train", "valid", "test"):
+        part = data.split(split)
+        contents[split] = ([x.tolist() for x in part.src], [x.tolist() for x in part.tgt],
+                           (out / f"{split}.src").read_text(), (out / f"{split}.origin").read_text())
+    return contents
+
+
+def test_chunk_boundaries_do_not_change_the_dataset(tmp_path, monkeypatch):
+    from aiayn.data import prepare
+
+    files = _corpus(tmp_path, 700)
+    args = ["--src", files[0], "--tgt", files[1], "--valid-size", "20", "--test-size", "20",
+            "--vocab-size", "60", "--max-len", "12"]
+    assert main(["prepare", "--out", str(tmp_path / "whole"), *args]) == 0
+    monkeypatch.setattr(prepare, "CHUNK_PAIRS", 7)  # many chunks, boundaries everywhere
+    assert main(["prepare", "--out", str(tmp_path / "chunked"), *args]) == 0
+    whole, chunked = _dataset_contents(tmp_path / "whole"), _dataset_contents(tmp_path / "chunked")
+    assert whole == chunked
+    m = whole["manifest"]
+    # Deduplication across chunks, the identical pair, and the length filter over all chunks.
+    assert m["filters"]["duplicates"] == 1 and m["filters"]["identical"] == 1
+    assert m["filters"]["too_long"] > 0
+    assert m["counts"]["train"] + 40 + sum(m["filters"].values()) == 700
+    train = load_dataset(tmp_path / "chunked").split("train")
+    assert int(max(train.src_lens.max(), train.tgt_lens.max())) <= 12
+    assert whole["train"][2].count(load_dataset(tmp_path / "whole").raw("train", "src")[0]) == 1
+
+
+def test_a_bad_line_found_late_is_named_and_nothing_is_written(tmp_path, capsys):
+    src = [f"sentence {i}" for i in range(30_000)]
+    tgt = [f"Satz {i}" for i in range(30_000)]
+    en = _lines(tmp_path / "late.en", src)
+    de = tmp_path / "late.de"
+    de.write_bytes("".join(t + "\n" for t in tgt[:29_000]).encode() + b"Sa\xfftz\n"
+                   + "".join(t + "\n" for t in tgt[29_001:]).encode())
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--src", en, "--tgt", str(de)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"aiayn: error: {de}:29001: invalid UTF-8 (byte 0xff at column 3)"
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work directory left
+
+
+def test_splits_are_memory_mapped_and_format_1_is_still_read(tmp_path):
+    files = _corpus(tmp_path, 200)
+    out = tmp_path / "out"
+    assert main(["prepare", "--out", str(out), "--src", files[0], "--tgt", files[1], "--valid-size", "10",
+                 "--test-size", "10", "--vocab-size", "60"]) == 0
+    data = load_dataset(out)
+    train = data.split("train")
+    assert isinstance(train.src.ids, np.memmap) and isinstance(train.tgt.offsets, np.memmap)
+    assert train.src_lens.dtype == np.int32 and len(train.src_lens) == len(train) == data.manifest["counts"]["train"]
+    assert train.src[2:5][1].tolist() == train.src[3].tolist()
+    before = {s: ([x.tolist() for x in data.split(s).src], [x.tolist() for x in data.split(s).tgt])
+              for s in ("train", "valid", "test")}
+    # The same dataset as format 1 wrote it: one .npz per split, read whole.
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "valid", "test"):
+        arrays = {f"{side}_{kind}": np.load(out / f"{split}.{side}.{kind}.npy")
+                  for side in ("src", "tgt") for kind in ("ids", "offsets")}
+        np.savez(out / f"{split}.npz", **arrays)
+        for name in arrays:
+            (out / f"{split}.{name.replace('_', '.')}.npy").unlink()
+    manifest["version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    old = load_dataset(out)
+    assert {s: ([x.tolist() for x in old.split(s).src], [x.tolist() for x in old.split(s).tgt])
+            for s in ("train", "valid", "test")} == before
+    manifest["version"] = 7
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="format version 7, this aiayn reads 1 or 2; re-run aiayn prepare --force"):
+        load_dataset(out)
+
+
+def test_array_writer_writes_npy_files_of_any_length(tmp_path):
+    from aiayn.data.dataset import ArrayWriter, Ragged, RaggedWriter
+
+    writer = ArrayWriter(tmp_path / "a.npy", np.int32)
+    for piece in (np.arange(5), np.arange(0), np.arange(100_000)):
+        writer.append(piece)
+    writer.close()
+    a = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert a.dtype == np.int32 and a.shape == (100_005,) and a[4] == 4 and a[-1] == 99_999
+    ragged = RaggedWriter(tmp_path / "ids.npy", tmp_path / "offsets.npy")
+    ragged.append(np.array([1, 2, 3, 4, 5, 6]), np.array([2, 0, 4]))
+    ragged.append(np.array([7]), np.array([1]))
+    ragged.close()
+    r = Ragged(np.load(tmp_path / "ids.npy"), np.load(tmp_path / "offsets.npy"))
+    assert [x.tolist() for x in r] == [[1, 2], [], [3, 4, 5, 6], [7]]
+    assert r.lengths().tolist() == [2, 0, 4, 1] and r[-1].tolist() == [7]
+
+
+def test_bpe_is_trained_on_a_seeded_sample(tmp_path):
+    files = _corpus(tmp_path, 400)
+    args = ["--src", files[0], "--tgt", files[1], "--valid-size", "10", "--test-size", "10",
+            "--vocab-size", "60", "--bpe-sample", "150"]
+    assert main(["prepare", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["prepare", "--out", str(tmp_path / "b"), *args]) == 0
+    a, b = load_dataset(tmp_path / "a"), load_dataset(tmp_path / "b")
+    assert a.manifest["vocab"]["trained_on_sentences"] == 150
+    def pieces(data):
+        return data.tokenizer.pieces(range(data.tokenizer.vocab_size))
+
+    assert pieces(a) == pieces(b)  # the sample is seeded
+    assert main(["prepare", "--out", str(tmp_path / "c"), *args[:-1], "5000"]) == 0
+    c = load_dataset(tmp_path / "c")
+    assert c.manifest["vocab"]["trained_on_sentences"] == 2 * c.manifest["counts"]["train"]
+    assert pieces(c) != pieces(a)
 
 
 def test_training_filters_report_what_they_drop(tmp_path, capsys):

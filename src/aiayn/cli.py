@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", default=PREPARE.pair, help="multi30k: language pair SRC-TGT (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=PREPARE.vocab_size,
                    help="joint BPE vocabulary size (default %(default)s; smaller for a small corpus)")
+    p.add_argument("--bpe-sample", type=int, default=PREPARE.bpe_sample, metavar="N",
+                   help="train BPE on at most N sentences of the training text, a seeded uniform sample "
+                        "of both sides (default %(default)s); memory of BPE training grows with N")
     p.add_argument("--valid-size", type=int, default=PREPARE.valid_size,
                    help="validation pairs drawn from the training data (default %(default)s)")
     p.add_argument("--test-size", type=int, default=PREPARE.test_size,

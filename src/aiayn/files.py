@@ -39,18 +39,21 @@ ARTEFACTS = {
 }
 
 
-def read_versioned_json(file: Path, fmt: str, version: int, *, what: str, remedy: str) -> dict:
-    """A JSON object that aiayn wrote with "format": ``fmt`` and "version": ``version`` (a dataset
-    manifest, a shortlist). A file that is not valid JSON, is of another format or has another
-    version is a UserError naming it; ``remedy`` says how to make a new one."""
+def read_versioned_json(file: Path, fmt: str, version: int | tuple[int, ...], *, what: str, remedy: str) -> dict:
+    """A JSON object that aiayn wrote with "format": ``fmt`` and "version": ``version`` (or one of
+    the versions given: a dataset manifest, a shortlist). A file that is not valid JSON, is of
+    another format or has another version is a UserError naming it; ``remedy`` says how to make
+    a new one."""
+    versions = version if isinstance(version, tuple) else (version,)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"corrupt {what} ({e})", path=file) from None
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"not an aiayn {what}", path=file)
-    if data.get("version") != version:
-        raise UserError(f"{what} format version {data.get('version')}, this aiayn reads {version}; {remedy}",
+    if data.get("version") not in versions:
+        readable = " or ".join(map(str, versions))
+        raise UserError(f"{what} format version {data.get('version')}, this aiayn reads {readable}; {remedy}",
                         path=file)
     return data
 

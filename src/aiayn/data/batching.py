@@ -30,31 +30,43 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def _as_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
-    return np.asarray(lengths, dtype=np.int64).reshape(-1)
+    """Lengths as a flat integer array: int32 kept as it is (4 bytes a pair: what a dataset of
+    tens of millions of pairs gives), anything else as int64."""
+    array = np.asarray(lengths).reshape(-1)
+    return array if array.dtype == np.int32 else array.astype(np.int64)
 
 
 def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int,
-                 order: np.ndarray) -> list[list[int]]:
-    """Cut pairs, visited in ``order``, into consecutive batches within the token budget."""
-    src_cost = src_lens + 1  # + eos
-    tgt_cost = tgt_lens + 1  # + bos (decoder input) / + eos (decoder target)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order.tolist():
-        need = max(longest, int(src_cost[i]), int(tgt_cost[i]))
-        if current and (len(current) + 1) * need > max_tokens:
-            batches.append(current)
-            current, need = [], max(int(src_cost[i]), int(tgt_cost[i]))
-        current.append(i)
-        longest = need
-    if current:
-        batches.append(current)
-    return batches
+                 order: np.ndarray) -> list[np.ndarray]:
+    """Cut pairs, visited in ``order``, into consecutive batches within the token budget.
+
+    ``order`` must visit the pairs by non-decreasing max(S, T) (both samplers' orders do). Then
+    the greedy rule (add the next pair while (n + 1) · max(S, T) stays within the budget) cuts a
+    batch starting at position s after the largest k with k · cost[s + k - 1] <= max_tokens
+    (at least one pair), and k · cost[s + k - 1] grows with k: each batch is found by a binary
+    search, so an epoch costs O(batches · log max_tokens) steps in Python, not one per pair.
+    Returns views of ``order``, one array of pair indices per batch.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    cost = np.maximum(src_lens[order], tgt_lens[order]).astype(np.int64) + 1  # + eos / + bos
+    if len(cost) > 1 and bool(np.any(cost[1:] < cost[:-1])):
+        raise ValueError("make_batches needs an order by non-decreasing max(S, T)")
+    n, start, cuts = len(order), 0, []
+    while start < n:
+        lo, hi = 1, min(n - start, max_tokens)  # k · cost >= k: no batch has more than max_tokens pairs
+        while lo < hi:  # the largest k in [lo, hi] with k · cost[start + k - 1] <= max_tokens
+            mid = (lo + hi + 1) // 2
+            if mid * int(cost[start + mid - 1]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        start += lo
+        cuts.append(start)
+    return np.split(order, cuts[:-1]) if n else []
 
 
 class TokenBatchSampler:
-    """Yields lists of pair indices, each list a batch of about ``max_tokens`` tokens per side.
+    """Yields arrays of pair indices, each array a batch of about ``max_tokens`` tokens per side.
 
     - ``shuffle=False`` (evaluation): pairs sorted by length, batches in that order.
     - ``set_epoch(e)`` reshuffles (calling it with the current epoch keeps a resumed position);
@@ -82,11 +94,11 @@ class TokenBatchSampler:
         self.shard_id = int(shard_id)
         self.epoch = 0
         self.position = 0  # batches of this shard consumed in the current epoch
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, list[np.ndarray]] | None = None
 
     # -- the batch list of one epoch ---------------------------------------------------------
 
-    def _all_batches(self, epoch: int) -> list[list[int]]:
+    def _all_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of all shards for one epoch (identical in every process)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
@@ -104,8 +116,9 @@ class TokenBatchSampler:
         self._cache = (epoch, batches)
         return batches
 
-    def batches(self, epoch: int | None = None) -> list[list[int]]:
-        """This shard's batches for an epoch (default: the current one)."""
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This shard's batches for an epoch (default: the current one): an int64 array of pair
+        indices per batch."""
         every = self._all_batches(self.epoch if epoch is None else epoch)
         usable = len(every) - len(every) % self.num_shards if self.num_shards > 1 else len(every)
         return every[self.shard_id:usable:self.num_shards]
@@ -113,7 +126,7 @@ class TokenBatchSampler:
     def __len__(self) -> int:
         return len(self.batches())
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[np.ndarray]:
         batches = self.batches()
         while self.position < len(batches):
             batch = batches[self.position]

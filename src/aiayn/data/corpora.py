@@ -1,42 +1,49 @@
 """Where sentence pairs come from: the user's files, Multi30k, LibreOffice help, or a synthetic task.
 
-Each loader returns a `Corpus`: either one pool of pairs that `prepare` splits itself, or
-(Multi30k) the corpus's own fixed train/valid/test splits. Every pair carries its origin
-(``FILE:LINE`` or ``PAGE#ELEMENT-ID``) and a group: pairs of one group (one help page) are
-kept in the same split, so test paragraphs come from pages never seen in training.
+Each loader returns a `Corpus`: a list of `Segment`s, each a run of pairs read in order,
+either the pool that `prepare` splits itself or pairs that belong to one split (Multi30k's own
+train/valid/test, the user's own valid/test files). A segment is read as a stream (files line
+by line, each line validated as it is reached), so a corpus of any size is never held in
+memory. Every pair carries its origin (``FILE:LINE`` or ``PAGE#ELEMENT-ID``) and, in the
+LibreOffice pool, a group: pairs of one group (one help page) are kept in the same split, so
+test paragraphs come from pages never seen in training.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from .libreoffice import load_libreoffice_help
-from .text import read_parallel, read_tsv
+from .text import iter_parallel, iter_tsv
+
+Pair = tuple[str, str, str, "str | None"]  # source, target, origin, group (None: its own group)
 
 
 @dataclass
-class Pairs:
-    src: list[str]
-    tgt: list[str]
-    origin: list[str]
-    group: list[str] = field(default_factory=list)  # empty: every pair is its own group
+class Segment:
+    """Pairs read in order: ``pairs()`` gives a fresh iterator over them."""
 
-    def __len__(self) -> int:
-        return len(self.src)
+    split: str | None  # None: the pool, split by `prepare`; else "train", "valid" or "test"
+    pairs: Callable[[], Iterator[Pair]]
+    where: str = ""  # for messages: the files it is read from
 
 
 @dataclass
 class Corpus:
-    pool: Pairs | None = None  # to be split by `prepare`
-    splits: dict[str, Pairs] | None = None  # fixed splits shipped with the corpus
+    segments: list[Segment]
     languages: dict[str, str | None] = field(default_factory=lambda: {"src": None, "tgt": None})
     info: dict = field(default_factory=dict)
     identical_allowed: bool = False  # synthetic tasks: identical pairs (copy, palindromes) are data
-    held_out: dict[str, Pairs] = field(default_factory=dict)  # the user's own valid/test sets, if given
+
+    @property
+    def own_splits(self) -> bool:
+        """True if the corpus brings its own training split (Multi30k), so nothing is split off."""
+        return any(segment.split == "train" for segment in self.segments)
 
 
 def _lang_of(path: Path) -> str | None:
@@ -45,26 +52,35 @@ def _lang_of(path: Path) -> str | None:
     return suffix if re.fullmatch(r"[a-z]{2,3}(_[a-z]{2})?", suffix) else None
 
 
-def read_pairs(src_path: str | Path, tgt_path: str | Path) -> Pairs:
-    """Two line-aligned files, validated (`text.read_parallel`), as Pairs with FILE:LINE origins."""
-    src, tgt, lines = read_parallel(src_path, tgt_path)
-    if not src:
-        raise UserError("no sentence pairs (every line is empty)", path=src_path)
+def stream_pairs(src_path: str | Path, tgt_path: str | Path) -> Iterator[Pair]:
+    """Two line-aligned files, validated line by line (`text.iter_parallel`), with FILE:LINE origins."""
     name = Path(src_path).name
-    return Pairs(src, tgt, [f"{name}:{n}" for n in lines])
+    found = False
+    for number, src, tgt in iter_parallel(src_path, tgt_path):
+        found = True
+        yield src, tgt, f"{name}:{number}", None
+    if not found:
+        raise UserError("no sentence pairs (every line is empty)", path=src_path)
+
+
+def file_segment(split: str | None, src_path: str | Path, tgt_path: str | Path) -> Segment:
+    return Segment(split, lambda: stream_pairs(src_path, tgt_path), f"{src_path} and {tgt_path}")
 
 
 def from_files(src_path: str, tgt_path: str) -> Corpus:
-    return Corpus(pool=read_pairs(src_path, tgt_path),
+    return Corpus([file_segment(None, src_path, tgt_path)],
                   languages={"src": _lang_of(Path(src_path)), "tgt": _lang_of(Path(tgt_path))},
                   info={"kind": "files", "src": str(src_path), "tgt": str(tgt_path)})
 
 
 def from_tsv(path: str) -> Corpus:
-    src, tgt, lines = read_tsv(path)
     name = Path(path).name
-    return Corpus(pool=Pairs(src, tgt, [f"{name}:{n}" for n in lines]),
-                  info={"kind": "tsv", "path": str(path)})
+
+    def pairs() -> Iterator[Pair]:
+        for number, src, tgt in iter_tsv(path):
+            yield src, tgt, f"{name}:{number}", None
+
+    return Corpus([Segment(None, pairs, str(path))], info={"kind": "tsv", "path": str(path)})
 
 
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test2016"}
@@ -92,17 +108,16 @@ def multi30k_files(directory: str | Path, pair: str) -> dict[str, tuple[Path, Pa
 
 def from_multi30k(directory: str | Path, pair: str) -> Corpus:
     s, t = parse_pair(pair)
-    splits = {split: read_pairs(src_file, tgt_file)
-              for split, (src_file, tgt_file) in multi30k_files(directory, pair).items()}
-    return Corpus(splits=splits, languages={"src": s, "tgt": t},
+    segments = [file_segment(split, src_file, tgt_file)
+                for split, (src_file, tgt_file) in multi30k_files(directory, pair).items()]
+    return Corpus(segments, languages={"src": s, "tgt": t},
                   info={"kind": "multi30k", "path": str(directory), "pair": f"{s}-{t}"})
 
 
 def from_libreoffice(lang: str, cache_dir: Path, log=print) -> Corpus:
     aligned, info = load_libreoffice_help(lang, cache_dir, log)
-    pool = Pairs([p.src for p in aligned], [p.tgt for p in aligned],
-                 [f"{p.page}#{p.element_id}" for p in aligned], [p.page for p in aligned])
-    return Corpus(pool=pool, languages={"src": "en", "tgt": lang.lower()},
+    pairs = lambda: ((p.src, p.tgt, f"{p.page}#{p.element_id}", p.page) for p in aligned)  # noqa: E731
+    return Corpus([Segment(None, pairs, "LibreOffice help")], languages={"src": "en", "tgt": lang.lower()},
                   info={"kind": "libreoffice-help", "lang": lang.lower(), **info})
 
 
@@ -115,15 +130,15 @@ def synthetic(task: str, n_pairs: int, seed: int) -> Corpus:
     """``copy``: target = source; ``reverse``: target = source reversed. Deterministic in seed."""
     if n_pairs < 1:
         raise UserError("--train-size must be positive")
-    rng = random.Random(seed)
     lo, hi = SYNTHETIC_LENGTHS
-    src, tgt = [], []
-    for _ in range(n_pairs):
-        words = [rng.choice(SYNTHETIC_SYMBOLS) for _ in range(rng.randint(lo, hi))]
-        src.append(" ".join(words))
-        tgt.append(" ".join(words if task == "copy" else words[::-1]))
-    return Corpus(pool=Pairs(src, tgt, [f"{task}:{i + 1}" for i in range(n_pairs)]),
-                  languages={"src": task, "tgt": task},
+
+    def pairs() -> Iterator[Pair]:
+        rng = random.Random(seed)
+        for i in range(n_pairs):
+            words = [rng.choice(SYNTHETIC_SYMBOLS) for _ in range(rng.randint(lo, hi))]
+            yield " ".join(words), " ".join(words if task == "copy" else words[::-1]), f"{task}:{i + 1}", None
+
+    return Corpus([Segment(None, pairs, task)], languages={"src": task, "tgt": task},
                   info={"kind": task, "symbols": len(SYNTHETIC_SYMBOLS),
                         "lengths": list(SYNTHETIC_LENGTHS), "generated_pairs": n_pairs},
                   identical_allowed=True)

@@ -2,18 +2,25 @@
 
 Layout (also recorded under "files" in the manifest):
 
-    manifest.json        settings, counts, filters, special ids, split, fingerprint
-    spm.model, spm.vocab the joint BPE model (sentencepiece) and its readable vocabulary
-    {split}.src/.tgt     raw sentences (cleaned UTF-8, one per line): BLEU references
-    {split}.origin       where each pair came from (FILE:LINE, or PAGE#ELEMENT-ID)
-    {split}.npz          the encoded pairs: src_ids, src_offsets, tgt_ids, tgt_offsets
-                         (ids concatenated, int32; pair i is ids[offsets[i]:offsets[i+1]])
+    manifest.json             settings, counts, filters, special ids, split, fingerprint
+    spm.model, spm.vocab      the joint BPE model (sentencepiece) and its readable vocabulary
+    {split}.src/.tgt          raw sentences (cleaned UTF-8, one per line): BLEU references
+    {split}.origin            where each pair came from (FILE:LINE, or PAGE#ELEMENT-ID)
+    {split}.{side}.ids.npy    the encoded sentences of one side, concatenated (int32 ids
+                              without specials)
+    {split}.{side}.offsets.npy  int64, one more than there are pairs: sentence i is
+                              ids[offsets[i]:offsets[i + 1]]
 
-for split in train, valid, test. Arrays are read with ``allow_pickle=False``.
+for split in train, valid, test and side in src, tgt. The arrays are plain ``.npy`` files,
+opened with ``np.load(mmap_mode="r")``: nothing is read until it is used, the operating system
+pages them in and out, and several processes on one machine (``torchrun``) share one copy in
+the page cache. What a process holds for itself is the length arrays the batcher needs
+(4 bytes per pair and side). Format version 1 (``{split}.npz``, loaded whole) is still read.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -26,11 +33,95 @@ from .batching import Batch, TokenBatchSampler, collate
 from .tokenizer import Tokenizer
 
 FORMAT = "aiayn-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: {split}.npz
 SPLITS = ("train", "valid", "test")
 SIDES = ("src", "tgt")
 MANIFEST = "manifest.json"
 SPM_MODEL = "spm.model"
+
+
+def array_files(split: str) -> list[str]:
+    """The file names of a split's encoded pairs (format version 2)."""
+    return [f"{split}.{side}.{kind}.npy" for side in SIDES for kind in ("ids", "offsets")]
+
+
+class ArrayWriter:
+    """A one-dimensional ``.npy`` file written piece by piece, its length unknown until the end.
+
+    The data goes after a header of fixed size (`HEADER_BYTES`), which `close` fills in once the
+    length is known: the ``.npy`` format 1.0 (magic, version, header length, then the header
+    dict padded with spaces to the 64-byte alignment the format asks for). Memory: one piece."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.length = Path(path), np.dtype(dtype), 0
+        self._file = open(self.path, "wb")
+        self._file.write(b"\0" * self.HEADER_BYTES)
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self._file.write(values.tobytes())
+        self.length += len(values)
+
+    def close(self) -> None:
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                       "shape": (self.length,)}).encode("latin1")
+        room = self.HEADER_BYTES - 10  # magic (6), version (2), header length (2)
+        if len(header) + 1 > room:
+            raise ValueError(f"npy header of {len(header)} bytes does not fit")
+        self._file.seek(0)
+        self._file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", room) + header.ljust(room - 1) + b"\n")
+        self._file.close()
+
+
+class RaggedWriter:
+    """Sentences of one side (id arrays of any length) -> ``ids`` and ``offsets`` `ArrayWriter`s."""
+
+    def __init__(self, ids_path: Path, offsets_path: Path):
+        self.ids = ArrayWriter(ids_path, np.int32)
+        self.offsets = ArrayWriter(offsets_path, np.int64)
+        self.offsets.append(np.zeros(1, dtype=np.int64))
+        self.total = 0
+
+    def append(self, flat_ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Sentences given as their ids concatenated and their lengths."""
+        self.ids.append(flat_ids)
+        self.offsets.append(self.total + np.cumsum(lengths, dtype=np.int64))
+        self.total += int(np.sum(lengths, dtype=np.int64))
+
+    def close(self) -> None:
+        self.ids.close()
+        self.offsets.close()
+
+
+class Ragged(Sequence):
+    """Sentences stored as concatenated ``ids`` and ``offsets`` (often memory-mapped): ``r[i]``
+    is sentence i (a view, nothing copied), ``r[a:b]`` a `Ragged` of those sentences."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = ids, offsets
+
+    def __len__(self) -> int:
+        return max(len(self.offsets) - 1, 0)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("Ragged slices take every sentence (step 1)")
+            return Ragged(self.ids, self.offsets[start:max(stop, start) + 1])
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        """The length of every sentence (int32: what the batcher keeps per pair)."""
+        return np.diff(self.offsets).astype(np.int32)
 
 
 def pack(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -42,26 +133,25 @@ def pack(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, offsets
 
 
-def unpack(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return np.split(ids, offsets[1:-1]) if len(offsets) > 1 else []
-
-
-def save_split(path: Path, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> None:
-    src_ids, src_offsets = pack(src)
-    tgt_ids, tgt_offsets = pack(tgt)
-    np.savez(path, src_ids=src_ids, src_offsets=src_offsets,
-             tgt_ids=tgt_ids, tgt_offsets=tgt_offsets)
+def save_split(directory: Path, name: str, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> None:
+    """Write one split's encoded pairs (lists of ids) in the current format."""
+    for side, sentences in zip(SIDES, (src, tgt)):
+        ids, offsets = pack(sentences)
+        writer = RaggedWriter(directory / f"{name}.{side}.ids.npy", directory / f"{name}.{side}.offsets.npy")
+        writer.append(ids, np.diff(offsets))
+        writer.close()
 
 
 class Split:
-    """The encoded pairs of one split: ``.src[i]``, ``.tgt[i]`` are int arrays without specials."""
+    """The encoded pairs of one split: ``.src[i]``, ``.tgt[i]`` are int arrays without specials
+    (`Ragged`, memory-mapped), ``.src_lens``/``.tgt_lens`` their lengths."""
 
-    def __init__(self, name: str, src: list[np.ndarray], tgt: list[np.ndarray]):
+    def __init__(self, name: str, src: Ragged, tgt: Ragged):
         self.name = name
         self.src = src
         self.tgt = tgt
-        self.src_lens = np.fromiter((len(s) for s in src), dtype=np.int64, count=len(src))
-        self.tgt_lens = np.fromiter((len(t) for t in tgt), dtype=np.int64, count=len(tgt))
+        self.src_lens = src.lengths()
+        self.tgt_lens = tgt.lengths()
 
     def __len__(self) -> int:
         return len(self.src)
@@ -74,6 +164,11 @@ class Split:
         """The pairs at ``indices`` as a `Batch`; ``max_len`` keeps at most that many tokens of
         each side (before EOS and BOS are added)."""
         return collate([self.src[i][:max_len] for i in indices], [self.tgt[i][:max_len] for i in indices])
+
+
+def _check_ragged(ids: np.ndarray, offsets: np.ndarray) -> None:
+    if ids.ndim != 1 or offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids):
+        raise ValueError("ids and offsets do not match")
 
 
 class PreparedData:
@@ -92,20 +187,38 @@ class PreparedData:
         if name not in SPLITS:
             raise UserError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         if name not in self._splits:
-            path = self.path / f"{name}.npz"
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    src = unpack(z["src_ids"], z["src_offsets"])
-                    tgt = unpack(z["tgt_ids"], z["tgt_offsets"])
-            except (OSError, KeyError, ValueError) as e:
-                raise UserError(f"cannot read encoded split ({e}); re-run aiayn prepare --force",
-                                path=path) from None
+            src, tgt = (self._read_v1(name) if self.manifest["version"] == 1 else
+                        [self._read_side(name, side) for side in SIDES])
             expected = self.manifest["counts"][name]
             if len(src) != expected or len(tgt) != expected:
-                raise UserError(f"holds {len(src)}/{len(tgt)} pairs, the manifest says {expected}; "
-                                "re-run aiayn prepare --force", path=path)
+                raise UserError(f"the {name} split holds {len(src)}/{len(tgt)} pairs, the manifest says "
+                                f"{expected}; re-run aiayn prepare --force", path=self.path)
             self._splits[name] = Split(name, src, tgt)
         return self._splits[name]
+
+    def _read_side(self, name: str, side: str) -> Ragged:
+        ids_path, offsets_path = (self.path / f"{name}.{side}.{kind}.npy" for kind in ("ids", "offsets"))
+        try:
+            ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+            offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
+            _check_ragged(ids, offsets)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read encoded split ({e}); re-run aiayn prepare --force",
+                            path=ids_path) from None
+        return Ragged(ids, offsets)
+
+    def _read_v1(self, name: str) -> tuple[Ragged, Ragged]:
+        """Format version 1: both sides in one ``.npz``, read whole (it cannot be mapped)."""
+        path = self.path / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                sides = [(z[f"{side}_ids"], z[f"{side}_offsets"]) for side in SIDES]
+            for ids, offsets in sides:
+                _check_ragged(ids, offsets)
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"cannot read encoded split ({e}); re-run aiayn prepare --force",
+                            path=path) from None
+        return Ragged(*sides[0]), Ragged(*sides[1])
 
     def raw(self, name: str, side: str) -> list[str]:
         """The raw (untokenized) sentences of a split, side "src" or "tgt" (BLEU references)."""
@@ -127,7 +240,7 @@ def read_manifest(path: Path) -> dict:
     if not file.is_file():
         raise UserError(f"not a prepared dataset: no {MANIFEST} (create it with aiayn prepare)",
                         path=path)
-    return read_versioned_json(file, FORMAT, FORMAT_VERSION, what="dataset manifest",
+    return read_versioned_json(file, FORMAT, READS_VERSIONS, what="dataset manifest",
                                remedy="re-run aiayn prepare --force")
 
 
@@ -135,7 +248,9 @@ def load_dataset(path: str | Path) -> PreparedData:
     """Open a prepared dataset directory; a missing or corrupt one raises `UserError`."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in [SPM_MODEL] + [f"{s}.npz" for s in SPLITS]:
+    arrays = [f"{s}.npz" for s in SPLITS] if manifest["version"] == 1 else [
+        name for s in SPLITS for name in array_files(s)]
+    for name in [SPM_MODEL] + arrays:
         if not (path / name).is_file():
             raise UserError(f"incomplete dataset: {name} is missing; re-run aiayn prepare --force",
                             path=path)

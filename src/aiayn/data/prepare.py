@@ -1,15 +1,20 @@
 """``aiayn prepare``: parallel text -> a dataset directory (see `dataset` for its layout).
 
-The pipeline, in order:
+The pipeline, in order, in memory bounded whatever the corpus's size (no stage holds the text,
+nor a Python object per pair):
 
-1. read and validate the input (user files fail fast with FILE:LINE errors, before any work);
-2. clean (NFC, single spaces), drop exact duplicate pairs and untranslated (identical) pairs;
-3. split deterministically into train/valid/test (whole groups, e.g. help pages, per split);
-   drop training pairs whose source sentence is held out, so no test source is trained on;
-4. train one joint BPE model on the training text of both sides (§5.1);
-5. encode every split; drop training pairs that are too long or too unequal in length
-   (valid and test are kept whole, so scores are over the full held-out sets);
-6. write everything into a temporary directory and move it into place.
+1. stream the input, validating every line (user files fail with FILE:LINE errors, before any
+   other work), clean it (NFC, single spaces) and write it to work files; keep per pair only
+   64-bit hashes of the pair and of its source, and a few flags (`_Pool`: ~20 bytes a pair);
+2. on those arrays: drop exact duplicate pairs and untranslated (identical) pairs; split
+   deterministically into train/valid/test (whole groups, e.g. help pages, per split); drop
+   training pairs whose source sentence is held out, so no test source is trained on;
+3. train one joint BPE model on the training text of both sides (§5.1), or on a seeded sample
+   of ``--bpe-sample`` sentences of it, streamed to sentencepiece;
+4. encode in chunks of `CHUNK_PAIRS` pairs on all cores, dropping training pairs that are too
+   long or too unequal in length (valid and test are kept whole, so scores are over the full
+   held-out sets), and append each chunk to the split's files and memory-mappable arrays;
+5. all of it in a temporary directory that is moved into place at the end.
 
 A fingerprint of the settings and the input (the digest of each input file by its role:
 train.src, train.tgt, ...) is stored in the manifest: a second run with identical settings and
@@ -19,24 +24,41 @@ input into the same --out reuses the directory without any work.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..files import artefact_kind, atomic_directory, refuse_to_replace, sha256_file
+from ..progress import progress_bar
 from . import corpora
-from .corpora import Corpus, Pairs
-from .dataset import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SPM_MODEL, read_manifest, save_split
+from .corpora import Corpus
+from .dataset import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SIDES,
+    SPLITS,
+    SPM_MODEL,
+    RaggedWriter,
+    array_files,
+    read_manifest,
+)
 from .libreoffice import default_cache_dir, package_name
 from .options import PrepareOptions
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, roundtrip_failures, train_bpe
+from .text import require_text
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_bpe
 
 # Bump when the pipeline changes what it writes: older directories are then rebuilt.
 # 2: input digests keyed by role (train.src, train.tgt, ...) instead of file name.
-PIPELINE_VERSION = 2
+# 3: streamed in bounded memory; memory-mapped arrays (format 2); pools without groups split by
+#    a permutation of the pairs; BPE trained on a seeded sample of --bpe-sample sentences.
+PIPELINE_VERSION = 3
 
 
 def log(message: str) -> None:
@@ -99,6 +121,8 @@ def _check_numbers(args: PrepareOptions, split_off: dict[str, int]) -> None:
         raise UserError("--max-len must be at least 1")
     if args.max_ratio < 1:
         raise UserError("--max-ratio must be at least 1.0")
+    if args.bpe_sample < 100:
+        raise UserError(f"--bpe-sample {args.bpe_sample} is too small (at least 100 sentences)")
     if args.corpus == "libreoffice-help":
         package_name(args.lang)  # a malformed --lang fails here, before any download
 
@@ -107,7 +131,7 @@ def _settings(args: PrepareOptions, kind: str, split_off: dict[str, int]) -> dic
     """Every option that changes the output (and nothing that does not, like --force). The
     user's held-out files are inputs (in the fingerprint by role), not settings."""
     s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "vocab_size": args.vocab_size,
-         "max_len": args.max_len, "max_ratio": args.max_ratio, "seed": args.seed}
+         "max_len": args.max_len, "max_ratio": args.max_ratio, "seed": args.seed, "bpe_sample": args.bpe_sample}
     s.update({f"{split}_size": size for split, size in split_off.items()})
     if kind == "libreoffice-help":
         s["lang"] = args.lang.lower()
@@ -123,6 +147,8 @@ def _digest(files: dict[str, Path]) -> dict[str, str]:
 
     Keyed by role, not by file name: en/train.txt and de/train.txt share a name, and swapping
     --src and --tgt swaps no names at all, yet either is a different dataset."""
+    for path in files.values():  # a missing or empty file is named before any reading
+        require_text(path)
     return {role: sha256_file(path) for role, path in files.items()}
 
 
@@ -153,94 +179,16 @@ def _reusable(out: Path, fingerprint: str, force: bool) -> bool:
 
 # -- the pipeline ------------------------------------------------------------------------------
 
-
-def _dedup(pairs: Pairs, drop_identical: bool, counts: dict) -> Pairs:
-    """Drop exact duplicate pairs (first occurrence kept) and, for real corpora, identical pairs."""
-    seen: set[tuple[str, str]] = set()
-    keep = []
-    duplicates = identical = 0
-    for i, key in enumerate(zip(pairs.src, pairs.tgt)):
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        if drop_identical and key[0] == key[1]:
-            identical += 1  # untranslated: a model would learn to copy
-            continue
-        keep.append(i)
-    counts["duplicates"] = counts.get("duplicates", 0) + duplicates
-    counts["identical"] = counts.get("identical", 0) + identical
-    return _subset(pairs, keep)
-
-
-def _subset(pairs: Pairs, keep: list[int]) -> Pairs:
-    return Pairs([pairs.src[i] for i in keep], [pairs.tgt[i] for i in keep],
-                 [pairs.origin[i] for i in keep],
-                 [pairs.group[i] for i in keep] if pairs.group else [])
-
-
-def split_pool(pairs: Pairs, valid_size: int, test_size: int, seed: int) -> dict[str, Pairs]:
-    """Deterministic split: shuffle the groups with ``seed``, fill test, then valid, rest train.
-
-    Whole groups go to one split. A group is held out only if it still fits the requested
-    size, so with many small groups (help pages) the sizes come out exact or nearly so; the
-    manifest records the actual counts.
-    """
-    groups = pairs.group or [str(i) for i in range(len(pairs))]
-    members: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    names = sorted(members)
-    rng = np.random.default_rng(seed)
-    order = [names[j] for j in rng.permutation(len(names))]
-    if valid_size + test_size > len(pairs) // 2:
-        raise UserError(f"the corpus has {len(pairs)} usable pairs: --valid-size {valid_size} + "
-                        f"--test-size {test_size} must leave at least half for training")
-    chosen: dict[str, list[int]] = {"test": [], "valid": [], "train": []}
-    target = {"test": test_size, "valid": valid_size}
-    for name in order:
-        size = len(members[name])
-        split = next((s for s in ("test", "valid") if len(chosen[s]) + size <= target[s]),
-                     "train")
-        chosen[split].extend(members[name])
-    return {s: _subset(pairs, sorted(idx)) for s, idx in chosen.items()}
-
-
-def _drop_held_out_sources(splits: dict[str, Pairs], counts: dict) -> None:
-    held_out = set(splits["valid"].src) | set(splits["test"].src)
-    keep = [i for i, s in enumerate(splits["train"].src) if s not in held_out]
-    counts["held_out_source"] = len(splits["train"]) - len(keep)
-    splits["train"] = _subset(splits["train"], keep)
-
-
-def _length_filter(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int,
-                   max_ratio: float, counts: dict) -> list[int]:
-    """Indices of training pairs kept; lengths count the added eos (len + 1)."""
-    keep = []
-    too_long = ratio = 0
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        ls, lt = len(s) + 1, len(t) + 1
-        if max(ls, lt) - 1 > max_len:
-            too_long += 1
-        elif max(ls, lt) / min(ls, lt) > max_ratio:
-            ratio += 1
-        else:
-            keep.append(i)
-    counts["too_long"] = too_long
-    counts["length_ratio"] = ratio
-    return keep
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
+LABELS = {"train": 0, "valid": 1, "test": 2}
+DROPPED = -1
+UNDECIDED = -2  # a pool pair before the split
+CHUNK_PAIRS = 50_000  # pairs encoded and written at a time (all that stage 4 holds)
 
 
 def _load_corpus(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
     if kind in ("files", "tsv"):
         corpus = corpora.from_files(args.src, args.tgt) if kind == "files" else corpora.from_tsv(args.tsv)
-        corpus.held_out = {split: corpora.read_pairs(*files) for split, files in held_out.items()}
+        corpus.segments += [corpora.file_segment(split, *files) for split, files in held_out.items()]
         return corpus
     if kind == "multi30k":
         return corpora.from_multi30k(args.path, args.pair)
@@ -263,10 +211,246 @@ def _input_files(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path
     return {}
 
 
-def _length_stats(ids: list[list[int]]) -> dict:
-    lens = np.array([len(x) for x in ids]) if ids else np.zeros(1)
-    return {"tokens": int(lens.sum()), "mean": round(float(lens.mean()), 2),
-            "max": int(lens.max())}
+def _hash64(text: str) -> int:
+    """64 bits of BLAKE2b: duplicates are found by these, never by holding the text. Two
+    different sentences share a value with probability about n² / 2⁶⁵ over n of them (6·10⁻⁷
+    at 4.5M pairs): the cost would be one pair wrongly dropped as a duplicate."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class _Pool:
+    """Stage 1's output: every pair read, cleaned, in reading order, as three text files in the
+    work directory (``pool.src``, ``pool.tgt``, ``pool.origin``: one line per pair) and compact
+    per-pair arrays (the `array` module: a few bytes a pair, not a Python object per pair): the
+    hash of the pair and of its source, whether the two sides are identical, the segment it was
+    read from, and its group (an index into ``group_names``; -1: a group of its own)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files = {kind: open(directory / f"pool.{kind}", "w", encoding="utf-8", newline="\n")
+                      for kind in ("src", "tgt", "origin")}
+        self.pair_hash, self.src_hash = array("Q"), array("Q")
+        self.identical, self.segment = bytearray(), bytearray()
+        self.group = array("q")
+        self.group_names: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.segment)
+
+    def add(self, segment: int, src: str, tgt: str, origin: str, group: str | None) -> None:
+        self.files["src"].write(src + "\n")
+        self.files["tgt"].write(tgt + "\n")
+        self.files["origin"].write(origin + "\n")
+        self.pair_hash.append(_hash64(src + "\0" + tgt))
+        self.src_hash.append(_hash64(src))
+        self.identical.append(src == tgt)
+        self.segment.append(segment)
+        self.group.append(-1 if group is None else self.group_names.setdefault(group, len(self.group_names)))
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def lines(self, kind: str) -> Iterator[str]:
+        with open(self.directory / f"pool.{kind}", encoding="utf-8", newline="\n") as f:
+            for line in f:
+                yield line[:-1]
+
+    def remove(self) -> None:
+        for kind in self.files:
+            (self.directory / f"pool.{kind}").unlink(missing_ok=True)
+
+
+def _read(corpus: Corpus, work: Path) -> _Pool:
+    """Stage 1: read every segment once, validating each line (a FILE:LINE error stops here,
+    before any other work), into a `_Pool`."""
+    pool = _Pool(work)
+    try:
+        for index, segment in enumerate(corpus.segments):
+            for src, tgt, origin, group in segment.pairs():
+                pool.add(index, src, tgt, origin, group)
+    finally:
+        pool.close()
+    return pool
+
+
+def _dedup(pool: _Pool, eligible: np.ndarray, drop_identical: bool, labels: np.ndarray, counts: dict) -> None:
+    """Drop exact duplicate pairs among the ``eligible`` positions (the first occurrence kept)
+    and, for real corpora, the identical (untranslated) ones: their labels become DROPPED."""
+    where = np.flatnonzero(eligible)
+    hashes = np.frombuffer(pool.pair_hash, dtype=np.uint64)[where]
+    _, first = np.unique(hashes, return_index=True)  # a stable sort: the first occurrence
+    keep = np.zeros(len(where), dtype=bool)
+    keep[first] = True
+    counts["duplicates"] = counts.get("duplicates", 0) + int(len(where) - len(first))
+    identical = np.zeros(len(where), dtype=bool)
+    if drop_identical:  # untranslated: a model would learn to copy
+        identical = keep & (np.frombuffer(pool.identical, dtype=np.uint8)[where] == 1)
+    counts["identical"] = counts.get("identical", 0) + int(identical.sum())
+    labels[where[~keep | identical]] = DROPPED
+
+
+def split_pool(groups: np.ndarray, names: list[str], valid_size: int, test_size: int, seed: int) -> np.ndarray:
+    """Deterministic split of the pool: the label (`LABELS`) of each of its pairs.
+
+    ``groups[i]`` is pair i's index into ``names``, or -1 where every pair is a group of its own.
+    Shuffle the groups with ``seed`` (sorted by name first), fill test, then valid, rest train;
+    whole groups go to one split, and a group is held out only if it still fits the requested
+    size, so with many small groups (help pages) the sizes come out exact or nearly so; the
+    manifest records the actual counts. Without groups this is a seeded permutation of the
+    pairs cut into test, valid and train: no loop over pairs.
+    """
+    n = len(groups)
+    if valid_size + test_size > n // 2:
+        raise UserError(f"the corpus has {n} usable pairs: --valid-size {valid_size} + "
+                        f"--test-size {test_size} must leave at least half for training")
+    rng = np.random.default_rng(seed)
+    labels = np.full(n, LABELS["train"], dtype=np.int8)
+    if not bool(np.any(groups >= 0)):
+        order = rng.permutation(n)
+        labels[order[:test_size]] = LABELS["test"]
+        labels[order[test_size:test_size + valid_size]] = LABELS["valid"]
+        return labels
+    if bool(np.any(groups < 0)):
+        raise ValueError("a pool has groups for all of its pairs or for none")
+    sizes = np.bincount(groups, minlength=len(names))
+    by_name = sorted(np.flatnonzero(sizes).tolist(), key=lambda g: names[g])
+    target, filled = {"test": test_size, "valid": valid_size}, {"test": 0, "valid": 0}
+    chosen = np.full(len(names), LABELS["train"], dtype=np.int8)
+    for j in rng.permutation(len(by_name)).tolist():
+        g = by_name[j]
+        split = next((s for s in ("test", "valid") if filled[s] + sizes[g] <= target[s]), "train")
+        if split != "train":
+            filled[split] += int(sizes[g])
+            chosen[g] = LABELS[split]
+    return chosen[groups]
+
+
+def _decide(pool: _Pool, corpus: Corpus, split_off: dict[str, int], seed: int, counts: dict) -> np.ndarray:
+    """Stage 2, on the per-pair arrays only: deduplicate, split the pool, and drop training pairs
+    whose source sentence is held out (so no test source is trained on). Returns each pair's
+    label: a split (`LABELS`) or DROPPED."""
+    segment_split = np.array([LABELS.get(seg.split, UNDECIDED) for seg in corpus.segments], dtype=np.int8)
+    labels = segment_split[np.frombuffer(pool.segment, dtype=np.uint8)]
+    _dedup(pool, (labels == UNDECIDED) | (labels == LABELS["train"]), not corpus.identical_allowed, labels, counts)
+    in_pool = np.flatnonzero(labels == UNDECIDED)
+    if len(in_pool) or not corpus.own_splits:
+        groups = np.frombuffer(pool.group, dtype=np.int64)[in_pool]
+        names = sorted(pool.group_names, key=pool.group_names.get)
+        labels[in_pool] = split_pool(groups, names, split_off.get("valid", 0), split_off.get("test", 0), seed)
+    src_hash = np.frombuffer(pool.src_hash, dtype=np.uint64)
+    held_out = src_hash[(labels == LABELS["valid"]) | (labels == LABELS["test"])]
+    train = np.flatnonzero(labels == LABELS["train"])
+    seen = np.isin(src_hash[train], held_out)
+    counts["held_out_source"] = int(seen.sum())
+    labels[train[seen]] = DROPPED
+    return labels
+
+
+def _bpe_sentences(pool: _Pool, labels: np.ndarray, sample: int, seed: int) -> tuple[Iterator[str], int]:
+    """Stage 3's input: the training sentences of both sides (all sources, then all targets, in
+    pool order), or a seeded uniform sample of ``sample`` of them. Returns (iterator, how many)."""
+    is_train = labels == LABELS["train"]
+    total = 2 * int(is_train.sum())
+    take = None
+    if total > sample:
+        take = np.zeros(total, dtype=bool)
+        take[np.random.default_rng([seed, 5]).choice(total, sample, replace=False)] = True
+
+    def sentences() -> Iterator[str]:
+        k = 0
+        for side in SIDES:
+            for line, train in zip(pool.lines(side), is_train.tolist()):
+                if train:
+                    if take is None or take[k]:
+                        yield line
+                    k += 1
+
+    return sentences(), min(total, sample)
+
+
+class _SplitWriter:
+    """Stage 4's output for one split: raw text, origins and the encoded arrays, written as the
+    chunks come, with the statistics the manifest reports."""
+
+    def __init__(self, directory: Path, name: str):
+        self.text = {kind: open(directory / f"{name}.{kind}", "w", encoding="utf-8", newline="\n")
+                     for kind in ("src", "tgt", "origin")}
+        self.ids = {side: RaggedWriter(*(directory / f"{name}.{side}.{kind}.npy" for kind in ("ids", "offsets")))
+                    for side in SIDES}
+        self.count = 0
+        self.tokens, self.longest, self.words = (dict.fromkeys(SIDES, 0) for _ in range(3))
+
+    def write(self, texts: dict[str, list[str]], ids: dict[str, list[list[int]]]) -> None:
+        for kind in ("src", "tgt", "origin"):
+            self.text[kind].write("".join(line + "\n" for line in texts[kind]))
+        for side in SIDES:
+            lengths = np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(ids[side]))
+            flat = np.fromiter(itertools.chain.from_iterable(ids[side]), dtype=np.int32, count=int(lengths.sum()))
+            self.ids[side].append(flat, lengths)
+            self.tokens[side] += int(lengths.sum())
+            self.longest[side] = max(self.longest[side], int(lengths.max(initial=0)))
+            self.words[side] += sum(len(line.split()) for line in texts[side])
+        self.count += len(texts["src"])
+
+    def close(self) -> None:
+        for f in self.text.values():
+            f.close()
+        for writer in self.ids.values():
+            writer.close()
+
+    def length_stats(self, side: str) -> dict:
+        mean = round(self.tokens[side] / self.count, 2) if self.count else 0.0
+        return {"tokens": self.tokens[side], "mean": mean, "max": self.longest[side]}
+
+
+def _length_filter(src_len: np.ndarray, tgt_len: np.ndarray, max_len: int, max_ratio: float,
+                   counts: dict) -> np.ndarray:
+    """Which training pairs are kept; lengths count the added eos (len + 1)."""
+    ls, lt = src_len + 1, tgt_len + 1
+    longer, shorter = np.maximum(ls, lt), np.minimum(ls, lt)
+    too_long = longer - 1 > max_len
+    ratio = ~too_long & (longer / shorter > max_ratio)
+    counts["too_long"] += int(too_long.sum())
+    counts["length_ratio"] += int(ratio.sum())
+    return ~(too_long | ratio)
+
+
+def _encode_and_write(pool: _Pool, labels: np.ndarray, tok: Tokenizer, tmp: Path, args: PrepareOptions,
+                      counts: dict) -> tuple[dict[str, _SplitWriter], int]:
+    """Stage 4: encode the pool chunk by chunk (`CHUNK_PAIRS` pairs, on all cores) and write each
+    split's files; training pairs that are too long or too unequal in length are dropped here
+    (valid and test are kept whole, so scores are over the full held-out sets). Returns the
+    writers (with their statistics) and the round-trip failures of valid and test."""
+    writers = {name: _SplitWriter(tmp, name) for name in SPLITS}
+    counts["too_long"] = counts["length_ratio"] = 0
+    failures = 0
+    lines = zip(pool.lines("src"), pool.lines("tgt"), pool.lines("origin"))
+    kept = int(np.sum(labels >= 0))
+    with progress_bar(kept, "prepare: encode", "pair", enabled=kept >= 100_000) as bar:
+        for start in range(0, len(labels), CHUNK_PAIRS):
+            chunk = list(itertools.islice(lines, CHUNK_PAIRS))
+            chunk_labels = labels[start:start + len(chunk)]
+            for name in SPLITS:
+                rows = np.flatnonzero(chunk_labels == LABELS[name]).tolist()
+                if not rows:
+                    continue
+                texts = {kind: [chunk[r][k] for r in rows] for k, kind in enumerate(("src", "tgt", "origin"))}
+                ids = {side: tok.encode_batch(texts[side]) for side in SIDES}
+                if name == "train":
+                    keep = _length_filter(*(np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(rows))
+                                            for side in SIDES), args.max_len, args.max_ratio, counts)
+                    if not keep.all():
+                        where = np.flatnonzero(keep).tolist()
+                        texts = {kind: [v[i] for i in where] for kind, v in texts.items()}
+                        ids = {side: [v[i] for i in where] for side, v in ids.items()}
+                else:
+                    failures += sum(tok.decode(x) != t for side in SIDES for x, t in zip(ids[side], texts[side]))
+                writers[name].write(texts, ids)
+                bar.update(len(rows))
+    for writer in writers.values():
+        writer.close()
+    return writers, failures
 
 
 def prepare_dataset(args: PrepareOptions) -> Path:
@@ -280,9 +464,6 @@ def prepare_dataset(args: PrepareOptions) -> Path:
     out = Path(args.out)
     settings = _settings(args, kind, split_off)
 
-    # 1. Validate user input before any work (this reads the files fully; they are small
-    # next to what training costs).
-    corpus = _load_corpus(kind, args, held_out) if kind in ("files", "tsv", "multi30k") else None
     inputs = _digest(_input_files(kind, args, held_out))
     fingerprint = _fingerprint(settings, inputs)
     if _reusable(out, fingerprint, args.force):
@@ -290,69 +471,55 @@ def prepare_dataset(args: PrepareOptions) -> Path:
         log(f"reusing {out} (identical settings and input): "
             f"{counts['train']} train / {counts['valid']} valid / {counts['test']} test pairs")
         return out
-    if corpus is None:
-        corpus = _load_corpus(kind, args, held_out)
-
-    filters: dict[str, int] = {}
-    if corpus.splits is not None:
-        splits = {s: _dedup(p, not corpus.identical_allowed, filters) if s == "train" else p
-                  for s, p in corpus.splits.items()}
-        split_info = {"method": "the corpus's own splits", **{
-            s: f"{corpora.MULTI30K_SPLITS[s]}" for s in SPLITS}}
-    else:
-        pool = _dedup(corpus.pool, not corpus.identical_allowed, filters)
-        log(f"{len(corpus.pool)} pairs read; {filters['duplicates']} duplicates and "
-            f"{filters['identical']} untranslated (identical) pairs dropped")
-        # The user's own valid/test sets are kept whole; the others are split off the pool.
-        splits = {**split_pool(pool, split_off.get("valid", 0), split_off.get("test", 0), args.seed),
-                  **corpus.held_out}
-        split_info = {"method": "seeded shuffle of " + ("pages" if pool.group else "pairs")
-                      + "; whole groups per split", "seed": args.seed, "requested": split_off,
-                      "from": {split: (f"--{split}-src {held_out[split][0].name} --{split}-tgt "
-                                       f"{held_out[split][1].name}" if split in held_out else "the pool")
-                               for split in SPLITS}}
-        for split, pairs in corpus.held_out.items():
-            log(f"{split}: {len(pairs)} pairs from {held_out[split][0]} and {held_out[split][1]}")
-    _drop_held_out_sources(splits, filters)
-
+    corpus = _load_corpus(kind, args, held_out)
     with atomic_directory(out, kind="dataset", force=args.force) as tmp:
-        manifest = _build(tmp, corpus, splits, filters, split_info, args, settings, fingerprint, inputs)
+        manifest = _build(tmp, corpus, held_out, split_off, args, settings, fingerprint, inputs)
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")
     return out
 
 
-def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, split_info: dict,
+def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], split_off: dict[str, int],
            args: PrepareOptions, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
-    train = splits["train"]
-    log(f"training a joint BPE model (vocab {args.vocab_size}) on {len(train)} pairs ...")
-    spm_settings = train_bpe(train.src + train.tgt, tmp / "spm", args.vocab_size,
-                             byte_fallback=False if corpus.identical_allowed else None)
+    # 1. Read and validate everything (FILE:LINE errors come here, before any other work).
+    pool = _read(corpus, tmp)
+    filters: dict[str, int] = {}
+    segment_of = np.frombuffer(pool.segment, dtype=np.uint8)
+    # 2. Deduplicate, split, drop held-out sources: on the per-pair arrays.
+    labels = _decide(pool, corpus, split_off, args.seed, filters)
+    if corpus.own_splits:
+        split_info = {"method": "the corpus's own splits", **{s: corpora.MULTI30K_SPLITS[s] for s in SPLITS}}
+    else:
+        log(f"{int(np.sum(segment_of == 0))} pairs read; {filters['duplicates']} duplicates and "
+            f"{filters['identical']} untranslated (identical) pairs dropped")
+        for index, segment in enumerate(corpus.segments[1:], start=1):
+            log(f"{segment.split}: {int(np.sum(segment_of == index))} pairs from {segment.where}")
+        split_info = {"method": "seeded shuffle of " + ("pages" if pool.group_names else "pairs")
+                      + "; whole groups per split", "seed": args.seed, "requested": split_off,
+                      "from": {split: (f"--{split}-src {held_out[split][0].name} --{split}-tgt "
+                                       f"{held_out[split][1].name}" if split in held_out else "the pool")
+                               for split in SPLITS}}
+
+    # 3. One joint BPE model on (a sample of) the training text of both sides (§5.1).
+    sentences, sample = _bpe_sentences(pool, labels, args.bpe_sample, args.seed)
+    log(f"training a joint BPE model (vocab {args.vocab_size}) on {sample} sentences of "
+        f"{int(np.sum(labels == LABELS['train']))} training pairs ...")
+    spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size,
+                             byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample)
     tok = Tokenizer.load(tmp / SPM_MODEL)
 
-    encoded = {}
-    for name in SPLITS:
-        p = splits[name]
-        src_ids, tgt_ids = tok.encode_batch(p.src), tok.encode_batch(p.tgt)
-        if name == "train":
-            keep = _length_filter(src_ids, tgt_ids, args.max_len, args.max_ratio, filters)
-            src_ids = [src_ids[i] for i in keep]
-            tgt_ids = [tgt_ids[i] for i in keep]
-            p = splits[name] = _subset(p, keep)
-        encoded[name] = (src_ids, tgt_ids)
-        save_split(tmp / f"{name}.npz", src_ids, tgt_ids)
-        _write_lines(tmp / f"{name}.src", p.src)
-        _write_lines(tmp / f"{name}.tgt", p.tgt)
-        _write_lines(tmp / f"{name}.origin", p.origin)
+    # 4. Encode and write every split, chunk by chunk.
+    writers, failures = _encode_and_write(pool, labels, tok, tmp, args, filters)
+    pool.remove()
     for key, label in (("held_out_source", "sources held out in valid/test"),
                        ("too_long", f"longer than {args.max_len} subwords"),
                        ("length_ratio", f"length ratio above {args.max_ratio}")):
         log(f"training filter: {filters[key]} pairs dropped ({label})")
 
-    held_out = splits["valid"].src + splits["valid"].tgt + splits["test"].src + splits["test"].tgt
+    train = writers["train"]
     files = ["manifest.json", SPM_MODEL, "spm.vocab"] + [
-        f"{s}.{ext}" for s in SPLITS for ext in ("src", "tgt", "origin", "npz")]
+        name for s in SPLITS for name in [f"{s}.{ext}" for ext in ("src", "tgt", "origin")] + array_files(s)]
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -362,23 +529,21 @@ def _build(tmp: Path, corpus: Corpus, splits: dict[str, Pairs], filters: dict, s
         "languages": corpus.languages,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
         "vocab": {"size": tok.vocab_size, "requested": args.vocab_size, "model": SPM_MODEL,
-                  "joint": True, **{k: spm_settings[k] for k in
-                                    ("model_type", "normalization_rule_name", "byte_fallback",
-                                     "character_coverage", "split_digits")}},
-        "counts": {s: len(splits[s]) for s in SPLITS},
+                  "joint": True, "trained_on_sentences": sample,
+                  **{k: spm_settings[k] for k in ("model_type", "normalization_rule_name", "byte_fallback",
+                                                  "character_coverage", "split_digits")}},
+        "counts": {s: writers[s].count for s in SPLITS},
         "filters": filters,
         "split": split_info,
-        "lengths": {s: {"src": _length_stats(encoded[s][0]), "tgt": _length_stats(encoded[s][1])}
-                    for s in SPLITS},
+        "lengths": {s: {side: writers[s].length_stats(side) for side in SIDES} for s in SPLITS},
         "train_words_per_sentence": {
-            "src": round(float(np.mean([len(x.split()) for x in splits["train"].src])), 2),
-            "tgt": round(float(np.mean([len(x.split()) for x in splits["train"].tgt])), 2)},
-        "roundtrip_failures_valid_test": roundtrip_failures(tok, held_out),
+            side: round(train.words[side] / train.count, 2) if train.count else 0.0 for side in SIDES},
+        "roundtrip_failures_valid_test": failures,
         "files": {"list": files,
                   "layout": "{split}.src/.tgt: raw text, one sentence per line; {split}.origin: "
-                            "FILE:LINE or PAGE#ID of each pair; {split}.npz: src_ids, "
-                            "src_offsets, tgt_ids, tgt_offsets (int32 ids without specials, "
-                            "pair i = ids[offsets[i]:offsets[i+1]])"},
+                            "FILE:LINE or PAGE#ID of each pair; {split}.{side}.ids.npy: int32 ids "
+                            "without specials, concatenated; {split}.{side}.offsets.npy: int64, "
+                            "pair i = ids[offsets[i]:offsets[i+1]]"},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                 encoding="utf-8")

@@ -67,7 +67,9 @@ class Tokenizer:
         return self.sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), out_type=int, num_threads=0)
+        """`encode` of many sentences, on all cores (sentencepiece's ``num_threads=-1``; its 0
+        is one thread)."""
+        return self.sp.encode(list(texts), out_type=int, num_threads=-1)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a list of ids; pad/bos/eos are skipped (unk decodes as ' ⁇ ')."""
@@ -86,9 +88,11 @@ class Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
-              byte_fallback: bool | None = None) -> dict:
+              byte_fallback: bool | None = None, sample: int = 2_000_000) -> dict:
     """Train a joint BPE model on ``texts`` -> writes PREFIX.model/.vocab; returns its settings.
 
+    ``texts`` is streamed to sentencepiece (empty ones skipped), which keeps at most ``sample``
+    of them (``input_sentence_size``; `prepare` gives it a sample of that size already).
     ``hard_vocab_limit=False`` makes vocab_size an upper bound, so a tiny corpus (the copy
     task) gets the vocabulary it can support instead of an error.
     """
@@ -102,21 +106,16 @@ def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
         split_digits=True,
         # Long help paragraphs must not be dropped from BPE training.
         max_sentence_length=1 << 16,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        input_sentence_size=sample, shuffle_input_sentence=True,
         num_threads=2,
     )
     if vocab_size < 8:
         raise UserError(f"--vocab-size {vocab_size} is too small (at least 8)")
-    sentences = [t for t in texts if t]
+    sentences = (t for t in texts if t)
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences),
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences,
                                        model_prefix=str(model_prefix),
                                        minloglevel=2, **settings)
     except RuntimeError as e:
         raise UserError(f"sentencepiece could not train a BPE model: {e}") from None
     return settings
-
-
-def roundtrip_failures(tokenizer: Tokenizer, texts: Sequence[str]) -> int:
-    """How many texts fail ``decode(encode(x)) == x`` (reported in the manifest)."""
-    return sum(tokenizer.decode(ids) != t for ids, t in zip(tokenizer.encode_batch(texts), texts))
