@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo docs bench bench-serve chromium clean
+.PHONY: setup test demo docs bench bench-serve bench-data chromium clean
 
 setup: $(STAMP) chromium
 
@@ -50,10 +50,16 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py
 	$(MAKE) bench-serve
+	$(MAKE) bench-data
 
 # aiayn serve under load: 500 requests from 16 clients on loopback -> benchmarks/SERVE.md
 bench-serve: $(STAMP)
 	$(PY) benchmarks/serve.py
+
+# the data stage at 100k-3M pairs (prepare, train start-up, translate/evaluate of 100k lines):
+# time and peak memory -> benchmarks/DATA.md (about 15 minutes; needs Multi30k in ../shared/data)
+bench-data: $(STAMP)
+	$(PY) benchmarks/data_scale.py
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

@@ -23,8 +23,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by `collate`, so that `aiayn prepare` (which never makes a
+    import torch  # batch) does not load it: 200 MB and a second of start-up
 
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -233,6 +237,8 @@ def collate(src_list: Sequence[Sequence[int]], tgt_list: Sequence[Sequence[int]]
     tgt_in = _pad(tgt, bos_id, None, pad_id)
     tgt_out = _pad(tgt, None, eos_id, pad_id)
     index = np.flatnonzero(tgt_out != pad_id)
+    import torch
+
     return Batch(torch.from_numpy(src_arr), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out),
                  torch.from_numpy(index), torch.from_numpy(tgt_out.reshape(-1)[index]),
                  n_src_tokens=sum(len(s) + 1 for s in src),

@@ -182,7 +182,7 @@ def _reusable(out: Path, fingerprint: str, force: bool) -> bool:
 LABELS = {"train": 0, "valid": 1, "test": 2}
 DROPPED = -1
 UNDECIDED = -2  # a pool pair before the split
-CHUNK_PAIRS = 50_000  # pairs encoded and written at a time (all that stage 4 holds)
+CHUNK_PAIRS = 20_000  # pairs encoded and written at a time (all that stage 4 holds)
 
 
 def _load_corpus(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
