@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from sacrebleu.metrics import BLEU, CHRF
 
+from aiayn import evaluate
 from aiayn.cli import main
 from aiayn.config import SearchConfig
-from aiayn.evaluate import score, split_compounds, tokenized_bleu
+from aiayn.errors import UserError
+from aiayn.evaluate import Scorer, score, split_compounds, tokenized_bleu
 from aiayn.translator import Translator
 
 from helpers import BYTE_PIECE_TEXT
@@ -105,7 +108,7 @@ def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tm
     assert result["beam"] == 2 and result["quantize"] is None
 
 
-def test_evaluate_user_errors(files, tmp_path, capsys):
+def test_evaluate_user_errors(files, tmp_path, capsys, monkeypatch):
     hyp, ref = files
     short = tmp_path / "short.de"
     short.write_text("eins\nzwei\n", encoding="utf-8")
@@ -114,10 +117,18 @@ def test_evaluate_user_errors(files, tmp_path, capsys):
     assert main(["evaluate", "--ref", str(ref)]) == 2
     assert "give --hyp FILE" in capsys.readouterr().err
     assert main(["evaluate", "--hyp", str(hyp), "--checkpoint", "x", "--src", "y", "--ref", str(ref)]) == 2
+    assert "not both" in capsys.readouterr().err
+    # The line counts are compared first (cheap), with one line naming the file that differs.
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(short)]) == 2
+    assert capsys.readouterr().err == f"aiayn: error: {hyp}: 6 lines, but {short} has 2\n"
+    # A bad line found late (files scored 4 lines at a time: in the second chunk): FILE:LINE, nothing printed.
+    monkeypatch.setattr(evaluate, "CHUNK_LINES", 4)
     bad = tmp_path / "bad.de"
-    bad.write_bytes(b"ok\n\xff\xfe broken\n")
-    assert main(["evaluate", "--hyp", str(bad), "--ref", str(ref)]) == 2
-    assert f"{bad}:2: invalid UTF-8" in capsys.readouterr().err
+    bad.write_bytes("".join(line + "\n" for line in HYPS[:5]).encode() + b"\xff\xfe broken\n")
+    for given in (["--hyp", str(bad), "--ref", str(ref)], ["--hyp", str(hyp), "--ref", str(bad)]):
+        assert main(["evaluate", *given]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"aiayn: error: {bad}:6: invalid UTF-8 (byte 0xff at column 1)\n" and captured.out == ""
 
 
 def test_evaluate_scores_one_line_translations(byte_piece_checkpoint, tmp_path, capsys):
@@ -139,3 +150,95 @@ def test_evaluating_empty_files_is_one_line(mode, random_checkpoint, tmp_path, c
     given = ["--hyp", str(empty)] if mode == "hyp" else ["--checkpoint", str(random_checkpoint), "--src", str(empty)]
     assert main(["evaluate", *given, "--ref", str(empty)]) == 2
     assert capsys.readouterr().err == f"aiayn: error: {empty}: the file is empty: nothing to score\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: a Scorer fed chunk by chunk equals sacreBLEU's corpus_score over the whole lists
+# ---------------------------------------------------------------------------------------------
+
+
+def _corpus(n: int = 60) -> tuple[list[str], list[str]]:
+    """Real-ish German: the references above varied line by line (words dropped, case changed,
+    a compound split or not, empty lines), so every n-gram order and the brevity penalty move."""
+    hyps, refs = [], []
+    for i in range(n):
+        ref = REFS[i % len(REFS)]
+        words = ref.split()
+        hyp = " ".join(w for j, w in enumerate(words) if (i + j) % (3 + i % 4))
+        if i % 5 == 0:
+            hyp = hyp.lower()
+        if i % 7 == 0:
+            hyp = hyp.replace("-", " ")
+        if i % 11 == 0:
+            hyp = ""
+        hyps.append(hyp)
+        refs.append(ref if i % 13 else "")
+    return hyps, refs
+
+
+def _corpus_scores(hyps, refs) -> dict:
+    """What score() computed before it streamed: sacreBLEU's corpus_score over the whole lists."""
+    bleu, lc, chrf = BLEU(), BLEU(lowercase=True), CHRF()
+    b, low, c = bleu.corpus_score(hyps, [refs]), lc.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    return {"sentences": len(hyps), "bleu": b.score, "bleu_signature": str(bleu.get_signature()),
+            "bleu_detail": str(b), "brevity_penalty": b.bp, "bleu_lowercase": low.score,
+            "bleu_lowercase_signature": str(lc.get_signature()), "chrf": c.score,
+            "chrf_signature": str(chrf.get_signature()), "tokenized_bleu": tokenized_bleu(hyps, refs),
+            "tokenized_bleu_method": evaluate.TOKENIZED_BLEU_METHOD}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 59, 60, 1000])
+def test_scorer_in_chunks_equals_corpus_score(chunk):
+    hyps, refs = _corpus()
+    expected = _corpus_scores(hyps, refs)
+    assert 0 < expected["bleu"] < expected["bleu_lowercase"] < 100 and expected["brevity_penalty"] < 1
+    scorer = Scorer()
+    for start in range(0, len(hyps), chunk):
+        scorer.add(hyps[start:start + chunk], refs[start:start + chunk])
+    assert scorer.result() == expected  # exactly: the same integer sums, the same formulas
+    assert score(hyps, refs, chunk=chunk) == expected
+    assert score(HYPS, REFS, chunk=chunk) == _corpus_scores(HYPS, REFS)
+
+
+def test_scorer_sums_every_chunk():
+    """Not only the last chunk counts: a chunk that is perfect and one that is not give the corpus score."""
+    hyps, refs = _corpus()
+    scorer = Scorer()
+    scorer.add(refs[:30], refs[:30])
+    scorer.add([], [])
+    scorer.add(hyps[30:], refs[30:])
+    result = scorer.result()
+    assert result == _corpus_scores(refs[:30] + hyps[30:], refs)
+    assert result["sentences"] == 60 and result["bleu"] != _corpus_scores(hyps[30:], refs[30:])["bleu"]
+    with pytest.raises(UserError, match="nothing to score"):
+        Scorer().result()
+    with pytest.raises(UserError, match="2 hypotheses but 1 references"):
+        Scorer().add(["a", "b"], ["a"])
+
+
+def test_evaluate_streams_in_chunks(random_checkpoint, tmp_path, capsys, monkeypatch):
+    """--hyp files scored 4 lines at a time, and --src translated 3 lines at a time and scored as
+    each chunk is done, give the scores of the whole lists."""
+    from aiayn import translator
+
+    hyps, refs = _corpus(25)
+    hyp, ref, src = tmp_path / "hyp.de", tmp_path / "ref.de", tmp_path / "src.en"
+    hyp.write_text("".join(line + "\n" for line in hyps), encoding="utf-8")
+    ref.write_text("".join(line + "\n" for line in refs), encoding="utf-8")
+    src_lines = [("a dog runs", "the cat", "", "two men are playing", "a woman")[i % 5] for i in range(25)]
+    src.write_text("".join(line + "\n" for line in src_lines), encoding="utf-8")
+    monkeypatch.setattr(evaluate, "CHUNK_LINES", 4)
+    monkeypatch.setattr(translator, "CHUNK_LINES", 3)
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**_corpus_scores(hyps, refs), "ref": str(ref), "hyp": str(hyp)}
+    search = SearchConfig(beam=2, max_len_b=4)
+    translations = Translator(random_checkpoint, search=search).translate(src_lines)
+    assert main(["evaluate", "--checkpoint", str(random_checkpoint), "--src", str(src), "--ref", str(ref), "--json",
+                 "--beam", "2", "--max-len-b", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {k: result[k] for k in _corpus_scores(translations, refs)} == _corpus_scores(translations, refs)
+    assert result["translate_seconds"] >= 0
+    # --src and --ref of different lengths: one line naming --src, before the model is loaded.
+    src.write_text("a dog\n", encoding="utf-8")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--src", str(src), "--ref", str(ref)]) == 2
+    assert capsys.readouterr().err == f"aiayn: error: {src}: 1 lines, but {ref} has 25\n"

@@ -183,8 +183,11 @@ def test_worker_processes_translate_as_one_process_does(random_checkpoint):
     with contextlib.closing(Translator(random_checkpoint, workers=2, **kwargs)) as translator:
         there = translator.translate_nbest(lines, nbest=2)
         assert translator._pool is not None  # 4 batches: the workers did search
+        # Streamed in chunks of 4 lines: 2 batches each in the workers, the last chunk's one batch here.
+        streamed = [hyps for block in translator.translate_stream(iter(lines), nbest=2, chunk=4) for hyps in block]
     assert [[(t.text, t.tokens) for t in n] for n in there] == [[(t.text, t.tokens) for t in n] for n in here]
     assert [t.score for n in there for t in n] == pytest.approx([t.score for n in here for t in n], abs=1e-5)
+    assert [[(t.text, t.tokens) for t in n] for n in streamed] == [[(t.text, t.tokens) for t in n] for n in here]
     with pytest.raises(Exception, match="workers must be at least 1"):
         Translator(random_checkpoint, workers=0)
 
@@ -285,3 +288,175 @@ def test_cli_precision_flag_errors_in_one_line(random_checkpoint, capsys, monkey
     assert main(["translate", "--checkpoint", str(random_checkpoint), "--precision", "bf16", "--input", str(source)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "aiayn: error: precision bf16: this CPU (AVX2, no native bf16)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: translate_stream in chunks, `aiayn translate` writing each chunk as it completes
+# ---------------------------------------------------------------------------------------------
+
+# Empty lines at chunk boundaries (with chunk 2: lines 2, 3, 4 and 8), an over-long line (truncated), the last chunk short.
+STREAM_LINES = ["a dog runs", "", "", "", "the cat sat on the mat and the dog runs in the park", "two men",
+                "a woman is reading", "", "x", " ".join(TEXT * 10), "the cat"]
+
+
+def _key(nbest):
+    return [[(t.text, t.tokens) for t in hyps] for hyps in nbest]
+
+
+@pytest.mark.parametrize("nbest", [1, 2])
+def test_streaming_in_chunks_equals_the_whole_list_at_once(random_checkpoint, nbest):
+    """Any chunk size gives the translations (n-best lists, scores) of one sort over the whole
+    input, in input order, one chunk of results per chunk of lines."""
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=5), batch_size=3)
+    n = len(STREAM_LINES)
+    whole = translator.translate_nbest(STREAM_LINES, nbest=nbest, chunk=n)  # one chunk: the old whole-input path
+    assert [hyps[0].text for hyps in whole] == [translator.translate([line])[0] for line in STREAM_LINES]
+    assert [len(hyps) for hyps in whole][1:4] == [1, 1, 1] and whole[1][0].text == "" and whole[1][0].tokens == []
+    for chunk in (1, 2, 3, 4, n, n + 5):
+        blocks = list(translator.translate_stream(iter(STREAM_LINES), nbest=nbest, chunk=chunk))
+        sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+        assert [len(b) for b in blocks] == sizes
+        streamed = [hyps for block in blocks for hyps in block]
+        assert _key(streamed) == _key(whole), chunk
+        assert [t.score for h in streamed for t in h] == pytest.approx([t.score for h in whole for t in h], abs=1e-5)
+        assert _key(translator.translate_nbest(STREAM_LINES, nbest=nbest, chunk=chunk)) == _key(whole)
+    assert list(translator.translate_stream([])) == []
+
+
+def test_streaming_reads_only_as_far_as_it_translates(random_checkpoint):
+    """Each chunk is yielded before the next is read: an error the input raises late (a bad line
+    of a file) comes after the chunks before it were delivered."""
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=3))
+    read = []
+
+    def lines():
+        for i, line in enumerate(STREAM_LINES[:5]):
+            read.append(i)
+            yield line
+        raise UserError("bad line", path="in.txt", line=6)
+
+    stream = translator.translate_stream(lines(), chunk=2)
+    assert read == []  # nothing is read before the first chunk is asked for
+    assert len(next(stream)) == 2 and read == [0, 1]
+    assert len(next(stream)) == 2 and read == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="in.txt:6: bad line"):
+        next(stream)
+    with pytest.raises(UserError, match="nbest must be between 1 and the beam size 1"):  # checked before any line is read
+        translator.translate_stream(lines(), nbest=2)
+
+
+def test_streaming_names_the_input_line_of_a_truncation(random_checkpoint, caplog):
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=2))
+    with caplog.at_level(logging.WARNING, logger="aiayn.translator"):
+        list(translator.translate_stream(STREAM_LINES, chunk=3))  # line 10 is the first line of the fourth chunk
+    assert "input line 10 has" in caplog.text and "input line 1 has" not in caplog.text
+
+
+def test_streaming_progress_with_and_without_a_total(random_checkpoint, capsys):
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=1, max_len_b=2))
+    list(translator.translate_stream(STREAM_LINES, chunk=4, progress=True, total=len(STREAM_LINES)))
+    assert f"translate: {len(STREAM_LINES)}/{len(STREAM_LINES)} sent" in capsys.readouterr().err  # empty lines count
+    list(translator.translate_stream(iter(STREAM_LINES), chunk=4, progress=True))
+    err = capsys.readouterr().err
+    assert f"translate: {len(STREAM_LINES)} sent" in err and "/" not in err
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """``aiayn translate`` and ``evaluate`` streaming 2 lines at a time."""
+    from aiayn import translator
+
+    monkeypatch.setattr(translator, "CHUNK_LINES", 2)
+    return 2
+
+
+def _write_lines(path, lines, bad_line=None):
+    """``lines`` to ``path``; line number ``bad_line`` (1-based) replaced by invalid UTF-8."""
+    raw = [line.encode("utf-8") for line in lines]
+    if bad_line is not None:
+        raw[bad_line - 1] = b"caf\xe9 au lait"
+    path.write_bytes(b"".join(r + b"\n" for r in raw))
+
+
+def test_cli_translate_streams_in_order(random_checkpoint, small_chunks, tmp_path, capsys):
+    """Chunk by chunk to stdout and to --output, the same lines as one sort of the whole input;
+    the n-best index counts input lines across chunks."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    _write_lines(inp, STREAM_LINES)
+    search = SearchConfig(beam=2, max_len_b=4)
+    expected = Translator(random_checkpoint, search=search).translate_nbest(STREAM_LINES, nbest=2,
+                                                                            chunk=len(STREAM_LINES))
+    args = ["translate", "--checkpoint", str(random_checkpoint), "--input", str(inp), "--beam", "2", "--max-len-b", "4"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines() == [hyps[0].text for hyps in expected]
+    assert main(args + ["--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8").splitlines() == [hyps[0].text for hyps in expected]
+    assert not (tmp_path / "out.txt.partial").exists()
+    assert main(args + ["--nbest", "2"]) == 0
+    rows = [row.split("\t") for row in capsys.readouterr().out.splitlines()]
+    assert [(int(r[0]), r[3]) for r in rows] == [(i, h.text) for i, hyps in enumerate(expected) for h in hyps]
+
+
+def test_cli_translate_bad_line_late_leaves_a_partial_file_not_the_output(random_checkpoint, small_chunks, tmp_path,
+                                                                        capsys):
+    """A bad line found late: one line naming FILE:LINE, status 2; the chunks done before it are
+    in OUTPUT.partial, OUTPUT is not written (an old one is kept), and the error says so."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    partial = tmp_path / "out.txt.partial"
+    lines = STREAM_LINES[:7]
+    _write_lines(inp, lines, bad_line=6)  # in the third chunk of 2
+    done = Translator(random_checkpoint, search=SearchConfig(max_len_b=4)).translate(lines[:4])
+    args = ["translate", "--checkpoint", str(random_checkpoint), "--input", str(inp), "--max-len-b", "4"]
+    assert main(args + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"aiayn: error: {inp}:6: invalid UTF-8 (byte 0xe9 at column 4); "
+                          f"the translations of the first 4 lines are in {partial}; {out} was not written")
+    assert not out.exists()
+    assert partial.read_text(encoding="utf-8").split("\n") == done + [""]
+    # The partial file is a user's file now: replaced only with --force.
+    assert main(args + ["--output", str(out)]) == 2
+    assert f"{partial}: already exists" in capsys.readouterr().err
+    # With --force, an existing output stays as it was until the translation is complete.
+    out.write_text("keep me\n", encoding="utf-8")
+    assert main(args + ["--output", str(out), "--force"]) == 2
+    capsys.readouterr()
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    assert partial.read_text(encoding="utf-8").split("\n") == done + [""]
+    # On stdout: the chunks before the bad line were printed, then the error; status 2.
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out.split("\n") == done + [""] and f"{inp}:6: invalid UTF-8" in captured.err
+    # A bad line in the first chunk: no partial file is left behind.
+    partial.unlink()
+    _write_lines(inp, lines, bad_line=2)
+    assert main(args + ["--output", str(out), "--force"]) == 2
+    assert f"{inp}:2: invalid UTF-8" in capsys.readouterr().err
+    assert not partial.exists() and out.read_text(encoding="utf-8") == "keep me\n"
+    # Fixed, it completes: the whole output in place, no partial file.
+    _write_lines(inp, lines)
+    assert main(args + ["--output", str(out), "--force"]) == 0
+    assert out.read_text(encoding="utf-8").splitlines()[:4] == done and not partial.exists()
+
+
+def test_cli_translate_crash_keeps_the_finished_chunks(random_checkpoint, small_chunks, tmp_path, capsys, monkeypatch):
+    """Not a user error (a bug, out of memory): the traceback stays, and a line on stderr says
+    where the translations done so far are."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    _write_lines(inp, ["a dog", "the cat", "two men", "a woman"])
+    calls = []
+    original = Translator.search_ids
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, *args)
+
+    monkeypatch.setattr(Translator, "search_ids", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["translate", "--checkpoint", str(random_checkpoint), "--input", str(inp), "--output", str(out),
+              "--max-len-b", "3"])
+    assert capsys.readouterr().err == (f"aiayn: translation stopped: the translations of the first 2 lines are in "
+                                       f"{out}.partial; {out} was not written\n")
+    assert not out.exists() and len((tmp_path / "out.txt.partial").read_text(encoding="utf-8").splitlines()) == 2

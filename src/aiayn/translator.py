@@ -5,7 +5,8 @@
                            `aiayn.inference.packed`)
     Translator             cleans, encodes, batches (by sentences or by padded source tokens),
                            searches (`aiayn.search`, settings per call), decodes, restores order;
-                           optionally in several worker processes
+                           optionally in several worker processes; streams any number of lines
+                           in chunks of `CHUNK_LINES` (`Translator.translate_stream`)
 
 The search settings are a `SearchConfig` given per call; without one, the checkpoint's
 recommended settings (`Checkpoint.search`: what its recipe or ``aiayn train`` recorded), else
@@ -15,8 +16,9 @@ the paper's. So one Translator serves every beam size and length penalty.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,13 @@ from .search import Hypothesis, search
 log = logging.getLogger(__name__)
 
 QUANTIZE = ("int8",)
+
+CHUNK_LINES = 10_000
+"""Lines a translation reads, encodes, sorts longest first and batches at a time
+(`Translator.translate_stream`): memory is bounded by one chunk's text, ids and translations,
+whatever the input's length. Sorting within a chunk this large leaves little padding: batches of
+the default 64 sentences are drawn from 10,000 sorted lengths (156 batches a chunk), so
+neighbours in a batch differ by a subword or so, as when the whole input is sorted."""
 
 
 def resolve_device(device: str | torch.device | None, quantize: str | None = None) -> torch.device:
@@ -137,9 +146,10 @@ class Translation:
 class Translator:
     """Translate lines of text with a checkpoint (a `Checkpoint` or its directory).
 
-    Inputs are cleaned (NFC, single spaces) and encoded, sorted longest first and batched by
-    ``batch_size`` sentences or, when ``batch_tokens`` is given instead, by that many padded
-    source tokens; outputs come back in input order. An empty line translates to an empty line.
+    Inputs are read in chunks of `CHUNK_LINES` lines (`translate_stream`; memory is one chunk's,
+    whatever the input's length); each chunk is cleaned (NFC, single spaces) and encoded, sorted
+    longest first and batched by ``batch_size`` sentences or, when ``batch_tokens`` is given
+    instead, by that many padded source tokens; outputs come back in input order. An empty line translates to an empty line.
     A source longer than ``max_src_len`` subwords (default ``config.max_positions - 1``, room for
     the EOS) is truncated with a warning. ``threads``: torch's intra-op threads while translating
     (default: unchanged). ``workers`` > 1 (CPU): that many worker processes translate different
@@ -198,23 +208,62 @@ class Translator:
         """The best translation of each line, in input order."""
         return [n[0].text for n in self.translate_nbest(lines, nbest=1, search=search, progress=progress)]
 
-    def encode(self, lines: Sequence[str]) -> list[list[int]]:
-        """Source ids of each line (cleaned), truncated to ``max_src_len`` with a warning."""
+    def encode(self, lines: Sequence[str], first_line: int = 1) -> list[list[int]]:
+        """Source ids of each line (cleaned), truncated to ``max_src_len`` with a warning that
+        names the input line (``lines[0]`` is input line ``first_line``)."""
         ids = self.tokenizer.encode_batch([clean(line) for line in lines]) if lines else []
-        for number, sentence in enumerate(ids, start=1):
+        for index, sentence in enumerate(ids):
             if len(sentence) > self.max_src_len:
                 log.warning("aiayn: warning: input line %d has %d subwords; translating only the first %d",
-                            number, len(sentence), self.max_src_len)
-                ids[number - 1] = sentence[: self.max_src_len]
+                            first_line + index, len(sentence), self.max_src_len)
+                ids[index] = sentence[: self.max_src_len]
         return ids
 
     def translate_nbest(self, lines: Sequence[str], nbest: int = 1, search: SearchConfig | None = None,
-                        progress: bool = False) -> list[list[Translation]]:
-        """The ``nbest`` best translations of each line, best first, in input order."""
+                        progress: bool = False, chunk: int | None = None) -> list[list[Translation]]:
+        """The ``nbest`` best translations of each line, best first, in input order:
+        `translate_stream` over the list, its chunks joined (the same batches, so the same
+        translations, as ``aiayn translate`` of the same lines)."""
+        stream = self.translate_stream(lines, nbest=nbest, search=search, chunk=chunk, progress=progress,
+                                       total=len(lines))
+        return [hyps for block in stream for hyps in block]
+
+    def translate_stream(self, lines: Iterable[str], nbest: int = 1, search: SearchConfig | None = None, *,
+                         chunk: int | None = None, progress: bool = False,
+                         total: int | None = None) -> Iterator[list[list[Translation]]]:
+        """Translate ``lines`` (any iterable, read as needed) ``chunk`` lines at a time: yields, for
+        each chunk in turn, the ``nbest`` best translations of each of its lines (best first, in
+        input order) as soon as that chunk is done. ``chunk`` None: `CHUNK_LINES`. Memory is one
+        chunk's worth, whatever the input's length.
+
+        Each chunk is encoded, sorted longest first, batched (`_batches`) and searched (in the
+        worker processes if ``workers`` > 1); sorting only within a chunk is the one difference
+        from sorting the whole input, and with the default `CHUNK_LINES` it costs little padding.
+        The iterable is not read ahead of the chunk being translated, so an exception it raises
+        (a bad line of a file: `aiayn.data.text.iter_input_lines`) comes after every earlier chunk
+        was yielded. Truncation warnings name the line's number in the whole input. ``progress``:
+        a bar over the lines (empty ones too), of ``total`` lines if given, else open-ended.
+        ``search`` and ``nbest`` are checked now, before any line is read."""
         config = (search or self.search_config).check()
         if not 1 <= nbest <= config.beam:
             raise UserError(f"nbest must be between 1 and the beam size {config.beam} (got {nbest})")
-        ids = self.encode(lines)
+        chunk = CHUNK_LINES if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 line (got {chunk})")
+        return self._stream(iter(lines), nbest, config, chunk, progress, total)
+
+    def _stream(self, lines: Iterator[str], nbest: int, config: SearchConfig, chunk: int, progress: bool,
+                total: int | None) -> Iterator[list[list[Translation]]]:
+        first_line = 1
+        with progress_bar(total, "translate", "sent", enabled=progress) as bar:
+            while block := list(itertools.islice(lines, chunk)):
+                yield self._translate_chunk(block, nbest, config, first_line, bar)
+                first_line += len(block)
+
+    def _translate_chunk(self, lines: list[str], nbest: int, config: SearchConfig, first_line: int,
+                         bar) -> list[list[Translation]]:
+        """One chunk: encode, sort longest first, batch, search, decode, in input order."""
+        ids = self.encode(lines, first_line=first_line)
         results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in ids]
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
         batches = list(self._batches(order, ids))
@@ -224,12 +273,14 @@ class Translator:
                                              for batch in batches])
         else:
             searched = (self.search_ids([ids[i] for i in batch], nbest, config) for batch in batches)
-        with _torch_threads(self.threads), progress_bar(len(order), "translate", "sent", enabled=progress) as bar:
+        # The thread count is set only while this chunk is searched, not while the caller holds the stream.
+        with _torch_threads(self.threads):
             for batch, hyps_of_batch in zip(batches, searched):
                 for i, hyps in zip(batch, hyps_of_batch):
                     results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
                                   for h in hyps]
                 bar.update(len(batch))
+        bar.update(len(ids) - len(order))  # the empty lines
         return results
 
     def _worker_pool(self):

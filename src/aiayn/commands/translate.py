@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -62,12 +63,43 @@ def _interactive(translator, nbest: int, out) -> None:
 
 
 def run(args) -> int:
-    """stdin or --input -> stdout or --output, in input order."""
-    from ..data.text import read_input_lines
+    """stdin or --input -> stdout or --output, in input order, streamed: the input is read and
+    translated in chunks of `aiayn.translator.CHUNK_LINES` lines, and each chunk's translations
+    are written (and flushed) as soon as it is done, so memory does not grow with the input and
+    standard output receives translations while the rest is still being translated.
+
+    Each input line is validated when it is reached: a bad line (invalid UTF-8, a NUL byte) far
+    into the file is a one-line error naming FILE:LINE (exit status 2) after the chunks before it
+    were written; on standard output those lines have been printed, and the status says the
+    output is incomplete.
+
+    --output is never left looking complete when it is not: the translations go to
+    ``OUTPUT.partial`` (flushed after every chunk), which becomes OUTPUT by one rename only when
+    every line is translated; an existing OUTPUT (replaced with --force) is untouched until then.
+    After a failure (a bad input line, a full disk, an interrupt, a crash) OUTPUT is absent (or
+    still the old one) and ``OUTPUT.partial`` holds, in order, the translations of the input's
+    first lines, the chunks finished before the failure; the error says how many lines. (Only a
+    process killed while writing a chunk can leave a last line cut short.) A failure before the
+    first chunk is written leaves no ``OUTPUT.partial``. An ``OUTPUT.partial`` already there is
+    replaced only with --force. An --output that is not a regular file (/dev/null, a FIFO) is
+    written straight through.
+    """
+    from itertools import chain, islice
+
+    from ..data.text import count_lines, iter_input_lines
 
     check_output_path(args.output, args.force)
     interactive = args.input is None and sys.stdin.isatty()
-    lines = None if interactive else read_input_lines(args.input)
+    output = None if interactive or args.output is None else _PartialOutput(args.output, args.force)
+    if not interactive:
+        lines = iter_input_lines(args.input)
+        # Read the head now, before the model is loaded: a missing --input, or a bad first line,
+        # fails fast. Progress is shown from 100 lines, as when the whole input was read first:
+        # a file is counted (cheap: blocks of bytes); of standard input, up to 100 lines are read ahead.
+        head = list(islice(lines, 1 if args.input is not None else 100))
+        total = count_lines(args.input) if args.input is not None else None
+        progress = (total if total is not None else len(head)) >= 100
+        lines = chain(head, lines)
     translator = translator_from_args(args)
     if interactive:
         if args.output is None:
@@ -76,23 +108,106 @@ def run(args) -> int:
             with _writing(args.output), open(args.output, "w", encoding="utf-8") as out:
                 _interactive(translator, args.nbest, out)
         return 0
-    results = translator.translate_nbest(lines, nbest=args.nbest, progress=len(lines) >= 100)
-    if args.nbest > 1:
-        output = [row for i, hyps in enumerate(results) for row in format_nbest(i, hyps)]
-    else:
-        output = [hyps[0].text for hyps in results]
-    text = "".join(line + "\n" for line in output)
-    if args.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        with _writing(args.output):
-            Path(args.output).write_text(text, encoding="utf-8")
+    results = translator.translate_stream(lines, nbest=args.nbest, progress=progress, total=total)
+    if output is None:
+        _write_stream(results, args.nbest, sys.stdout, lambda n: None)
+        return 0
+    with output:
+        _write_stream(results, args.nbest, output.file, output.done)
     return 0
 
 
+def _write_stream(results, nbest: int, out, done) -> None:
+    """Each chunk of ``results`` (`Translator.translate_stream`) written to ``out`` and flushed as
+    it completes; ``done(n)`` after each, with the input lines written so far."""
+    index = 0
+    for block in results:
+        if nbest > 1:
+            rows = [row for i, hyps in enumerate(block, start=index) for row in format_nbest(i, hyps)]
+        else:
+            rows = [hyps[0].text for hyps in block]
+        out.write("".join(row + "\n" for row in rows))
+        out.flush()
+        index += len(block)
+        done(index)
+        del block, rows  # not held while the next chunk is translated
+
+
+class _PartialOutput:
+    """``with _PartialOutput(path, force) as out:`` write to ``out.file``; calling
+    ``out.done(n)`` after each flushed chunk (n input lines written so far). The lines go to
+    ``PATH.partial``, renamed to PATH when the block ends without an error. On an error they stay
+    in ``PATH.partial`` (removed if nothing was written yet), and the error says so: a `UserError`
+    (a bad input line, an OSError while writing) gains the count of lines kept in the partial
+    file; anything else (a crash, an interrupt) is followed by a line on stderr saying where
+    they are. A path that exists and is not a regular file (a device, a FIFO) is written straight
+    through. The checks happen when this is made, before any work."""
+
+    def __init__(self, path: str, force: bool):
+        self.path = Path(path)
+        self.direct = self.path.exists() and not self.path.is_file()  # /dev/null, /dev/full, a FIFO
+        if self.path.is_symlink() and not self.direct:
+            self.path = Path(os.path.realpath(self.path))  # the link's target is replaced, not the link
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if not self.direct and (self.partial.exists() or self.partial.is_symlink()):
+            if not self.partial.is_file() or self.partial.is_symlink():
+                raise UserError("exists and is not a regular file; move it away (aiayn writes its output there "
+                                "while translating)", path=self.partial)
+            if not force:
+                raise UserError("already exists (left by a translation that did not finish?); pass --force to "
+                                "overwrite it", path=self.partial)
+        self.file, self.lines = None, 0
+
+    def done(self, lines: int) -> None:
+        self.lines = lines
+
+    def __enter__(self) -> _PartialOutput:
+        with _writing(self.path if self.direct else self.partial):
+            self.file = open(self.path if self.direct else self.partial, "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is None:
+            try:
+                self.file.flush()
+                if not self.direct:
+                    os.fsync(self.file.fileno())
+                self.file.close()
+                if not self.direct:
+                    os.replace(self.partial, self.path)
+                return False
+            except OSError as e:
+                kind, error = OSError, e
+        with contextlib.suppress(OSError):
+            self.file.close()  # may fail again on a full disk: what was flushed is kept
+        if self.direct:
+            if issubclass(kind, OSError):
+                raise UserError(f"cannot write: {error.strerror or error}", path=self.path) from None
+            return False
+        if self.lines == 0:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
+            kept = f"nothing was written to {self.path}"
+        else:
+            kept = (f"the translations of the first {self.lines} lines are in {self.partial}; "
+                    f"{self.path} was not written")
+        if issubclass(kind, OSError):
+            raise UserError(f"cannot write: {error.strerror or error}; {kept}", path=self.partial) from None
+        if issubclass(kind, UserError):
+            raise _with_note(error, kept) from None
+        print(f"aiayn: translation stopped: {kept}", file=sys.stderr)
+        return False
+
+
+def _with_note(error: UserError, note: str) -> UserError:
+    """``error`` with ``note`` appended to its one line, keeping its path and line."""
+    new = UserError(f"{error}; {note}")
+    new.path, new.line = error.path, error.line
+    return new
+
+
 @contextlib.contextmanager
-def _writing(path: str):
+def _writing(path):
     """An OSError while writing --output (a full disk, no permission) as a one-line UserError."""
     try:
         yield
