@@ -209,6 +209,18 @@ def test_vectorised_batches_equal_the_greedy_loop(max_tokens):
         make_batches(src, tgt, 400, np.arange(len(src)))  # not sorted by length
 
 
+def test_length_order_equals_the_lexsort():
+    from aiayn.data.batching import length_order
+
+    src, tgt = _lengths(n=5000, seed=4)
+    tiebreak = np.random.default_rng(1).permutation(len(src))
+    expected = np.lexsort((tiebreak, tgt, src, np.maximum(src, tgt)))
+    assert (length_order(src, tgt, tiebreak) == expected).all()
+    src[9] = 70_000  # beyond 16-bit keys: the lexsort itself
+    expected = np.lexsort((tiebreak, tgt, src, np.maximum(src, tgt)))
+    assert (length_order(src, tgt, tiebreak) == expected).all()
+
+
 def test_token_budget_and_each_pair_once_per_epoch():
     src, tgt = _lengths()
     sampler = TokenBatchSampler(src, tgt, max_tokens=400, seed=3)

@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate text with a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--input", help="input file (default: stdin; interactive on a terminal)")
-    p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--force", action="store_true", help="replace an existing --output file")
+    p.add_argument("--output", help="output file (default: stdout); written as OUTPUT.partial while translating, "
+                   "renamed when every line is done (after a failure OUTPUT.partial keeps the finished lines)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file (or OUTPUT.partial)")
     _search_options(p)
     p.add_argument("--nbest", type=int, default=1,
                    help="print the N best per line as INDEX<TAB>SCORE<TAB>LOG_PROB<TAB>TEXT (default %(default)s)")
