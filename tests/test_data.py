@@ -525,6 +525,19 @@ def test_array_writer_writes_npy_files_of_any_length(tmp_path):
     assert r.lengths().tolist() == [2, 0, 4, 1] and r[-1].tolist() == [7]
 
 
+def test_the_bpe_sample_is_exact_and_seeded_in_blocks(monkeypatch):
+    from aiayn.data import prepare
+
+    monkeypatch.setattr(prepare, "HASH_CHUNK", 1000)
+    for total, sample in ((10_500, 700), (10_500, 20_000), (999, 10), (1000, 1000)):
+        masks = list(prepare._sample_mask(total, sample, seed=3))
+        taken = np.concatenate(masks)
+        assert len(taken) == total and int(taken.sum()) == min(total, sample)
+        assert (taken == np.concatenate(list(prepare._sample_mask(total, sample, seed=3)))).all()
+    blocks = [int(m.sum()) for m in prepare._sample_mask(100_000, 10_000, seed=1)]
+    assert min(blocks) > 50 and max(blocks) < 150  # about 100 of every block of 1,000: spread over all
+
+
 def test_bpe_is_trained_on_a_seeded_sample(tmp_path):
     files = _corpus(tmp_path, 400)
     args = ["--src", files[0], "--tgt", files[1], "--valid-size", "10", "--test-size", "10",

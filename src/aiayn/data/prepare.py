@@ -183,6 +183,7 @@ LABELS = {"train": 0, "valid": 1, "test": 2}
 DROPPED = -1
 UNDECIDED = -2  # a pool pair before the split
 CHUNK_PAIRS = 20_000  # pairs encoded and written at a time (all that stage 4 holds)
+HASH_CHUNK = 1 << 20  # pairs whose held-out check, or BPE sample, is decided at a time
 
 
 def _load_corpus(kind: str, args: PrepareOptions, held_out: dict[str, tuple[Path, Path]]) -> Corpus:
@@ -221,9 +222,10 @@ def _hash64(text: str) -> int:
 class _Pool:
     """Stage 1's output: every pair read, cleaned, in reading order, as three text files in the
     work directory (``pool.src``, ``pool.tgt``, ``pool.origin``: one line per pair) and compact
-    per-pair arrays (the `array` module: a few bytes a pair, not a Python object per pair): the
+    per-pair arrays (the `array` module: 18 bytes a pair, not a Python object per pair): the
     hash of the pair and of its source, whether the two sides are identical, the segment it was
-    read from, and its group (an index into ``group_names``; -1: a group of its own)."""
+    read from, and, for corpora with groups (help pages), its group (an index into
+    ``group_names``; -1: a group of its own; 8 bytes more)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -231,7 +233,7 @@ class _Pool:
                       for kind in ("src", "tgt", "origin")}
         self.pair_hash, self.src_hash = array("Q"), array("Q")
         self.identical, self.segment = bytearray(), bytearray()
-        self.group = array("q")
+        self.group: array | None = None  # made at the first pair with a group
         self.group_names: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -245,7 +247,16 @@ class _Pool:
         self.src_hash.append(_hash64(src))
         self.identical.append(src == tgt)
         self.segment.append(segment)
-        self.group.append(-1 if group is None else self.group_names.setdefault(group, len(self.group_names)))
+        if group is not None and self.group is None:
+            self.group = array("q", [-1]) * (len(self.segment) - 1)
+        if self.group is not None:
+            self.group.append(-1 if group is None else self.group_names.setdefault(group, len(self.group_names)))
+
+    def groups(self) -> np.ndarray:
+        """Every pair's group index (-1 for all without groups)."""
+        if self.group is None:
+            return np.full(len(self), -1, dtype=np.int64)
+        return np.frombuffer(self.group, dtype=np.int64)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -335,16 +346,37 @@ def _decide(pool: _Pool, corpus: Corpus, split_off: dict[str, int], seed: int, c
     _dedup(pool, (labels == UNDECIDED) | (labels == LABELS["train"]), not corpus.identical_allowed, labels, counts)
     in_pool = np.flatnonzero(labels == UNDECIDED)
     if len(in_pool) or not corpus.own_splits:
-        groups = np.frombuffer(pool.group, dtype=np.int64)[in_pool]
+        groups = pool.groups()[in_pool]
         names = sorted(pool.group_names, key=pool.group_names.get)
         labels[in_pool] = split_pool(groups, names, split_off.get("valid", 0), split_off.get("test", 0), seed)
     src_hash = np.frombuffer(pool.src_hash, dtype=np.uint64)
-    held_out = src_hash[(labels == LABELS["valid"]) | (labels == LABELS["test"])]
-    train = np.flatnonzero(labels == LABELS["train"])
-    seen = np.isin(src_hash[train], held_out)
-    counts["held_out_source"] = int(seen.sum())
-    labels[train[seen]] = DROPPED
+    held_out = np.unique(src_hash[(labels == LABELS["valid"]) | (labels == LABELS["test"])])
+    counts["held_out_source"] = 0
+    if len(held_out):
+        for start in range(0, len(labels), HASH_CHUNK):  # in chunks: a few bytes a pair at a time
+            part = slice(start, start + HASH_CHUNK)
+            h = src_hash[part]
+            found = held_out[np.minimum(np.searchsorted(held_out, h), len(held_out) - 1)] == h
+            drop = found & (labels[part] == LABELS["train"])
+            counts["held_out_source"] += int(drop.sum())
+            labels[part][drop] = DROPPED
     return labels
+
+
+def _sample_mask(total: int, sample: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded uniform sample of ``sample`` of ``total`` items (all if fewer), as boolean masks
+    of consecutive blocks of `HASH_CHUNK` items: each block's share is drawn from the
+    hypergeometric distribution of what is left, then its positions uniformly, so the sample is
+    exactly uniform and memory is one block, whatever ``total``."""
+    rng = np.random.default_rng([seed, 5])
+    left, wanted = total, min(sample, total)
+    for start in range(0, total, HASH_CHUNK):
+        size = min(HASH_CHUNK, total - start)
+        k = int(rng.hypergeometric(size, left - size, wanted)) if left > size else wanted
+        mask = np.zeros(size, dtype=bool)
+        mask[rng.choice(size, k, replace=False)] = True
+        left, wanted = left - size, wanted - k
+        yield mask
 
 
 def _bpe_sentences(pool: _Pool, labels: np.ndarray, sample: int, seed: int) -> tuple[Iterator[str], int]:
@@ -352,17 +384,16 @@ def _bpe_sentences(pool: _Pool, labels: np.ndarray, sample: int, seed: int) -> t
     pool order), or a seeded uniform sample of ``sample`` of them. Returns (iterator, how many)."""
     is_train = labels == LABELS["train"]
     total = 2 * int(is_train.sum())
-    take = None
-    if total > sample:
-        take = np.zeros(total, dtype=bool)
-        take[np.random.default_rng([seed, 5]).choice(total, sample, replace=False)] = True
 
     def sentences() -> Iterator[str]:
-        k = 0
+        masks = _sample_mask(total, sample, seed)
+        mask, k = np.zeros(0, dtype=bool), 0
         for side in SIDES:
             for line, train in zip(pool.lines(side), is_train.tolist()):
                 if train:
-                    if take is None or take[k]:
+                    if k == len(mask):
+                        mask, k = next(masks), 0
+                    if mask[k]:
                         yield line
                     k += 1
 
@@ -436,7 +467,7 @@ def _encode_and_write(pool: _Pool, labels: np.ndarray, tok: Tokenizer, tmp: Path
                 if not rows:
                     continue
                 texts = {kind: [chunk[r][k] for r in rows] for k, kind in enumerate(("src", "tgt", "origin"))}
-                ids = {side: tok.encode_batch(texts[side]) for side in SIDES}
+                ids = {side: tok.encode_batch(texts[side], side) for side in SIDES}
                 if name == "train":
                     keep = _length_filter(*(np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(rows))
                                             for side in SIDES), args.max_len, args.max_ratio, counts)
@@ -445,7 +476,7 @@ def _encode_and_write(pool: _Pool, labels: np.ndarray, tok: Tokenizer, tmp: Path
                         texts = {kind: [v[i] for i in where] for kind, v in texts.items()}
                         ids = {side: [v[i] for i in where] for side, v in ids.items()}
                 else:
-                    failures += sum(tok.decode(x) != t for side in SIDES for x, t in zip(ids[side], texts[side]))
+                    failures += sum(tok.decode(x, side) != t for side in SIDES for x, t in zip(ids[side], texts[side]))
                 writers[name].write(texts, ids)
                 bar.update(len(rows))
     for writer in writers.values():
