@@ -73,7 +73,7 @@ def our_greedy(model: Transformer, src: torch.Tensor, steps: int) -> torch.Tenso
     memory, mask = model.encode(src), src.ne(PAD)
     ys = torch.full((src.size(0), 1), BOS)
     for _ in range(steps):
-        logits = model.decode(ys, memory, mask)[:, -1]
+        logits = model.generator(model.decode(ys, memory, mask)[:, -1])
         logits[:, EOS] = float("-inf")
         ys = torch.cat([ys, logits.argmax(-1, keepdim=True)], dim=1)
     return ys[:, 1:]

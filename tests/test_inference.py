@@ -119,6 +119,29 @@ def test_packed_logits_equal_plain_logits(norm_first):
 
 
 @needs_onednn
+@pytest.mark.parametrize("activation", ["swish", "gelu"])
+def test_packed_pretrained_deviations_equal_plain(activation):
+    """A pretrained model's activation and logits bias (aiayn.pretrained) survive packing, int8
+    and a shortlist's restricted output layer."""
+    from aiayn.inference.shortlist import RestrictedOutput
+    from aiayn.translator import prepare_for_inference
+
+    model = toy_model(activation=activation, logits_bias=True)
+    with torch.no_grad():
+        model.generator.bias.normal_()
+    fast = pack_for_inference(model)
+    src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
+    with torch.inference_mode():
+        reference = model(src, tgt)
+        torch.testing.assert_close(fast(src, tgt), reference, atol=1e-4, rtol=1e-4)
+        int8 = prepare_for_inference(model, torch.device("cpu"), quantize="int8")
+        assert (int8(src, tgt) - reference).abs().max() < 0.3  # int8 rounding, same function
+        ids = torch.arange(model.config.tgt_vocab_size)
+        states = model.states(src, tgt).reshape(-1, model.config.d_model)
+        torch.testing.assert_close(RestrictedOutput.of(model, ids).logits(states), reference.reshape(states.size(0), -1))
+
+
+@needs_onednn
 def test_packed_search_equals_plain_search_up_to_ties():
     """Same hypotheses, or, where they differ, hypotheses the plain model scores the same (a tie)."""
     model, src = toy_model(), batch_of(LENGTHS)

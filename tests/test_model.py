@@ -221,6 +221,43 @@ def test_sinusoidal_encoding_equals_the_formula():
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
+def test_concatenated_sinusoids_are_the_same_waves_sines_first():
+    d = 16
+    interleaved, concatenated = sinusoidal_table(40, d), sinusoidal_table(40, d, "concatenated")
+    torch.testing.assert_close(concatenated[:, : d // 2], interleaved[:, 0::2], atol=0, rtol=0)
+    torch.testing.assert_close(concatenated[:, d // 2:], interleaved[:, 1::2], atol=0, rtol=0)
+    model = Transformer(small_config(sinusoid_layout="concatenated"))
+    torch.testing.assert_close(model.src_embed.positions(40, 0), sinusoidal_table(40, 32, "concatenated"))
+    d_model = model.config.d_model  # grown on demand in the same layout
+    torch.testing.assert_close(model.tgt_embed.positions(3, 2000)[0], sinusoidal_table(2001, d_model, "concatenated")[2000])
+
+
+@pytest.mark.parametrize("activation,reference", [
+    ("relu", torch.relu), ("swish", lambda x: x * torch.sigmoid(x)),
+    ("gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))])
+def test_feed_forward_activations(activation, reference):
+    torch.manual_seed(0)
+    model = Transformer(small_config(activation=activation))
+    ffn = model.encoder.layers[0].ffn
+    x = torch.randn(3, 5, model.config.d_model)
+    expected = ffn.w2(reference(ffn.w1(x)))
+    torch.testing.assert_close(ffn(x), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        small_config(activation="tanh")
+
+
+def test_a_logits_bias_is_added_and_never_trained():
+    torch.manual_seed(0)
+    model = Transformer(small_config(logits_bias=True))
+    with torch.no_grad():
+        model.generator.bias.normal_()
+    src, tgt = random_ids(2, 6), random_ids(2, 4)
+    plain = torch.nn.functional.linear(model.states(src, tgt), model.generator.weight)
+    torch.testing.assert_close(model(src, tgt), plain + model.generator.bias)
+    assert not model.generator.bias.requires_grad
+    assert Transformer(small_config()).generator.bias is None  # the paper's: no bias
+
+
 def test_embeddings_scaled_by_sqrt_d_model_plus_positions():
     model = small_model()
     ids = random_ids(1, 5)

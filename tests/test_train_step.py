@@ -32,6 +32,26 @@ def test_update_projects_only_real_target_positions(copy_dataset):
     assert int(correct) == int(ref.n_correct)
 
 
+def test_the_loss_of_a_model_with_a_logits_bias_includes_it(copy_dataset):
+    """A pretrained model's fixed logits bias enters the fused loss exactly (folded in as one more
+    column) and gets no gradient."""
+    from aiayn.model import Transformer, TransformerConfig
+
+    src, tgt = train_pairs(copy_dataset, list(range(6)))
+    batch = collate(src, tgt)
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab_size=45, d_model=32, d_ff=64, n_heads=2, n_encoder_layers=1,
+                                          n_decoder_layers=1, dropout=0.0, logits_bias=True, activation="swish"))
+    with torch.no_grad():
+        model.generator.bias.normal_(0.0, 2.0)
+    ref = label_smoothed_loss(model.eval()(batch.src, batch.tgt_in), batch.tgt_out, 0.1, 0)
+    loss, nll, correct = Criterion(model, 0.1)(batch)
+    assert float(loss.detach()) == pytest.approx(float(ref.loss.detach()), rel=1e-5)
+    assert float(nll) == pytest.approx(float(ref.nll), rel=1e-5) and int(correct) == int(ref.n_correct)
+    loss.backward()
+    assert model.generator.bias.grad is None and model.generator.weight.grad is not None
+
+
 def test_accumulating_micro_batches_equals_one_big_batch(copy_dataset):
     src, tgt = train_pairs(copy_dataset, list(range(12)))
     ctx = StepContext(label_smoothing=0.1)

@@ -202,7 +202,7 @@ def test_resume_refuses_another_dataset_or_tokenizer(copy_dataset, tmp_path):
     shutil.copytree(copy_dataset, retokenized)
     assert main(["prepare", "--corpus", "reverse", "--out", str(tmp_path / "reverse"), "--vocab-size", "60"]) == 0
     shutil.copyfile(tmp_path / "reverse/spm.model", retokenized / "spm.model")
-    with pytest.raises(UserError, match=r"this dataset: its spm.model is not the run's \(checkpoint step_0000002\)"):
+    with pytest.raises(UserError, match=r"this dataset: its tokenizer \(spm.model\) is not the run's \(checkpoint step_0000002\)"):
         train(REPO / "configs/copy.yaml", retokenized, out, TINY + ["train.max_updates=4"], resume=True)
     train(REPO / "configs/copy.yaml", copy_dataset, out, TINY + ["train.max_updates=4"], resume=True)
     assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]

@@ -44,7 +44,7 @@ class AttentionMaps:
 def check_length(tokenizer, model_config, text: str, side: str) -> list[int]:
     """The subword ids of ``text``; a `UserError` if the model cannot read that many positions
     (``max_positions`` - 1: room for the EOS of the source, or the BOS of the target)."""
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, "src" if side == "source" else "tgt")
     limit = model_config.max_positions - 1
     if model_config.positions == "learned" and len(ids) > limit:
         raise UserError(f"the {side} has {len(ids)} subwords; this model reads at most {limit}")

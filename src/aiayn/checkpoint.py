@@ -2,7 +2,9 @@
 
     model.safetensors   the weights (safetensors: loading never runs code, unlike pickle)
     config.yaml         the TransformerConfig, under the key ``model``
-    spm.model           the sentencepiece model the token ids refer to
+    spm.model           the sentencepiece model the token ids refer to (an imported Marian
+                        model has its pair instead: source.spm, target.spm, vocab.json;
+                        `aiayn.data.tokenizer.load_tokenizer`)
     meta.json           where it came from (step, the run's and the dataset's directory names,
                         the dataset fingerprint, ...): names only, no local paths; and the
                         search settings recommended for it (``"search"``, a `SearchConfig`)
@@ -14,7 +16,6 @@ evaluation, averaging and inspection need only the four above.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from safetensors.torch import load_model, save_model
 
 from . import config as config_io
 from .config import SearchConfig
+from .data.tokenizer import tokenizer_files
 from .errors import UserError
 from .files import ARTEFACTS, artefact_kind, atomic_directory
 from .model import Transformer, TransformerConfig
@@ -53,22 +55,28 @@ def search_from_meta(meta: dict, where: str | Path = META) -> SearchConfig:
     return config_io.from_dict(SearchConfig, recorded, f"{where}: search")
 
 
-def write_checkpoint_files(directory: Path, model: Transformer, tokenizer_file: str | Path, meta: dict | None = None) -> None:
-    """Write the four files into an existing (normally temporary) directory."""
+def write_checkpoint_files(directory: Path, model: Transformer, tokenizer, meta: dict | None = None) -> None:
+    """Write the four files (the tokenizer's own: ``tokenizer.save``) into an existing
+    (normally temporary) directory. ``tokenizer``: a tokenizer (`aiayn.data.tokenizer`), or the
+    path of an aiayn spm.model."""
     directory = Path(directory)
     # save_model handles tied weights (one tensor under several names) by storing it once.
     save_model(_unwrap(model), str(directory / WEIGHTS))
     config_io.save_yaml({"model": model.config.to_dict()}, directory / CONFIG)
-    shutil.copyfile(tokenizer_file, directory / TOKENIZER)
+    if isinstance(tokenizer, (str, Path)):
+        from .data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer)
+    tokenizer.save(directory)
     (directory / META).write_text(json.dumps(meta or {}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_checkpoint(path: str | Path, model: Transformer, tokenizer_file: str | Path, meta: dict | None = None, *, force: bool = False) -> Path:
+def save_checkpoint(path: str | Path, model: Transformer, tokenizer, meta: dict | None = None, *, force: bool = False) -> Path:
     """Write a checkpoint directory atomically: into a temporary sibling, then one rename.
     A crash leaves either the old directory or the new one, never half of one."""
     path = Path(path)
     with atomic_directory(path, kind="checkpoint", force=force) as tmp:
-        write_checkpoint_files(tmp, model, tokenizer_file, meta)
+        write_checkpoint_files(tmp, model, tokenizer, meta)
     return path
 
 
@@ -109,9 +117,11 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     if kind in ("dataset", "export", "attention"):
         raise UserError(f"is {ARTEFACTS[kind]}, not a checkpoint; a checkpoint is what aiayn train writes "
                         "(RUN/averaged, or RUN/last)", path=path)
-    for name in (WEIGHTS, CONFIG, TOKENIZER):
+    for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise UserError(f"not a checkpoint: {name} is missing", path=path)
+    if tokenizer_files(path) is None:
+        raise UserError(f"not a checkpoint: {TOKENIZER} is missing", path=path)
     return path
 
 
@@ -139,14 +149,14 @@ def _read_weights(model: Transformer, file: Path) -> None:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory; every problem is a `UserError` that names the file (and
     for a training run or a dataset given instead, says so and which checkpoint to give)."""
-    from .data import Tokenizer  # the data stage owns the tokenizer
+    from .data.tokenizer import load_tokenizer  # the data stage owns the tokenizer
 
     path = check_checkpoint_dir(path)
     model = Transformer(load_config(path))
     _read_weights(model, path / WEIGHTS)
     meta = read_meta(path)
     try:
-        tokenizer = Tokenizer.load(path / TOKENIZER)
+        tokenizer = load_tokenizer(path)
     except UserError:
         raise
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on a bad file

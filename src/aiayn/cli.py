@@ -12,6 +12,7 @@ which turns them into typed arguments for the library module that owns the stage
     shortlist -> aiayn.inference.shortlist (vocabulary shortlist for faster decoding)
     attention -> aiayn.attention          (attention weights as heatmaps and JSON)
     export    -> aiayn.export             (Hugging Face Marian layout, for CTranslate2)
+    import    -> aiayn.pretrained         (a pretrained Hugging Face Marian model, e.g. OPUS-MT)
     serve     -> aiayn.serve              (HTTP API with dynamic batching, and the attention explorer)
     demo      -> aiayn.demo               (the first run: all of the above on a real corpus)
 
@@ -174,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the Marian model")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_handler("export:run"))
+
+    # -- import --------------------------------------------------------------------------------
+    p = sub.add_parser("import", help="import a pretrained Hugging Face Marian model (OPUS-MT) as a checkpoint")
+    p.add_argument("--marian", required=True, metavar="DIR",
+                   help="a Marian model directory (config.json, model.safetensors or pytorch_model.bin, "
+                        "source.spm, target.spm, vocab.json); nothing is downloaded")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint directory")
+    p.set_defaults(func=_handler("importing:run"))
 
     # -- serve ---------------------------------------------------------------------------------
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP: a JSON API and the attention explorer")

@@ -81,7 +81,7 @@ def marian_config_dict(cfg: TransformerConfig, max_positions: int) -> dict:
         "decoder_attention_heads": cfg.n_heads,
         "encoder_ffn_dim": cfg.d_ff,
         "decoder_ffn_dim": cfg.d_ff,
-        "activation_function": "relu",
+        "activation_function": {"relu": "relu", "swish": "swish", "gelu": "gelu"}[cfg.activation],
         "dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout,
         "activation_dropout": cfg.activation_dropout,
@@ -135,6 +135,8 @@ def marian_state_dict(model: Transformer, max_positions: int | None = None) -> d
         "lm_head.weight": shared,
     }
     bias = torch.zeros(1, cfg.tgt_vocab_size + 1)
+    if model.generator.bias is not None:  # a pretrained model's logits bias (aiayn.pretrained)
+        bias[0, :-1] = model.generator.bias.detach().float()
     bias[0, -1] = torch.finfo(torch.float32).min  # the appended row is never an output
     sd["final_logits_bias"] = bias
 
@@ -215,9 +217,23 @@ def vocabulary(spm_file: Path, vocab_size: int) -> dict[str, int]:
     return vocab
 
 
-def write_marian_files(directory: Path, model: Transformer, spm_file: Path, max_positions: int | None = None) -> None:
+def pair_vocabulary(tokenizer, vocab_size: int) -> dict[str, int]:
+    """vocab.json of an imported (pair-tokenizer) model: its own map, id 0 named as `vocabulary`
+    names it, and the appended pad."""
+    names = dict(tokenizer.id_to_piece)
+    names[0] = AIAYN_PAD
+    if len(names) != vocab_size or MARIAN_PAD in names.values():
+        raise UserError(f"the tokenizer has {len(names)} ids but the model {vocab_size} rows, or a piece named <pad>")
+    vocab = {piece: i for i, piece in names.items()}
+    vocab[MARIAN_PAD] = vocab_size
+    return vocab
+
+
+def write_marian_files(directory: Path, model: Transformer, tokenizer, max_positions: int | None = None) -> None:
     """Write config.json, generation_config.json, model.safetensors and the MarianTokenizer files
-    (vocab.json, source.spm, target.spm, tokenizer_config.json) into ``directory``."""
+    (vocab.json, source.spm, target.spm, tokenizer_config.json) into ``directory``.
+    ``tokenizer``: the model's (`aiayn.data.tokenizer`: aiayn's joint model, or an imported
+    pair), or the path of its spm.model."""
     cfg = model.config
     sd = marian_state_dict(model, max_positions)
     n_pos = sd["model.encoder.embed_positions.weight"].size(0)
@@ -225,10 +241,19 @@ def write_marian_files(directory: Path, model: Transformer, spm_file: Path, max_
     save_file({k: v.clone() for k, v in sd.items()}, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(marian_config_dict(cfg, n_pos), indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
-    vocab = vocabulary(spm_file, cfg.src_vocab_size)
+    if isinstance(tokenizer, (str, Path)):
+        vocab = vocabulary(Path(tokenizer), cfg.src_vocab_size)
+        shutil.copyfile(tokenizer, directory / "source.spm")
+        shutil.copyfile(tokenizer, directory / "target.spm")
+    elif hasattr(tokenizer, "id_to_piece"):  # a pair (an imported model)
+        vocab = pair_vocabulary(tokenizer, cfg.src_vocab_size)
+        (directory / "source.spm").write_bytes(tokenizer.spm["src"].serialized_model_proto())
+        (directory / "target.spm").write_bytes(tokenizer.spm["tgt"].serialized_model_proto())
+    else:
+        (directory / "source.spm").write_bytes(tokenizer.sp.serialized_model_proto())
+        shutil.copyfile(directory / "source.spm", directory / "target.spm")
+        vocab = vocabulary(directory / "source.spm", cfg.src_vocab_size)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    shutil.copyfile(spm_file, directory / "source.spm")
-    shutil.copyfile(spm_file, directory / "target.spm")
     tokenizer_config = {
         "tokenizer_class": "MarianTokenizer",
         "source_lang": None,
@@ -243,19 +268,20 @@ def write_marian_files(directory: Path, model: Transformer, spm_file: Path, max_
 
 
 def export_marian(
-    model: Transformer, out: str | Path, spm_file: str | Path, *, force: bool = False, max_positions: int | None = None
+    model: Transformer, out: str | Path, tokenizer, *, force: bool = False, max_positions: int | None = None
 ) -> Path:
-    """Write the Marian export of ``model`` to the directory ``out`` (atomically)."""
+    """Write the Marian export of ``model`` to the directory ``out`` (atomically); ``tokenizer``
+    as in `write_marian_files`."""
     out = Path(out)
     with atomic_directory(out, kind="export", force=force) as tmp:
-        write_marian_files(tmp, model, Path(spm_file), max_positions)
+        write_marian_files(tmp, model, tokenizer, max_positions)
     return out
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """An aiayn checkpoint directory -> a Hugging Face Marian directory."""
-    from .checkpoint import TOKENIZER, load_checkpoint
+    from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    return export_marian(ckpt.model, out, Path(checkpoint) / TOKENIZER, force=force)
+    return export_marian(ckpt.model, out, ckpt.tokenizer, force=force)
 

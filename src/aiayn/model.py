@@ -79,6 +79,11 @@ class TransformerConfig:
     tie_embeddings: Literal["all", "decoder", "none"] = "all"
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
+    # Deviations from the paper that pretrained models need (`aiayn.pretrained`: OPUS-MT/Marian).
+    # The paper's values are the defaults.
+    activation: Literal["relu", "gelu", "swish"] = "relu"  # the FFN's; swish = SiLU, x·σ(x)
+    logits_bias: bool = False  # a fixed bias on the logits (Marian's final_logits_bias), not trained
+    sinusoid_layout: Literal["interleaved", "concatenated"] = "interleaved"  # see `sinusoidal_table`
 
     def __post_init__(self) -> None:
         if self.tgt_vocab_size is None:
@@ -97,6 +102,10 @@ class TransformerConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
+        for name, allowed in (("activation", ACTIVATIONS), ("sinusoid_layout", ("interleaved", "concatenated")),
+                              ("positions", ("sinusoidal", "learned")), ("tie_embeddings", ("all", "decoder", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
@@ -238,17 +247,24 @@ class MultiHeadAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class PositionwiseFeedForward(nn.Module):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2, the same at every position."""
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}  # gelu: the exact (erf) form
 
-    def __init__(self, d_model: int, d_ff: int, activation_dropout: float = 0.0):
+
+class PositionwiseFeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, the same at every position.
+
+    ``activation`` other than "relu" is a deviation for pretrained models: "swish" (SiLU,
+    x·σ(x), as OPUS-MT's Marian models use) or "gelu" (the exact erf form)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float = 0.0, activation: str = "relu"):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
         self.activation_dropout = activation_dropout
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.w1(x))
+        h = ACTIVATIONS[self.activation](self.w1(x))
         if self.activation_dropout > 0:
             h = F.dropout(h, self.activation_dropout, self.training)
         return self.w2(h)
@@ -259,18 +275,25 @@ class PositionwiseFeedForward(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def sinusoidal_table(length: int, d_model: int) -> Tensor:
+def sinusoidal_table(length: int, d_model: int, layout: str = "interleaved") -> Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)); PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
-    The paper's interleaved layout: sines on even dimensions, cosines on odd ones (some
-    toolkits concatenate all sines and then all cosines instead; that is a different model).
+    ``interleaved``, the paper's layout: sines on even dimensions, cosines on odd ones.
+    ``concatenated`` (a deviation, for Marian/OPUS-MT models): the same d_model/2 sines in
+    dimensions 0 .. d_model/2 - 1, then their cosines. The positions are added to the embeddings,
+    so the two are different models, not a relabelling.
     """
     pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
     angle = pos / torch.pow(10000.0, two_i / d_model)
     table = torch.zeros(length, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angle)
-    table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    if layout == "concatenated":
+        half = d_model - d_model // 2  # the sines (one more than the cosines when d_model is odd)
+        table[:, :half] = torch.sin(angle)
+        table[:, half:] = torch.cos(angle[:, : d_model // 2])
+    else:
+        table[:, 0::2] = torch.sin(angle)
+        table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
     return table.float()
 
 
@@ -278,14 +301,14 @@ class SinusoidalPositionalEncoding(nn.Module):
     """The fixed encodings of §3.5, grown on demand for longer inputs. Not a parameter and
     not saved with the weights: it is a function of the position."""
 
-    def __init__(self, d_model: int, initial_length: int = 1024):
+    def __init__(self, d_model: int, initial_length: int = 1024, layout: str = "interleaved"):
         super().__init__()
-        self.d_model = d_model
-        self.register_buffer("table", sinusoidal_table(initial_length, d_model), persistent=False)
+        self.d_model, self.layout = d_model, layout
+        self.register_buffer("table", sinusoidal_table(initial_length, d_model, layout), persistent=False)
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         if offset + length > self.table.size(0):
-            self.table = sinusoidal_table(2 * (offset + length), self.d_model).to(self.table)  # device, dtype
+            self.table = sinusoidal_table(2 * (offset + length), self.d_model, self.layout).to(self.table)
         return self.table[offset : offset + length]
 
 
@@ -348,7 +371,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout)
-        self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.sublayers = nn.ModuleList(
             SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first, cfg.layer_norm_eps) for _ in range(2)
         )
@@ -366,7 +389,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=False, dropout=cfg.attention_dropout)
-        self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.sublayers = nn.ModuleList(
             SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first, cfg.layer_norm_eps) for _ in range(3)
         )
@@ -425,7 +448,8 @@ class Transformer(nn.Module):
 
     src: (B, S) source ids; tgt_in: (B, T) decoder inputs (BOS + target shifted right).
     Positions equal to ``config.pad_id`` are padding: keys there are masked out. The
-    pre-softmax projection is the target embedding matrix when tied (§3.4), without a bias.
+    pre-softmax projection is the target embedding matrix when tied (§3.4), without a bias
+    (with ``logits_bias``, a pretrained model's fixed one).
     """
 
     def __init__(self, config: TransformerConfig):
@@ -437,16 +461,18 @@ class Transformer(nn.Module):
         self.tgt_embed = Embeddings(tgt_tok, self._positions(cfg), cfg.dropout)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.logits_bias)
         self._init_weights()
         if cfg.tie_embeddings in ("all", "decoder"):
             self.generator.weight = tgt_tok.weight
+        if cfg.logits_bias:  # a pretrained model's fixed bias (Marian's final_logits_bias): not trained
+            self.generator.bias.requires_grad_(False)
 
     @staticmethod
     def _positions(cfg: TransformerConfig) -> nn.Module:
         if cfg.positions == "learned":
             return LearnedPositionalEmbedding(cfg.d_model, cfg.max_positions)
-        return SinusoidalPositionalEncoding(cfg.d_model, cfg.max_positions)
+        return SinusoidalPositionalEncoding(cfg.d_model, cfg.max_positions, cfg.sinusoid_layout)
 
     def _init_weights(self) -> None:
         # The paper does not give its initialisation. Linear layers: Xavier-uniform weights and

@@ -8,6 +8,7 @@ calls the library, and prints what the command reports.
     shortlist.py  aiayn shortlist               -> aiayn.inference.shortlist
     attention.py  aiayn attention               -> aiayn.attention
     export.py     aiayn export                  -> aiayn.export
+    importing.py  aiayn import                  -> aiayn.pretrained
     serve.py      aiayn serve                   -> aiayn.serve
     demo.py       aiayn demo                    -> aiayn.demo
 

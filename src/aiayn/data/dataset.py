@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from ..files import read_versioned_json
 from .batching import Batch, TokenBatchSampler, collate
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 FORMAT = "aiayn-dataset"
 FORMAT_VERSION = 2
@@ -181,7 +181,7 @@ class PreparedData:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.path / SPM_MODEL)
+        return load_tokenizer(self.path)
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
@@ -250,7 +250,9 @@ def load_dataset(path: str | Path) -> PreparedData:
     manifest = read_manifest(path)
     arrays = [f"{s}.npz" for s in SPLITS] if manifest["version"] == 1 else [
         name for s in SPLITS for name in array_files(s)]
-    for name in [SPM_MODEL] + arrays:
+    if tokenizer_files(path) is None:
+        raise UserError(f"incomplete dataset: {SPM_MODEL} is missing; re-run aiayn prepare --force", path=path)
+    for name in arrays:
         if not (path / name).is_file():
             raise UserError(f"incomplete dataset: {name} is missing; re-run aiayn prepare --force",
                             path=path)

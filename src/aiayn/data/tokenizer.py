@@ -8,11 +8,19 @@ Exact round trip: text is stored in a canonical form (`text.clean`: NFC, single 
 model uses the ``identity`` normalization (no NFKC rewriting), and for vocabularies of
 `BYTE_FALLBACK_MIN_VOCAB` or more, characters unseen in training are spelled as UTF-8 byte
 pieces instead of ``<unk>``. So ``decode(encode(x)) == x`` for any cleaned text.
+
+A model imported from Marian (`aiayn.pretrained`) brings its own pair instead: a `PairTokenizer`
+(source.spm for sources, target.spm for targets, vocab.json from pieces to ids). Both kinds
+have one interface (``encode``/``encode_batch``/``decode`` with a ``side``, ``pieces``, the
+special ids, ``vocab_size``, ``sha256``, ``save``), and `load_tokenizer` opens whichever a
+checkpoint or dataset directory holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -62,17 +70,25 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Subword ids of one sentence, without bos/eos (the batcher adds those)."""
+    FILES = ("spm.model",)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the model's file (spm.model) into ``directory``."""
+        (Path(directory) / self.FILES[0]).write_bytes(self.sp.serialized_model_proto())
+
+    def encode(self, text: str, side: str = "src") -> list[int]:
+        """Subword ids of one sentence, without bos/eos (the batcher adds those). One joint
+        model: ``side`` ("src" or "tgt") changes nothing."""
         return self.sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], side: str = "src") -> list[list[int]]:
         """`encode` of many sentences, on all cores (sentencepiece's ``num_threads=-1``; its 0
         is one thread)."""
         return self.sp.encode(list(texts), out_type=int, num_threads=-1)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of a list of ids; pad/bos/eos are skipped (unk decodes as ' ⁇ ')."""
+    def decode(self, ids: Iterable[int], side: str = "tgt") -> str:
+        """Text of a list of ids; pad/bos/eos are skipped (unk decodes as ' ⁇ '). ``side``: as in
+        `encode`."""
         specials = (self.pad_id, self.bos_id, self.eos_id)
         return self.sp.decode([int(i) for i in ids if int(i) not in specials])
 
@@ -85,6 +101,138 @@ class Tokenizer:
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """Subword strings of ids (with the '▁' word-start mark), e.g. for attention plots."""
         return [self.sp.id_to_piece(int(i)) for i in ids]
+
+
+def _load_spm(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise UserError("subword model not found", path=path)
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"not a sentencepiece model ({e})", path=path) from None
+    return sp
+
+
+class PairTokenizer:
+    """Marian's tokenizer (OPUS-MT): ``source.spm`` splits sources into pieces, ``target.spm``
+    targets, and ``vocab.json`` maps the pieces of both to ids (one vocabulary); a piece that is
+    not in it is ``<unk>``. What ``transformers.MarianTokenizer`` computes, with aiayn's fixed
+    special ids (the importer renumbers the vocabulary: `aiayn.pretrained`) and without its
+    optional Moses punctuation normalisation (used only where ``sacremoses`` is installed). A
+    source that starts with a language token such as ``>>deu<<`` (multilingual models) keeps it
+    as one piece, as MarianTokenizer does."""
+
+    FILES = ("source.spm", "target.spm", "vocab.json")
+
+    def __init__(self, source: spm.SentencePieceProcessor, target: spm.SentencePieceProcessor,
+                 vocab: dict[str, int], path: Path | None = None):
+        self.spm = {"src": source, "tgt": target}
+        self.path = path
+        self.vocab = dict(vocab)
+        self.id_to_piece = {i: piece for piece, i in self.vocab.items()}
+        if sorted(self.id_to_piece) != list(range(len(self.vocab))):
+            raise UserError("vocab.json must number its pieces 0 .. n-1, each id once", path=path)
+        names = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+        if any(self.id_to_piece.get(i) != name for i, name in names.items()):
+            raise UserError(f"vocab.json must give the ids {sorted(names)} to {list(names.values())} "
+                            "(aiayn import writes it so)", path=path)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+        self._specials = {PAD_ID, BOS_ID, EOS_ID}
+
+    @classmethod
+    def from_files(cls, source: str | Path, target: str | Path, vocab: dict[str, int]) -> PairTokenizer:
+        return cls(_load_spm(Path(source)), _load_spm(Path(target)), vocab)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PairTokenizer:
+        directory = Path(directory)
+        file = directory / "vocab.json"
+        try:
+            vocab = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError("vocab.json not found", path=file) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read vocab.json ({e})", path=file) from None
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+            raise UserError("vocab.json must map pieces to integer ids", path=file)
+        return cls(_load_spm(directory / "source.spm"), _load_spm(directory / "target.spm"), vocab, directory)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        for side, name in (("src", "source.spm"), ("tgt", "target.spm")):
+            (directory / name).write_bytes(self.spm[side].serialized_model_proto())
+        (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False, indent=1) + "\n",
+                                              encoding="utf-8")
+
+    @cached_property
+    def sha256(self) -> str:
+        """Identifies the vocabulary: SHA-256 over both sentencepiece models and the id map."""
+        h = hashlib.sha256()
+        for side in ("src", "tgt"):
+            h.update(hashlib.sha256(self.spm[side].serialized_model_proto()).digest())
+        h.update(json.dumps(self.vocab, sort_keys=True, ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _ids(self, text: str, pieces: list[str]) -> list[int]:
+        unk = self.unk_id
+        return [self.vocab.get(p, unk) for p in pieces]
+
+    def _split_code(self, text: str) -> tuple[list[str], str]:
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            return [text[: end + 2]], text[end + 2:]
+        return [], text
+
+    def encode(self, text: str, side: str = "src") -> list[int]:
+        """Ids of one sentence of ``side`` ("src": source.spm, "tgt": target.spm), without eos."""
+        return self.encode_batch([text], side)[0]
+
+    def encode_batch(self, texts: Sequence[str], side: str = "src") -> list[list[int]]:
+        codes, bodies = zip(*(self._split_code(t) for t in texts)) if texts else ((), ())
+        pieces = self.spm[side].encode(list(bodies), out_type=str, num_threads=-1) if texts else []
+        return [self._ids(t, list(c) + p) for t, c, p in zip(texts, codes, pieces)]
+
+    def decode(self, ids: Iterable[int], side: str = "tgt") -> str:
+        """Text of ids (pad/bos/eos skipped), joined by ``side``'s sentencepiece model."""
+        pieces = [self.id_to_piece.get(int(i), "<unk>") for i in ids if int(i) not in self._specials]
+        return self.spm[side].decode_pieces(pieces)
+
+    def decode_line(self, ids: Iterable[int]) -> str:
+        return one_line(self.decode(ids))
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self.id_to_piece.get(int(i), "<unk>") for i in ids]
+
+
+def tokenizer_files(directory: str | Path) -> tuple[str, ...] | None:
+    """The tokenizer files ``directory`` holds (a joint model's or a pair's), or None."""
+    directory = Path(directory)
+    for kind in (Tokenizer, PairTokenizer):
+        if all((directory / name).is_file() for name in kind.FILES):
+            return kind.FILES
+    return None
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | PairTokenizer:
+    """The tokenizer of a checkpoint or dataset directory: ``spm.model`` (aiayn's joint model),
+    else ``source.spm``, ``target.spm`` and ``vocab.json`` (an imported Marian pair)."""
+    directory = Path(directory)
+    if (directory / "spm.model").is_file() or not (directory / "vocab.json").is_file():
+        return Tokenizer.load(directory / "spm.model")
+    return PairTokenizer.load(directory)
+
+
+def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
+    """Copy a directory's tokenizer files (whichever kind) into another directory."""
+    files = tokenizer_files(source)
+    if files is None:
+        raise UserError("holds no tokenizer (spm.model, or source.spm + target.spm + vocab.json)", path=source)
+    for name in files:
+        shutil.copyfile(Path(source) / name, Path(destination) / name)
 
 
 def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,

@@ -153,6 +153,7 @@ class Int8Linear(nn.Module):
         self.packed = qlinear._packed_params._packed_params  # fbgemm's prepacked int8 weight and bias
         self._product = torch.ops.quantized.linear_relu_dynamic if activation == "relu" else torch.ops.quantized.linear_dynamic
         self._int8_weight: Tensor | None = None  # unpacked on first use by `weight_rows`
+        self.bias = torch.ops.quantized.linear_unpack(self.packed)[1]  # fp32 (a shortlist takes its rows), or None
 
     def forward(self, x: Tensor) -> Tensor:
         # reduce_range=True: activations in 7 bits, as torch.ao's module quantises them for fbgemm
@@ -177,15 +178,22 @@ class Int8Linear(nn.Module):
 
 class PackedFeedForward(nn.Module):
     """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3) with the ReLU fused into the first product.
-    ``linear``: `PackedLinear` (fp32 or bf16, oneDNN), `Bf16Linear` or `Int8Linear` (int8, fbgemm)."""
+    ``linear``: `PackedLinear` (fp32 or bf16, oneDNN), `Bf16Linear` or `Int8Linear` (int8, fbgemm).
+    Another activation (a pretrained model's swish or gelu: `aiayn.model.ACTIVATIONS`) is
+    applied between the two products instead."""
 
     def __init__(self, ffn: nn.Module, linear=PackedLinear):
         super().__init__()
-        self.w1 = linear(ffn.w1, activation="relu")
+        from ..model import ACTIVATIONS
+
+        activation = getattr(ffn, "activation", "relu")
+        self.w1 = linear(ffn.w1, activation="relu" if activation == "relu" else "none")
         self.w2 = linear(ffn.w2)
+        self.between = None if activation == "relu" else ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.w1(x))
+        h = self.w1(x)
+        return self.w2(h if self.between is None else self.between(h))
 
 
 def _packable(model: nn.Module) -> bool:

@@ -210,6 +210,7 @@ class RestrictedOutput:
     weight: Tensor  # (C, d_model) fp32
     eos: int  # column of EOS
     allowed: Tensor | None = None  # (B, C) bool, one row per sentence
+    bias: Tensor | None = None  # (C,) fp32: a pretrained model's logits bias at those ids
 
     @classmethod
     def of(cls, model, ids: Tensor, allowed: Tensor | None = None) -> RestrictedOutput:
@@ -217,19 +218,21 @@ class RestrictedOutput:
         if eos >= ids.numel() or int(ids[eos]) != EOS_ID:
             raise ValueError("a restricted output layer must include EOS")
         generator = model.generator
+        bias = getattr(generator, "bias", None)
+        bias = None if bias is None else bias.detach().index_select(0, ids).float()
         if hasattr(generator, "weight_rows"):  # int8 (packed.Int8Linear): only these rows dequantised
-            return cls(ids, generator.weight_rows(ids), eos, allowed)
-        return cls(ids, generator.weight.detach().index_select(0, ids).float(), eos, allowed)
+            return cls(ids, generator.weight_rows(ids), eos, allowed, bias)
+        return cls(ids, generator.weight.detach().index_select(0, ids).float(), eos, allowed, bias)
 
     def select(self, sentences: Tensor) -> RestrictedOutput:
         """The same layer for the batch's sentences ``sentences`` (finished ones leave)."""
         if self.allowed is None:
             return self
-        return RestrictedOutput(self.ids, self.weight, self.eos, self.allowed.index_select(0, sentences))
+        return RestrictedOutput(self.ids, self.weight, self.eos, self.allowed.index_select(0, sentences), self.bias)
 
     def logits(self, states: Tensor) -> Tensor:
         """(N, C) logits of the decoder ``states`` (N, d_model); N = B·rows per sentence."""
-        logits = torch.nn.functional.linear(states.float(), self.weight)
+        logits = torch.nn.functional.linear(states.float(), self.weight, self.bias)
         if self.allowed is not None:
             b = self.allowed.size(0)
             logits.view(b, -1, logits.size(-1)).masked_fill_(~self.allowed[:, None, :], -math.inf)

@@ -52,7 +52,7 @@ def average_checkpoints(paths: list[Path], out: Path, *, force: bool = False) ->
             carried[key] = Path(carried[key]).name
     meta = {**carried, "averaged_from": [p.resolve().name for p in paths], "n_averaged": n,
             "step": first.meta.get("step") if n == 1 else _last_step(paths)}
-    return save_checkpoint(out, first.model, paths[0] / "spm.model", meta, force=force)
+    return save_checkpoint(out, first.model, first.tokenizer, meta, force=force)
 
 
 def _last_step(paths: list[Path]) -> int | None:

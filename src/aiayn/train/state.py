@@ -101,7 +101,7 @@ def list_checkpoints(run_or_dir: Path) -> list[Path]:
 def write_training_checkpoint(
     path: Path,
     model: torch.nn.Module,
-    tokenizer_file: Path,
+    tokenizer,
     meta: dict[str, Any],
     optimizer_tensors: dict[str, torch.Tensor],
     rng: dict[str, torch.Tensor],
@@ -110,7 +110,7 @@ def write_training_checkpoint(
     """All files into a temporary sibling directory, then one atomic rename to ``path``:
     a process killed mid-write leaves a '.step_*' directory that is ignored and cleaned up."""
     with atomic_directory(path, kind="checkpoint", force=True) as tmp:
-        write_checkpoint_files(tmp, model, tokenizer_file, meta)
+        write_checkpoint_files(tmp, model, tokenizer, meta)
         save_file(optimizer_tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
         _write_json(tmp / TRAINER_STATE, trainer_state)

@@ -90,7 +90,11 @@ class Criterion(nn.Module):
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         states = self.model.states(batch.src, batch.tgt_in)
         states = states.reshape(-1, states.size(-1)).index_select(0, batch.tgt_index)
-        sums = smoothed_cross_entropy(states, self.model.generator.weight, batch.tgt_labels,
+        weight, bias = self.model.generator.weight, self.model.generator.bias
+        if bias is not None:  # a pretrained model's logits bias: h·Wᵀ + b = [h, 1]·[W, b]ᵀ, exactly
+            states = torch.cat([states, states.new_ones(states.size(0), 1)], dim=1)
+            weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
+        sums = smoothed_cross_entropy(states, weight, batch.tgt_labels,
                                       self.label_smoothing, self.model.config.pad_id)
         return sums.loss, sums.nll, sums.n_correct
 

@@ -54,9 +54,9 @@ from .. import progress as progress_display
 from ..allocator import active as allocator_in_use
 from ..checkpoint import load_config, read_meta, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
-from ..data.dataset import SPM_MODEL
+from ..data.tokenizer import load_tokenizer, tokenizer_files
 from ..errors import UserError
-from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace, sha256_file
+from ..files import ARTEFACTS, artefact_kind, describe, is_empty_dir, refuse_to_replace
 from ..model import Transformer
 from ..precision import (
     TRAIN_PRECISIONS,
@@ -256,7 +256,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: PreparedData, out: Path, dist: distributed.DistContext):
         self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
         self.device = dist.device
-        self.tokenizer_file = data.path / SPM_MODEL
+        self.tokenizer = data.tokenizer
         self.tokenizer_sha256 = data.tokenizer.sha256
         tc = self.tcfg
         if tc.num_threads > 0:
@@ -351,7 +351,7 @@ class Trainer:
             "config_digest": self.cfg.digest(),
         }
         path = self.out / "checkpoints" / step_dir_name(p.step)
-        write_training_checkpoint(path, self.model, self.tokenizer_file, self.meta(), opt_tensors, rng, state)
+        write_training_checkpoint(path, self.model, self.tokenizer, self.meta(), opt_tensors, rng, state)
         point_last(self.out, path)
         prune_checkpoints(self.out, self.tcfg.keep_last)
         self.dist.barrier()
@@ -374,9 +374,9 @@ class Trainer:
         differs = []
         if recorded is not None and recorded != here:
             differs.append(f"dataset fingerprint {str(here)[:12]}, the run's {recorded[:12]}")
-        # The checkpoint's spm.model is the run's own copy of its tokenizer.
-        if sha256_file(path / SPM_MODEL) != self.tokenizer_sha256:  # the file's bytes: Tokenizer.sha256
-            differs.append(f"its {SPM_MODEL} is not the run's")
+        # The checkpoint's tokenizer files are the run's own copy of its tokenizer.
+        if load_tokenizer(path).sha256 != self.tokenizer_sha256:
+            differs.append(f"its tokenizer ({', '.join(tokenizer_files(path) or ())}) is not the run's")
         if differs:
             raise UserError(f"cannot resume {self.out} with this dataset: {'; '.join(differs)} "
                             f"(checkpoint {path.name}); give the --data the run started with, or start a new run",
@@ -429,7 +429,7 @@ class Trainer:
             better = res.bleu is not None and (p.best_bleu is None or res.bleu > p.best_bleu)
             if better:
                 p.best_bleu, p.best_step = res.bleu, p.step
-                save_checkpoint(self.out / "best", self.model, self.tokenizer_file, self.meta(), force=True)
+                save_checkpoint(self.out / "best", self.model, self.tokenizer, self.meta(), force=True)
             if scheduled:
                 if res.bleu is not None and (p.patience_bleu is None or res.bleu > p.patience_bleu):
                     p.patience_bleu, p.bad_validations = res.bleu, 0
