@@ -303,3 +303,29 @@ def test_the_imported_checkpoint_translates_from_the_command_line(tmp_path, mari
     assert len(capsys.readouterr().out.splitlines()) == 3
     with pytest.raises(UserError, match="Marian model directory"):
         import_marian(tmp_path / "nope", tmp_path / "x")
+
+
+def test_an_imported_model_fine_tunes_on_data_prepared_with_its_tokenizer(tmp_path, marian_tokenizer_files, capsys):
+    """The Marian pair runs through prepare (--tokenizer-from), training (--init) and translation."""
+    from aiayn.data import load_dataset
+
+    ck = import_marian(_marian_dir(tmp_path, marian_tokenizer_files), tmp_path / "ck")
+    rng = random.Random(0)
+    pairs = [(f"{e} {rng.randint(0, 999)}", f"{g} {rng.randint(0, 999)}") for _ in range(12)
+             for e, g in zip(ENGLISH, GERMAN)]
+    (tmp_path / "ft.en").write_text("".join(e + "\n" for e, _ in pairs), encoding="utf-8")
+    (tmp_path / "ft.de").write_text("".join(g + "\n" for _, g in pairs), encoding="utf-8")
+    data = tmp_path / "data"
+    assert main(["prepare", "--src", str(tmp_path / "ft.en"), "--tgt", str(tmp_path / "ft.de"), "--tokenizer-from",
+                 str(ck), "--out", str(data), "--valid-size", "10", "--test-size", "10"]) == 0
+    dataset = load_dataset(data)
+    tok = load_checkpoint(ck).tokenizer
+    assert dataset.tokenizer.sha256 == tok.sha256 and (data / "source.spm").is_file()
+    first = dataset.raw("train", "tgt")[0]
+    assert dataset.split("train").tgt[0].tolist() == tok.encode(first, "tgt")  # the target side's model
+    assert main(["train", "--config", "finetune", "--init", str(ck), "--data", str(data), "--out", str(tmp_path / "ft"),
+                 "train.max_updates=2", "train.max_minutes=0", "train.progress=false", "train.precision=fp32",
+                 "train.valid_bleu_sentences=4"]) == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "last")
+    assert tuned.model.config.logits_bias and tuned.tokenizer.sha256 == tok.sha256
+    torch.testing.assert_close(tuned.model.generator.bias, load_checkpoint(ck).model.generator.bias)  # fixed

@@ -4,6 +4,7 @@ synthetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aiayn.cli import main
 from aiayn.data import load_dataset
 from aiayn.errors import UserError
 from aiayn.train import resolve_config, train
@@ -21,7 +23,7 @@ from aiayn.train.config import load_raw_config
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import train_update
 
-from helpers import COPY_CONFIG, REPO, TINY, assert_same_final_state, one_second_updates, poison_decoder
+from helpers import COPY_CONFIG, FP32, REPO, TINY, assert_same_final_state, one_second_updates, poison_decoder
 
 
 def test_repeated_nonfinite_updates_stop_with_a_clear_message(copy_dataset, tmp_path, monkeypatch):
@@ -523,3 +525,64 @@ def test_bf16_run_stopped_and_resumed_equals_one_bf16_run(small_copy, tmp_path):
     train(COPY_CONFIG, small_copy, tmp_path / "stopped", common + ["train.max_updates=8"], resume=True)
     assert _start_record(tmp_path / "reference")["precision"] == "bf16"
     assert_same_final_state(tmp_path / "stopped", tmp_path / "reference")
+
+
+# -- fine-tuning: train --init and prepare --tokenizer-from --------------------------------------
+
+
+def test_fine_tuning_starts_from_the_checkpoint(copy_checkpoint, tmp_path, capsys):
+    """prepare --tokenizer-from encodes new data with the checkpoint's tokenizer; train --init
+    starts from its weights and model config (dropout may change), with a fresh schedule."""
+    from aiayn.checkpoint import load_checkpoint
+    from aiayn.data import load_dataset
+
+    src, tgt = tmp_path / "new.src", tmp_path / "new.tgt"
+    rng = __import__("random").Random(0)
+    lines = [[rng.choice("abcdefghijklmnopqrst") for _ in range(rng.randint(3, 12))] for _ in range(300)]
+    src.write_text("".join(" ".join(w) + "\n" for w in lines))
+    tgt.write_text("".join(" ".join(w[::-1]) + "\n" for w in lines))  # a new task: reversing
+    data = tmp_path / "data"
+    assert main(["prepare", "--src", str(src), "--tgt", str(tgt), "--tokenizer-from", str(copy_checkpoint),
+                 "--out", str(data), "--valid-size", "20", "--test-size", "20"]) == 0
+    base = load_checkpoint(copy_checkpoint)
+    dataset = load_dataset(data)
+    assert dataset.tokenizer.sha256 == base.tokenizer.sha256
+    assert dataset.manifest["vocab"]["from_checkpoint"] == copy_checkpoint.resolve().name
+    capsys.readouterr()
+    assert main(["prepare", "--src", str(src), "--tgt", str(tgt), "--tokenizer-from", str(copy_checkpoint),
+                 "--out", str(data), "--valid-size", "20", "--test-size", "20"]) == 0
+    assert "reusing" in capsys.readouterr().out  # the same tokenizer: the same dataset
+
+    out = tmp_path / "ft"
+    # A learning rate of almost nothing: after one update the weights are still the checkpoint's.
+    args = ["train", "--config", "finetune", "--init", str(copy_checkpoint), "--data", str(data), "--out", str(out),
+            "train.max_updates=1", "train.max_minutes=0", "train.lr_factor=1e-12", "train.progress=false", FP32,
+            "model.dropout=0.05"]
+    assert main(args) == 0
+    tuned = load_checkpoint(out / "last")
+    assert tuned.model.config == dataclasses.replace(base.model.config, dropout=0.05)
+    assert tuned.meta["initialised_from"] == copy_checkpoint.resolve().name
+    theirs = base.model.state_dict()
+    for name, value in tuned.model.state_dict().items():
+        torch.testing.assert_close(value, theirs[name], atol=1e-6, rtol=0, msg=name)
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["kind"] == "start" and start["initialised_from"] == copy_checkpoint.resolve().name
+
+
+def test_fine_tuning_refuses_another_tokenizer_or_architecture(copy_checkpoint, copy_dataset, small_copy, tmp_path,
+                                                               capsys):
+    other = tmp_path / "other"
+    assert main(["prepare", "--corpus", "reverse", "--out", str(other), "--train-size", "300",
+                 "--valid-size", "20", "--test-size", "20", "--vocab-size", "30"]) == 0  # another vocabulary
+    capsys.readouterr()
+    base = ["train", "--config", "finetune", "--init", str(copy_checkpoint), "--out", str(tmp_path / "ft")]
+    assert main([*base, "--data", str(other), FP32, "train.max_updates=1"]) == 2
+    err = capsys.readouterr().err
+    assert "not encoded with this checkpoint's tokenizer" in err and "--tokenizer-from" in err
+    assert main([*base, "--data", str(copy_dataset), FP32, "train.max_updates=1", "model.d_model=48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "override 'model.d_model=48': model.d_model is 48 but the checkpoint's is 64" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "ft").exists()
+    assert main(["prepare", "--corpus", "copy", "--out", str(tmp_path / "x"), "--tokenizer-from",
+                 str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint directory (--tokenizer-from)" in capsys.readouterr().err

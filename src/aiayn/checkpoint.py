@@ -125,7 +125,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _read_weights(model: Transformer, file: Path) -> None:
+def read_weights(model: Transformer, file: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(file), strict=False, device="cpu")
     except SafetensorError as e:
@@ -153,7 +153,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
     path = check_checkpoint_dir(path)
     model = Transformer(load_config(path))
-    _read_weights(model, path / WEIGHTS)
+    read_weights(model, path / WEIGHTS)
     meta = read_meta(path)
     try:
         tokenizer = load_tokenizer(path)

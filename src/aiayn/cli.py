@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", default=PREPARE.pair, help="multi30k: language pair SRC-TGT (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=PREPARE.vocab_size,
                    help="joint BPE vocabulary size (default %(default)s; smaller for a small corpus)")
+    p.add_argument("--tokenizer-from", metavar="CHECKPOINT",
+                   help="encode with this checkpoint's tokenizer (to fine-tune it: train --init) instead of "
+                        "training a new BPE model; --vocab-size and --bpe-sample do not apply")
     p.add_argument("--bpe-sample", type=int, default=PREPARE.bpe_sample, metavar="N",
                    help="train BPE on at most N sentences of the training text, a seeded uniform sample "
                         "of both sides (default %(default)s); memory of BPE training grows with N")
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory for checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tuning; an imported model too): its model "
+                        "config is the run's, the data must be prepared with its tokenizer (prepare "
+                        "--tokenizer-from), the optimizer and schedule start fresh")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_updates=1000")
     p.set_defaults(func=_handler("train:train"))
 

@@ -16,7 +16,8 @@ def train(args) -> int:
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
-        result = run_training(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force)
+        result = run_training(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force,
+                              init=args.init)
     except TrainingInterrupted as e:
         if main_rank:
             print(e.report(), file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ class PrepareOptions:
     pair: str = "en-de"  # multi30k: SRC-TGT
     vocab_size: int = 8000  # joint BPE vocabulary
     bpe_sample: int = 2_000_000  # BPE is trained on at most this many sentences (a seeded sample)
+    tokenizer_from: str | None = None  # a checkpoint whose tokenizer encodes the data (no BPE training)
     valid_size: int = 1000  # validation pairs drawn from the training data
     test_size: int = 1000  # test pairs drawn from the training data
     max_len: int = 256  # training pairs longer than this (subwords) are dropped

@@ -52,7 +52,7 @@ from .dataset import (
 from .libreoffice import default_cache_dir, package_name
 from .options import PrepareOptions
 from .text import require_text
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_bpe
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizer, tokenizer_files, train_bpe
 
 # Bump when the pipeline changes what it writes: older directories are then rebuilt.
 # 2: input digests keyed by role (train.src, train.tgt, ...) instead of file name.
@@ -127,11 +127,29 @@ def _check_numbers(args: PrepareOptions, split_off: dict[str, int]) -> None:
         package_name(args.lang)  # a malformed --lang fails here, before any download
 
 
-def _settings(args: PrepareOptions, kind: str, split_off: dict[str, int]) -> dict:
+def _given_tokenizer(args: PrepareOptions):
+    """--tokenizer-from: the tokenizer of that checkpoint (or dataset) directory, or None."""
+    if args.tokenizer_from is None:
+        return None
+    path = Path(args.tokenizer_from)
+    if not path.is_dir():
+        raise UserError("no such checkpoint directory (--tokenizer-from)", path=path)
+    if tokenizer_files(path) is None:
+        raise UserError("holds no tokenizer (spm.model, or source.spm, target.spm and vocab.json); give a "
+                        "checkpoint directory to --tokenizer-from", path=path)
+    return load_tokenizer(path)
+
+
+def _settings(args: PrepareOptions, kind: str, split_off: dict[str, int], tokenizer=None) -> dict:
     """Every option that changes the output (and nothing that does not, like --force). The
-    user's held-out files are inputs (in the fingerprint by role), not settings."""
-    s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "vocab_size": args.vocab_size,
-         "max_len": args.max_len, "max_ratio": args.max_ratio, "seed": args.seed, "bpe_sample": args.bpe_sample}
+    user's held-out files are inputs (in the fingerprint by role), not settings. A given
+    tokenizer replaces the BPE settings by its digest."""
+    s = {"pipeline_version": PIPELINE_VERSION, "source": kind, "max_len": args.max_len, "max_ratio": args.max_ratio,
+         "seed": args.seed}
+    if tokenizer is None:
+        s.update(vocab_size=args.vocab_size, bpe_sample=args.bpe_sample)
+    else:
+        s["tokenizer_sha256"] = tokenizer.sha256
     s.update({f"{split}_size": size for split, size in split_off.items()})
     if kind == "libreoffice-help":
         s["lang"] = args.lang.lower()
@@ -493,7 +511,8 @@ def prepare_dataset(args: PrepareOptions) -> Path:
     split_off = _split_off(args, kind, held_out)
     _check_numbers(args, split_off)
     out = Path(args.out)
-    settings = _settings(args, kind, split_off)
+    given = _given_tokenizer(args)
+    settings = _settings(args, kind, split_off, given)
 
     inputs = _digest(_input_files(kind, args, held_out))
     fingerprint = _fingerprint(settings, inputs)
@@ -504,7 +523,7 @@ def prepare_dataset(args: PrepareOptions) -> Path:
         return out
     corpus = _load_corpus(kind, args, held_out)
     with atomic_directory(out, kind="dataset", force=args.force) as tmp:
-        manifest = _build(tmp, corpus, held_out, split_off, args, settings, fingerprint, inputs)
+        manifest = _build(tmp, corpus, held_out, split_off, args, settings, fingerprint, inputs, given)
     c = manifest["counts"]
     log(f"wrote {out}: {c['train']} train / {c['valid']} valid / {c['test']} test pairs, "
         f"vocabulary {manifest['vocab']['size']}, in {time.time() - started:.1f}s")
@@ -512,7 +531,7 @@ def prepare_dataset(args: PrepareOptions) -> Path:
 
 
 def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], split_off: dict[str, int],
-           args: PrepareOptions, settings: dict, fingerprint: str, inputs: dict[str, str]) -> dict:
+           args: PrepareOptions, settings: dict, fingerprint: str, inputs: dict[str, str], given=None) -> dict:
     # 1. Read and validate everything (FILE:LINE errors come here, before any other work).
     pool = _read(corpus, tmp)
     filters: dict[str, int] = {}
@@ -532,13 +551,25 @@ def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], sp
                                        f"{held_out[split][1].name}" if split in held_out else "the pool")
                                for split in SPLITS}}
 
-    # 3. One joint BPE model on (a sample of) the training text of both sides (§5.1).
-    sentences, sample = _bpe_sentences(pool, labels, args.bpe_sample, args.seed)
-    log(f"training a joint BPE model (vocab {args.vocab_size}) on {sample} sentences of "
-        f"{int(np.sum(labels == LABELS['train']))} training pairs ...")
-    spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size,
-                             byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample)
-    tok = Tokenizer.load(tmp / SPM_MODEL)
+    # 3. One joint BPE model on (a sample of) the training text of both sides (§5.1), or the
+    #    tokenizer of the checkpoint to fine-tune (--tokenizer-from).
+    if given is None:
+        sentences, sample = _bpe_sentences(pool, labels, args.bpe_sample, args.seed)
+        log(f"training a joint BPE model (vocab {args.vocab_size}) on {sample} sentences of "
+            f"{int(np.sum(labels == LABELS['train']))} training pairs ...")
+        spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size,
+                                 byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample)
+        tok = Tokenizer.load(tmp / SPM_MODEL)
+        vocab = {"size": tok.vocab_size, "requested": args.vocab_size, "model": SPM_MODEL, "joint": True,
+                 "trained_on_sentences": sample,
+                 **{k: spm_settings[k] for k in ("model_type", "normalization_rule_name", "byte_fallback",
+                                                 "character_coverage", "split_digits")}}
+    else:
+        tok = given
+        tok.save(tmp)
+        vocab = {"size": tok.vocab_size, "from_checkpoint": Path(args.tokenizer_from).resolve().name,
+                 "sha256": tok.sha256, "model": ", ".join(tokenizer_files(tmp)), "joint": tok.FILES == Tokenizer.FILES}
+        log(f"encoding with the tokenizer of {args.tokenizer_from} ({tok.vocab_size} ids)")
 
     # 4. Encode and write every split, chunk by chunk.
     writers, failures = _encode_and_write(pool, labels, tok, tmp, args, filters)
@@ -549,7 +580,8 @@ def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], sp
         log(f"training filter: {filters[key]} pairs dropped ({label})")
 
     train = writers["train"]
-    files = ["manifest.json", SPM_MODEL, "spm.vocab"] + [
+    tokenizer_list = [SPM_MODEL, "spm.vocab"] if given is None else list(tokenizer_files(tmp))
+    files = ["manifest.json", *tokenizer_list] + [
         name for s in SPLITS for name in [f"{s}.{ext}" for ext in ("src", "tgt", "origin")] + array_files(s)]
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
@@ -559,10 +591,7 @@ def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], sp
         "source": corpus.info,
         "languages": corpus.languages,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
-        "vocab": {"size": tok.vocab_size, "requested": args.vocab_size, "model": SPM_MODEL,
-                  "joint": True, "trained_on_sentences": sample,
-                  **{k: spm_settings[k] for k in ("model_type", "normalization_rule_name", "byte_fallback",
-                                                  "character_coverage", "split_digits")}},
+        "vocab": vocab,
         "counts": {s: writers[s].count for s in SPLITS},
         "filters": filters,
         "split": split_info,

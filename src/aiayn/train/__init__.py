@@ -39,8 +39,9 @@ from .trainer import TrainResult, run_training
 
 
 def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path, overrides: Sequence[str] = (),
-          *, resume: bool = False, force: bool = False) -> TrainResult:
+          *, resume: bool = False, force: bool = False, init: str | Path | None = None) -> TrainResult:
     """Train from a config file (or mapping) on a prepared dataset directory into ``out``.
+    ``init``: a checkpoint to start from (fine-tuning: `config.init_from_checkpoint`).
     Ctrl-C raises `TrainingInterrupted` with the command that continues the run."""
     import os
 
@@ -54,13 +55,18 @@ def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path
     else:
         raw, where = load_raw_config(config, list(overrides)), str(config)
     dataset = load_dataset(data)
+    if init is not None:
+        from .config import init_from_checkpoint
+
+        raw = init_from_checkpoint(raw, init, dataset, where)
     cfg = resolve_config(raw, dataset.tokenizer.vocab_size, where=where)
     try:
-        return run_training(cfg, dataset, out, resume=resume, force=force)
+        return run_training(cfg, dataset, out, resume=resume, force=force, init=init)
     except TrainingInterrupted as e:
         # A mapping is continued from the run's own resolved config (overrides included).
         again = (Path(out) / CONFIG_FILE, ()) if isinstance(config, dict) else (config, overrides)
         e.command = resume_command(again[0], data, out, again[1], has_checkpoint=e.checkpoint is not None,
+                                   init=init,
                                    world_size=e.world_size,
                                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", e.world_size)))
         raise

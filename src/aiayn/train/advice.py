@@ -93,12 +93,14 @@ def warmup_warning(end_update: int, warmup: int, what: str) -> str | None:
 
 
 def resume_command(config: str | Path, data: str | Path, out: str | Path, overrides: Sequence[str], *,
-                   has_checkpoint: bool = True, world_size: int = 1, local_world_size: int = 1) -> str:
+                   has_checkpoint: bool = True, world_size: int = 1, local_world_size: int = 1,
+                   init: str | Path | None = None) -> str:
     """The command that continues a run (``--resume``), or starts it again where it has no
     checkpoint to continue from (``--force``); under torchrun on one machine, the torchrun
     command (several machines: the aiayn part, which each machine's launch runs)."""
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(out),
-            "--resume" if has_checkpoint else "--force", *overrides]
+            "--resume" if has_checkpoint else "--force", *(["--init", str(init)] if init is not None else []),
+            *overrides]
     if world_size > 1 and local_world_size == world_size:
         return shlex.join(["torchrun", "--standalone", f"--nproc_per_node={world_size}", "-m", "aiayn", *args])
     return shlex.join(["aiayn", *args])

@@ -166,3 +166,37 @@ def load_raw_config(path: str | Path, overrides: list[str]) -> config_io.ConfigD
         if "=" in item and item.split("=", 1)[0].split(".", 1)[0] not in SECTIONS:
             raise UserError(f"override {item!r}: keys start with 'model.', 'train.' or 'search.'")
     return config_io.apply_overrides(raw, overrides)
+
+
+# What a fine-tuning run may set differently from the checkpoint it starts from: regularisation,
+# not architecture.
+FINE_TUNING_MAY_CHANGE = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def init_from_checkpoint(raw: dict[str, Any], checkpoint: str | Path, dataset, where: str = "config") -> dict[str, Any]:
+    """The raw config of a run that starts from ``checkpoint`` (``aiayn train --init``): its
+    ``model`` section is the checkpoint's, where the config's own says nothing else; a key the
+    config sets to another value is an error naming it, except the dropout rates
+    (`FINE_TUNING_MAY_CHANGE`). The dataset must be encoded with the checkpoint's tokenizer."""
+    from ..checkpoint import check_checkpoint_dir, load_config
+    from ..data.tokenizer import load_tokenizer
+    from ..model import PRESETS
+
+    path = check_checkpoint_dir(checkpoint)
+    if load_tokenizer(path).sha256 != dataset.tokenizer.sha256:
+        raise UserError(f"the dataset {dataset.path} is not encoded with this checkpoint's tokenizer; prepare it "
+                        f"with aiayn prepare --tokenizer-from {path} ...", path=path)
+    theirs = load_config(path).to_dict()
+    ours = dict(raw.get("model") or {})
+    if "preset" in ours:
+        ours = {**PRESETS.get(ours.pop("preset"), {}), **ours}
+    with config_io.blamed(raw, where):
+        for key, value in ours.items():
+            if key in FINE_TUNING_MAY_CHANGE or key in ("src_vocab_size", "tgt_vocab_size"):
+                continue
+            if key in theirs and theirs[key] != value:
+                raise ConfigKeyError(f"model.{key} is {value!r} but the checkpoint's is {theirs[key]!r}: a run "
+                                     "with --init takes the checkpoint's architecture (drop the key, or set it to "
+                                     "match)", [("model", key)])
+    raw["model"] = {**theirs, **{k: ours[k] for k in FINE_TUNING_MAY_CHANGE if k in ours}}
+    return raw

@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import config as config_io
 from .. import progress as progress_display
 from ..allocator import active as allocator_in_use
-from ..checkpoint import load_config, read_meta, save_checkpoint
+from ..checkpoint import WEIGHTS, load_config, read_meta, read_weights, save_checkpoint
 from ..data import PreparedData, TokenBatchSampler
 from ..data.tokenizer import load_tokenizer, tokenizer_files
 from ..errors import UserError
@@ -253,7 +253,8 @@ def micro_batch_tokens(batch_tokens: int, world_size: int, update_freq: int) -> 
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, data: PreparedData, out: Path, dist: distributed.DistContext):
+    def __init__(self, cfg: RunConfig, data: PreparedData, out: Path, dist: distributed.DistContext,
+                 init: str | Path | None = None):
         self.cfg, self.tcfg, self.data, self.out, self.dist = cfg, cfg.train, data, out, dist
         self.device = dist.device
         self.tokenizer = data.tokenizer
@@ -268,7 +269,11 @@ class Trainer:
         # resolve differently on another machine, which changes speed, not the recipe.
         self.precision = resolve_precision(tc.precision, self.device, allowed=TRAIN_PRECISIONS,
                                            setting="train.precision")
-        self.model = for_training(use_fast_dropout(Transformer(cfg.model)).to(self.device), self.precision, self.device)
+        model = Transformer(cfg.model)
+        self.init = None if init is None else Path(init)
+        if self.init is not None:  # fine-tuning: the checkpoint's weights (its config is cfg.model)
+            read_weights(model, self.init / WEIGHTS)
+        self.model = for_training(use_fast_dropout(model).to(self.device), self.precision, self.device)
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
@@ -365,6 +370,7 @@ class Trainer:
                 "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
                 "config_digest": self.cfg.digest(), "valid": p.last_valid,
                 "languages": self.data.manifest.get("languages"),
+                "initialised_from": None if self.init is None else self.init.resolve().name,
                 "search": config_io.to_dict(self.cfg.search)}  # recommended for this model (Checkpoint.search)
 
     def check_same_data(self, path: Path) -> None:
@@ -461,7 +467,8 @@ class Trainer:
                          "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler),
                          "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
                          # real / padded tokens of this epoch's batches (§5.1's length grouping at work)
-                         "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4)})
+                         "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4),
+                         "initialised_from": None if self.init is None else self.init.resolve().name})
             self._announce()
         bar = self.bar = self._progress_bar()
         stream = self.batch_stream()
@@ -715,14 +722,15 @@ class Trainer:
 
 
 def run_training(cfg: RunConfig, data: PreparedData, out: str | Path, *, resume: bool = False,
-                 force: bool = False) -> TrainResult:
-    """Train ``cfg`` on ``data`` into run directory ``out`` (see the module docstring)."""
+                 force: bool = False, init: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` on ``data`` into run directory ``out`` (see the module docstring); a new
+    run with ``init`` starts from that checkpoint's weights (a resumed one from its own)."""
     out = Path(out)
     dist = distributed.setup(cfg.train.device)
     try:
         # The trainer checks the config against the data before OUT is touched: a mistake must
         # not cost the run that --force would replace.
-        trainer = Trainer(cfg, data, out, dist)
+        trainer = Trainer(cfg, data, out, dist, init=init)
         dist.broadcast_error(prepare_run_dir(out, resume, force) if dist.is_main else None)
         ckpts = list_checkpoints(out) if resume else []
         if ckpts:
