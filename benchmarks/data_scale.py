@@ -1,6 +1,6 @@
 """`make bench-data`: aiayn's data stage at the scale users bring -> benchmarks/DATA.md (and DATA.json).
 
-    python benchmarks/data_scale.py                         100k, 300k, 1M and 3M pairs (about 15 minutes on 2 cores)
+    python benchmarks/data_scale.py                         100k, 300k, 1M, 3M and 10M pairs (about 20 minutes on 2 cores)
     python benchmarks/data_scale.py --quick                 20k and 60k pairs: a smoke run (about a minute)
     python benchmarks/data_scale.py --baseline 2e69e49      also an older aiayn (a git revision) on the same files
 
@@ -22,8 +22,12 @@ resident memory (ru_maxrss of that process, from wait4) are recorded:
    --ref`` of 100k lines (as hypotheses the target side of another synthetic set, so the
    scorers see text of real lengths).
 
-With --baseline REV, the same commands run with that revision's ``src/`` (from ``git archive``,
-with this environment's packages) on the same files, for a before/after on one machine.
+Each version runs from ``git archive`` of its revision's ``src/`` (HEAD for the current one, so
+the figures belong to a commit and the working tree may change meanwhile), with this
+environment's packages. With --baseline REV, the same commands run with that revision on the same
+files, for a before/after on one machine. This process stays small: the batcher's timing runs in
+a process of its own too, because a child's ru_maxrss starts from its parent's resident size
+(fork/vfork, then exec).
 The growth laws are least-squares lines through the measured points.
 """
 
@@ -46,10 +50,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_description, machine_table  # noqa: E402
+# common imports torch: only once every measurement is done (below), since a child's ru_maxrss
+# starts from this process's resident size.
 
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
-FULL_SIZES = [100_000, 300_000, 1_000_000, 3_000_000]
+FULL_SIZES = [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]
 QUICK_SIZES = [20_000, 60_000]
 FULL_BASELINE_SIZES = [100_000, 300_000, 1_000_000]  # the old code needs ~14 GB and 7 minutes at 3M
 TRANSLATE_LINES = 100_000
@@ -137,7 +142,9 @@ def run_version(name: str, env: dict, sizes: list[int], corpora: dict[int, tuple
             env=env, log_file=work / f"{name}-train-{n}.log")
         log(f"  {results['train'][n]}")
         if n == sizes[-1] and name == "current":
-            results["batcher"] = time_batcher(out)
+            done = subprocess.run([sys.executable, __file__, "--batcher", str(out)], env=env, check=True,
+                                  capture_output=True, text=True)
+            results["batcher"] = json.loads(done.stdout)
             log(f"  batcher: {results['batcher']}")
         if n != sizes[0]:  # the smallest's run is the model of step 3
             shutil.rmtree(run, ignore_errors=True)
@@ -182,7 +189,8 @@ def greedy_batches(src, tgt, max_tokens: int, order) -> list[list[int]]:
 
 
 def time_batcher(dataset: Path, max_tokens: int = 4096) -> dict:
-    """One epoch's batch list of a dataset's training split: aiayn's sampler, and the old loop."""
+    """One epoch's batch list of a dataset's training split: aiayn's sampler, and the old loop
+    (run in a process of its own: ``python data_scale.py --batcher DATASET``)."""
     import numpy as np
 
     from aiayn.data import TokenBatchSampler, load_dataset
@@ -202,6 +210,8 @@ def time_batcher(dataset: Path, max_tokens: int = 4096) -> dict:
 
 
 def report(machine: dict, results: dict, sizes: list[int], baseline: str | None, corpus: str) -> str:
+    from common import machine_table
+
     new, old = results["current"], results.get("baseline")
     lines = ["# aiayn's data stage at scale (`make bench-data`)", "",
              "Written by `benchmarks/data_scale.py`; every figure comes from the run described below. "
@@ -268,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-sizes", help="sizes for the baseline (default: up to 1M pairs)")
     parser.add_argument("--work", type=Path, help="working directory for the corpora and datasets (kept)")
     parser.add_argument("--out", type=Path, help="output directory (default benchmarks/, or a temporary one with --quick)")
+    parser.add_argument("--batcher", type=Path, help=argparse.SUPPRESS)  # internal: time_batcher in its own process
     args = parser.parse_args(argv)
+    if args.batcher:
+        print(json.dumps(time_batcher(args.batcher)))
+        return 0
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
     src = args.src or MULTI30K / "train.en"
     tgt = args.tgt or MULTI30K / "train.de"
@@ -278,14 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="aiayn-bench-data-")) if args.quick else HERE)
     work = args.work or Path(tempfile.mkdtemp(prefix="aiayn-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    machine = machine_description()
+    load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    measured = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
     corpus_src, corpus_tgt = read_corpus(src, tgt)
     log(f"{len(corpus_src):,} real pairs from {src} and {tgt}; building {', '.join(f'{n:,}' for n in sizes)}")
     corpora = {n: synthesize(corpus_src, corpus_tgt, n, work) for n in sizes}
     translate_src, translate_ref = synthesize(corpus_src, corpus_tgt, TRANSLATE_LINES if not args.quick else 5_000,
                                               work, seed=7)
     other_hyp = synthesize(corpus_src, corpus_tgt, TRANSLATE_LINES if not args.quick else 5_000, work, seed=11)[1]
-    env = dict(os.environ)
+    del corpus_src, corpus_tgt
+    env = dict(os.environ, PYTHONPATH=str(baseline_tree("HEAD", work / "current")))
     results = {"current": run_version("current", env, sizes, corpora, work, translate_src, translate_ref, other_hyp)}
     if args.baseline:
         base_sizes = ([int(x) for x in args.baseline_sizes.split(",")] if args.baseline_sizes else
@@ -294,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         old_env = dict(env, PYTHONPATH=str(tree))
         results["baseline"] = run_version("baseline", old_env, base_sizes, corpora, work, translate_src, translate_ref,
                                           other_hyp)
+    from common import machine_description
+
+    machine = machine_description()
+    machine["load average at start"] = load_at_start
+    machine["aiayn"] = f"git {measured} (HEAD when the run started: what every 'current' figure measures)"
     corpus = "Multi30k's training set" if not args.src else f"{src.name}/{tgt.name}"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "DATA.md").write_text(report(machine, results, sizes, args.baseline, corpus), encoding="utf-8")
     (out / "DATA.json").write_text(json.dumps({"machine": machine, "sizes": sizes, "baseline": args.baseline,
                                                "results": results}, indent=2) + "\n", encoding="utf-8")

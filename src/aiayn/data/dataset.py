@@ -124,24 +124,6 @@ class Ragged(Sequence):
         return np.diff(self.offsets).astype(np.int32)
 
 
-def pack(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged id lists -> (concatenated int32 ids, int64 offsets of length n + 1)."""
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((i for s in sequences for i in s), dtype=np.int32, count=int(offsets[-1]))
-    return ids, offsets
-
-
-def save_split(directory: Path, name: str, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> None:
-    """Write one split's encoded pairs (lists of ids) in the current format."""
-    for side, sentences in zip(SIDES, (src, tgt)):
-        ids, offsets = pack(sentences)
-        writer = RaggedWriter(directory / f"{name}.{side}.ids.npy", directory / f"{name}.{side}.offsets.npy")
-        writer.append(ids, np.diff(offsets))
-        writer.close()
-
-
 class Split:
     """The encoded pairs of one split: ``.src[i]``, ``.tgt[i]`` are int arrays without specials
     (`Ragged`, memory-mapped), ``.src_lens``/``.tgt_lens`` their lengths."""

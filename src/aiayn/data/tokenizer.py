@@ -51,14 +51,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
-        if not path.is_file():
-            raise UserError("subword model not found", path=path)
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(path))
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"not a sentencepiece model ({e})", path=path) from None
-        return cls(sp, path)
+        return cls(_load_spm(path), path)
 
     @cached_property
     def sha256(self) -> str:
@@ -178,7 +171,7 @@ class PairTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def _ids(self, text: str, pieces: list[str]) -> list[int]:
+    def _ids(self, pieces: list[str]) -> list[int]:
         unk = self.unk_id
         return [self.vocab.get(p, unk) for p in pieces]
 
@@ -194,7 +187,7 @@ class PairTokenizer:
     def encode_batch(self, texts: Sequence[str], side: str = "src") -> list[list[int]]:
         codes, bodies = zip(*(self._split_code(t) for t in texts)) if texts else ((), ())
         pieces = self.spm[side].encode(list(bodies), out_type=str, num_threads=-1) if texts else []
-        return [self._ids(t, list(c) + p) for t, c, p in zip(texts, codes, pieces)]
+        return [self._ids(list(c) + p) for c, p in zip(codes, pieces)]
 
     def decode(self, ids: Iterable[int], side: str = "tgt") -> str:
         """Text of ids (pad/bos/eos skipped), joined by ``side``'s sentencepiece model."""
