@@ -329,3 +329,90 @@ def test_an_imported_model_fine_tunes_on_data_prepared_with_its_tokenizer(tmp_pa
     tuned = load_checkpoint(tmp_path / "ft" / "last")
     assert tuned.model.config.logits_bias and tuned.tokenizer.sha256 == tok.sha256
     torch.testing.assert_close(tuned.model.generator.bias, load_checkpoint(ck).model.generator.bias)  # fixed
+
+
+@pytest.fixture(scope="module")
+def separate_vocabularies(marian_tokenizer_files) -> tuple[Path, dict[str, int], dict[str, int]]:
+    """Marian's separate vocabularies: vocab.json over source.spm's pieces, target_vocab.json over
+    target.spm's ("</s>" 0, "<unk>" 1, "<pad>" 2 in both, as the pad id is one for both sides)."""
+    import sentencepiece as spm
+
+    files = marian_tokenizer_files[0]
+
+    def vocab(model: Path) -> dict[str, int]:
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+        return {piece: i for i, piece in enumerate(["</s>", "<unk>", "<pad>", *pieces])}
+
+    return files, vocab(files / "source.model"), vocab(files / "target.model")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_separate_vocabularies_and_untied_output_layers(tmp_path, separate_vocabularies, tied):
+    files, src_vocab, tgt_vocab = separate_vocabularies
+    assert len(src_vocab) != len(tgt_vocab)
+    torch.manual_seed(4)
+    config = transformers.MarianConfig(
+        vocab_size=len(src_vocab), decoder_vocab_size=len(tgt_vocab), share_encoder_decoder_embeddings=False,
+        tie_word_embeddings=tied, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, activation_function="swish",
+        max_position_embeddings=64, pad_token_id=2, eos_token_id=0, decoder_start_token_id=2, scale_embedding=True,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_positions" not in name:
+                p.normal_(0.0, 0.3)
+        model.final_logits_bias.normal_()
+    src_dir = tmp_path / "marian"
+    model.save_pretrained(src_dir)
+    (src_dir / "vocab.json").write_text(json.dumps(src_vocab, ensure_ascii=False), encoding="utf-8")
+    (src_dir / "target_vocab.json").write_text(json.dumps(tgt_vocab, ensure_ascii=False), encoding="utf-8")
+    (src_dir / "source.spm").write_bytes((files / "source.model").read_bytes())
+    (src_dir / "target.spm").write_bytes((files / "target.model").read_bytes())
+    (src_dir / "tokenizer_config.json").write_text(json.dumps({"separate_vocabs": True}))
+    hf = transformers.MarianMTModel.from_pretrained(src_dir).eval()
+    ckpt = load_checkpoint(import_marian(src_dir, tmp_path / "ck"))
+    cfg, tok = ckpt.model.config, ckpt.tokenizer
+    assert (cfg.src_vocab_size, cfg.tgt_vocab_size) == (len(src_vocab) + 1, len(tgt_vocab) + 1)
+    assert cfg.tie_embeddings == ("decoder" if tied else "none")
+
+    names = {"</s>": "</s>", "<unk>": "<unk>", "<pad>": "<s>"}
+    src_order = {i: tok.vocab[names.get(p, p)] for p, i in src_vocab.items() if p != "<pad>"}
+    tgt_order = {i: tok.target_vocab[names.get(p, p)] for p, i in tgt_vocab.items()}
+    hf_tok = transformers.MarianTokenizer(source_spm=str(src_dir / "source.spm"), target_spm=str(src_dir / "target.spm"),
+                                          vocab=str(src_dir / "vocab.json"),
+                                          target_vocab_file=str(src_dir / "target_vocab.json"), separate_vocabs=True)
+    for en, de in zip(ENGLISH, GERMAN):
+        assert [src_order[i] for i in hf_tok(en)["input_ids"]] == tok.encode(en) + [tok.eos_id]
+        assert [tgt_order[i] for i in hf_tok(text_target=de)["input_ids"]] == tok.encode(de, "tgt") + [tok.eos_id]
+    src_ids, tgt_ids = hf_tok(ENGLISH[:2], padding=True, return_tensors="pt"), hf_tok(text_target=GERMAN[:2])["input_ids"]
+    length = min(map(len, tgt_ids))
+    decoder_in = torch.tensor([[2] + row[: length - 1] for row in tgt_ids])
+    with torch.no_grad():
+        expected = hf(**src_ids, decoder_input_ids=decoder_in).logits
+        ours_src = torch.tensor([[src_order[i] if m else 0 for i, m in zip(row, mask)]
+                                 for row, mask in zip(src_ids["input_ids"].tolist(), src_ids["attention_mask"].tolist())])
+        ours_in = torch.tensor([[tgt_order[i] for i in row] for row in decoder_in.tolist()])
+        got = ckpt.model(ours_src, ours_in)
+    perm = torch.tensor([tgt_order[i] for i in range(len(tgt_vocab))])
+    torch.testing.assert_close(got[..., perm], expected, atol=1e-5, rtol=1e-5)
+    assert tok.decode(tok.encode(GERMAN[0], "tgt")) == GERMAN[0]
+    if tied:  # and through prepare, fine-tuning and translation, with both maps
+        pairs = [(f"{e} {k}", f"{g} {k}") for k in range(12) for e, g in zip(ENGLISH, GERMAN)]
+        (tmp_path / "ft.en").write_text("".join(e + "\n" for e, _ in pairs), encoding="utf-8")
+        (tmp_path / "ft.de").write_text("".join(g + "\n" for _, g in pairs), encoding="utf-8")
+        data = tmp_path / "data"
+        assert main(["prepare", "--src", str(tmp_path / "ft.en"), "--tgt", str(tmp_path / "ft.de"), "--tokenizer-from",
+                     str(tmp_path / "ck"), "--out", str(data), "--valid-size", "10", "--test-size", "10"]) == 0
+        assert (data / "target_vocab.json").is_file()
+        assert main(["train", "--config", "finetune", "--init", str(tmp_path / "ck"), "--data", str(data), "--out",
+                     str(tmp_path / "ft"), "train.max_updates=1", "train.max_minutes=0", "train.progress=false",
+                     "train.precision=fp32", "train.valid_bleu_sentences=4"]) == 0
+        tuned = load_checkpoint(tmp_path / "ft" / "last")
+        assert (tuned.model.config.src_vocab_size, tuned.model.config.tgt_vocab_size) == (
+            cfg.src_vocab_size, cfg.tgt_vocab_size)
+        text = tmp_path / "in.en"
+        text.write_text(ENGLISH[0] + "\n", encoding="utf-8")
+        assert main(["translate", "--checkpoint", str(tmp_path / "ft" / "last"), "--input", str(text),
+                     "--beam", "2", "--max-len-a", "0", "--max-len-b", "5"]) == 0

@@ -74,7 +74,7 @@ def attention_maps(ckpt: Checkpoint | str | Path, src_text: str, tgt_text: str |
     maps = model.attention_weights(src, tgt_in)
     weights = {kind: torch.stack([w[0] for w in maps[kind]]).float().cpu() for kind in KINDS}
     return AttentionMaps(
-        src_tokens=tok.pieces(src_ids[:-1]) + ["</s>"],
+        src_tokens=tok.pieces(src_ids[:-1], "src") + ["</s>"],
         tgt_tokens=tok.pieces(list(tgt_ids)) + ["</s>"],
         tgt_inputs=["<s>"] + tok.pieces(list(tgt_ids)),
         weights=weights,

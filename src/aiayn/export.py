@@ -22,9 +22,10 @@ the exported model computes the same function (see tests/test_export.py):
    ``start_from_zero_embedding``). So the export appends one zero row, named ``<pad>``, at id V
    (Marian's convention: pad is the last id) and folds √d_model·E[<s>] into the decoder's
    position-0 row. Position 0 is only ever the first step, so nothing else changes.
-3. The output layer. Marian adds ``final_logits_bias``; ours has no bias, so it is zero, except
-   at the appended row, which gets the most negative float so it is never generated (the
-   CTranslate2 converter drops that row and its bias entry altogether).
+3. The output layer. Marian adds ``final_logits_bias``; the paper's model has no bias, so it is
+   zero (an imported model's own bias, ``logits_bias``, is written back), except at the appended
+   row, which gets the most negative float so it is never generated (the CTranslate2 converter
+   drops that row and its bias entry altogether).
 
 aiayn's own id 0 (its padding token) stays an ordinary row of the exported vocabulary, under
 the name ``<aiayn_pad>``; the exported model pads with id V instead.
@@ -81,7 +82,7 @@ def marian_config_dict(cfg: TransformerConfig, max_positions: int) -> dict:
         "decoder_attention_heads": cfg.n_heads,
         "encoder_ffn_dim": cfg.d_ff,
         "decoder_ffn_dim": cfg.d_ff,
-        "activation_function": {"relu": "relu", "swish": "swish", "gelu": "gelu"}[cfg.activation],
+        "activation_function": cfg.activation,  # relu, swish or gelu: the same names in transformers
         "dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout,
         "activation_dropout": cfg.activation_dropout,

@@ -26,10 +26,15 @@ each of which becomes a setting of the aiayn model, documented as a deviation fr
   order (Marian id k >= 2 becomes k + 2, its pad excepted). The tokenizer carries the same
   renumbering, so text in and text out are Marian's. A model that aiayn exported
   (`aiayn.export`) comes back with its own ids and weights;
-- the maximum length (``max_position_embeddings``): ``max_positions``.
+- the maximum length (``max_position_embeddings``): ``max_positions``;
+- separate source and target vocabularies (``share_encoder_decoder_embeddings: false``,
+  ``decoder_vocab_size``, the tokenizer's ``separate_vocabs`` with ``target_vocab.json``): separate
+  embeddings, ``tie_embeddings: decoder``; an output layer untied from the decoder's embeddings
+  (``tie_word_embeddings: false``): ``tie_embeddings: none`` (with one shared vocabulary, the
+  encoder and decoder then get equal copies of the shared matrix).
 
 Anything else (pre-LN, different encoder and decoder widths, learned positions, unscaled
-embeddings, separate source and target vocabularies) is a one-line error naming the field.
+embeddings) is a one-line error naming the field.
 """
 
 from __future__ import annotations
@@ -98,11 +103,14 @@ def marian_config(directory: Path) -> tuple[dict, TransformerConfig]:
     if field("encoder_attention_heads") != field("decoder_attention_heads"):
         unsupported("decoder_attention_heads", "differs from encoder_attention_heads: aiayn has one h")
     vocab = int(field("vocab_size"))
-    if c.get("decoder_vocab_size", vocab) not in (None, vocab) or c.get("share_encoder_decoder_embeddings") is False:
-        unsupported("share_encoder_decoder_embeddings" if c.get("share_encoder_decoder_embeddings") is False
-                    else "decoder_vocab_size", "separate source and target vocabularies are not supported yet")
-    if c.get("tie_word_embeddings") is False:
-        unsupported("tie_word_embeddings", "an output layer separate from the embeddings is not supported yet")
+    target_vocab = int(c.get("decoder_vocab_size") or vocab)
+    separate = c.get("share_encoder_decoder_embeddings") is False
+    if target_vocab != vocab and not separate:
+        unsupported("decoder_vocab_size", f"differs from vocab_size {vocab} with share_encoder_decoder_embeddings true")
+    tied = c.get("tie_word_embeddings") is not False
+    # One matrix for all three (the paper's §3.4), the target embedding as the output layer, or
+    # three: a shared input embedding with its own output layer becomes two equal copies.
+    tie = "all" if tied and not separate else ("decoder" if tied else "none")
     d_model, heads = int(field("d_model")), int(field("encoder_attention_heads"))
     if d_model % heads:
         unsupported("encoder_attention_heads", f"does not divide d_model {d_model}")
@@ -111,14 +119,14 @@ def marian_config(directory: Path) -> tuple[dict, TransformerConfig]:
     if start != pad:
         unsupported("decoder_start_token_id", f"differs from pad_token_id {pad}; Marian starts from the pad token")
     for name, value in (("pad_token_id", pad), ("eos_token_id", eos)):
-        if not 0 <= value < vocab:
-            unsupported(name, f"outside the vocabulary of {vocab}")
+        if not 0 <= value < min(vocab, target_vocab):
+            unsupported(name, f"outside the vocabulary of {min(vocab, target_vocab)}")
     cfg = TransformerConfig(
-        src_vocab_size=vocab + 1, d_model=d_model, d_ff=int(field("encoder_ffn_dim")), n_heads=heads,
+        src_vocab_size=vocab + 1, tgt_vocab_size=target_vocab + 1, d_model=d_model, d_ff=int(field("encoder_ffn_dim")), n_heads=heads,
         n_encoder_layers=int(field("encoder_layers")), n_decoder_layers=int(field("decoder_layers")),
         dropout=float(c.get("dropout", 0.1)), attention_dropout=float(c.get("attention_dropout", 0.0)),
         activation_dropout=float(c.get("activation_dropout", 0.0)), norm_first=False, positions="sinusoidal",
-        max_positions=int(field("max_position_embeddings", 512)), tie_embeddings="all",
+        max_positions=int(field("max_position_embeddings", 512)), tie_embeddings=tie,
         activation=activation, logits_bias=True, sinusoid_layout="concatenated")
     return c, cfg
 
@@ -185,28 +193,33 @@ def import_marian(directory: str | Path, out: str | Path, *, force: bool = False
         raise UserError("not a directory (give a Hugging Face Marian model directory)", path=directory)
     refuse_to_replace(Path(out), force, kind="checkpoint")  # before the work; checked again when written
     raw, cfg = marian_config(directory)
-    if (directory / "tokenizer_config.json").is_file():
-        if _read_json(directory / "tokenizer_config.json").get("separate_vocabs"):
-            raise UserError("field 'separate_vocabs' = true: separate source and target vocabularies are not "
-                            "supported yet", path=directory / "tokenizer_config.json")
+    separate_vocabs = (directory / "tokenizer_config.json").is_file() and bool(
+        _read_json(directory / "tokenizer_config.json").get("separate_vocabs"))
+    if separate_vocabs != (cfg.tie_embeddings != "all" and raw.get("share_encoder_decoder_embeddings") is False):
+        raise UserError(f"tokenizer_config.json says separate_vocabs {str(separate_vocabs).lower()}, config.json "
+                        f"share_encoder_decoder_embeddings {raw.get('share_encoder_decoder_embeddings')}: they "
+                        "must agree", path=directory)
     vocab = _read_json(directory / "vocab.json")
-    size = cfg.src_vocab_size - 1
-    if sorted(vocab.values()) != list(range(size)):
-        raise UserError(f"does not number its pieces 0 .. {size - 1} (vocab_size {size} in config.json)",
-                        path=directory / "vocab.json")
+    target_vocab = _read_json(directory / "target_vocab.json") if separate_vocabs else vocab
+    size, target_size = cfg.src_vocab_size - 1, cfg.tgt_vocab_size - 1
+    for name, v, n in (("vocab.json", vocab, size), ("target_vocab.json", target_vocab, target_size)):
+        if sorted(v.values()) != list(range(n)):
+            raise UserError(f"does not number its pieces 0 .. {n - 1} (config.json says {n})", path=directory / name)
     for name in ("source.spm", "target.spm"):
         if not (directory / name).is_file():
             raise UserError("not found (Marian's tokenizer needs source.spm and target.spm)", path=directory / name)
     pad, eos = int(raw["pad_token_id"]), int(raw["eos_token_id"])
     order, exported = _renumbering(vocab, size, pad, eos)
-    if exported:
+    target_order = _renumbering(target_vocab, target_size, pad, eos)[0] if separate_vocabs else order
+    if exported and not separate_vocabs:
         cfg = TransformerConfig(**{**cfg.to_dict(), "src_vocab_size": size - 1, "tgt_vocab_size": size - 1})
     sd = read_weights(directory)
     model = Transformer(cfg)
-    _load_marian_weights(model, sd, order, pad, directory)
+    _load_marian_weights(model, sd, order, target_order, pad, directory)
     if not bool(model.generator.bias.detach().any()):  # no bias of its own (e.g. an aiayn export)
         model = _without_logits_bias(model)
-    tokenizer = _tokenizer(directory, vocab, order, exported)
+    tokenizer = _tokenizer(directory, vocab, order, exported and not separate_vocabs,
+                           (target_vocab, target_order) if separate_vocabs else None)
     meta = {"imported_from": {"format": "huggingface-marian", "directory": directory.name,
                               "name_or_path": raw.get("_name_or_path") or None,
                               "vocabulary": "kept (an aiayn export)" if exported else "renumbered (aiayn.pretrained)"},
@@ -223,11 +236,13 @@ def _without_logits_bias(model: Transformer) -> Transformer:
     return plain
 
 
-def _tokenizer(directory: Path, vocab: dict[str, int], order: list[int], exported: bool):
+def _tokenizer(directory: Path, vocab: dict[str, int], order: list[int], exported: bool,
+               target_side: tuple[dict[str, int], list[int]] | None = None):
     """The checkpoint's tokenizer: for an aiayn export whose two sentencepiece models are its own
     joint model (the same bytes, ids as in vocab.json), that joint model again; else the pair, with
     the renumbered ids and aiayn's names for ids 0-3 (a Marian piece that had one of those names
-    becomes ``<marian_NAME>``)."""
+    becomes ``<marian_NAME>``), and ``target_side`` (the target's vocabulary and renumbering) for
+    a model with separate vocabularies."""
     from .data.tokenizer import Tokenizer
 
     source, target = (directory / "source.spm").read_bytes(), (directory / "target.spm").read_bytes()
@@ -239,20 +254,24 @@ def _tokenizer(directory: Path, vocab: dict[str, int], order: list[int], exporte
         same = all(sp.id_to_piece(i) == piece for piece, i in vocab.items() if 0 < i < sp.get_piece_size())
         if same and (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             return Tokenizer(sp)
-    by_id = {i: piece for piece, i in vocab.items()}
-    names = [by_id[m] if m >= 0 else "" for m in order]
-    for i, name in SPECIAL_NAMES.items():
-        names[i] = name
-    taken = set(SPECIAL_NAMES.values())
-    names[4:] = [f"<marian_{n.strip('<>')}>" if n in taken else n for n in names[4:]]
-    return PairTokenizer.from_files(directory / "source.spm", directory / "target.spm",
-                                    {piece: i for i, piece in enumerate(names)})
+    def renamed(vocab: dict[str, int], order: list[int]) -> dict[str, int]:
+        by_id = {i: piece for piece, i in vocab.items()}
+        names = [by_id[m] if m >= 0 else "" for m in order]
+        for i, name in SPECIAL_NAMES.items():
+            names[i] = name
+        taken = set(SPECIAL_NAMES.values())
+        names[4:] = [f"<marian_{n.strip('<>')}>" if n in taken else n for n in names[4:]]
+        return {piece: i for i, piece in enumerate(names)}
+
+    return PairTokenizer.from_files(directory / "source.spm", directory / "target.spm", renamed(vocab, order),
+                                    None if target_side is None else renamed(*target_side))
 
 
 @torch.no_grad()
-def _load_marian_weights(model: Transformer, sd: dict[str, torch.Tensor], order: list[int], start: int,
-                         where: Path) -> None:
-    """Copy Marian's tensors into ``model`` (renumbering the vocabulary by ``order``)."""
+def _load_marian_weights(model: Transformer, sd: dict[str, torch.Tensor], order: list[int], target_order: list[int],
+                         start: int, where: Path) -> None:
+    """Copy Marian's tensors into ``model``, renumbering the vocabulary by ``order`` (the source
+    side's) and ``target_order`` (the target side's: the same list with one vocabulary)."""
     cfg = model.config
     d = cfg.d_model
 
@@ -261,22 +280,34 @@ def _load_marian_weights(model: Transformer, sd: dict[str, torch.Tensor], order:
             raise UserError(f"the weights have no tensor {name!r}", path=where)
         return sd[name]
 
-    def rows(matrix: torch.Tensor) -> torch.Tensor:
+    def rows(matrix: torch.Tensor, order: list[int] = order) -> torch.Tensor:
         index = torch.tensor([max(i, 0) for i in order])
         out = matrix.index_select(0, index).clone()
         out[torch.tensor([i < 0 for i in order])] = 0
         return out
 
-    shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    if shared is None:
-        raise UserError("the weights have no shared.weight (the embedding matrix)", path=where)
-    if shared.size(1) != d or shared.size(0) <= max(order):
-        raise UserError(f"shared.weight has shape {tuple(shared.shape)}; config.json says d_model {d} and "
-                        f"vocab_size {max(order) + 1}+", path=where)
-    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
-        if name in sd and not torch.equal(sd[name], shared):
-            raise UserError(f"{name} differs from shared.weight: untied embeddings are not supported yet", path=where)
-    emb = rows(shared)
+    def matrix(*names: str, size: int) -> torch.Tensor:
+        found = next((sd[n] for n in names if n in sd), None)
+        if found is None:
+            raise UserError(f"the weights have no {names[0]}", path=where)
+        if found.size(1) != d or found.size(0) < size:
+            raise UserError(f"{names[0]} has shape {tuple(found.shape)}; config.json says d_model {d} and "
+                            f"{size} rows", path=where)
+        return found
+
+    separate = cfg.tie_embeddings != "all"
+    source = matrix("encoder.embed_tokens.weight", "shared.weight", size=max(order) + 1)
+    target = matrix("decoder.embed_tokens.weight", "shared.weight", size=max(target_order) + 1)
+    output = matrix("lm_head.weight", "decoder.embed_tokens.weight", "shared.weight", size=max(target_order) + 1)
+    if not separate:
+        for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+            if name in sd and "shared.weight" in sd and not torch.equal(sd[name], sd["shared.weight"]):
+                raise UserError(f"{name} differs from shared.weight, but config.json ties them", path=where)
+    elif cfg.tie_embeddings == "decoder" and not torch.equal(output, target):
+        raise UserError("lm_head.weight differs from decoder.embed_tokens.weight, but tie_word_embeddings is true",
+                        path=where)
+    shared = target
+    emb = rows(target, target_order)
     # The decoder's first input: Marian's start row plus what its position-0 row holds beyond
     # the sinusoid (an aiayn export folds √d·E[<s>] there); aiayn's BOS row carries both.
     for side, module in (("encoder", model.src_embed), ("decoder", model.tgt_embed)):
@@ -292,9 +323,13 @@ def _load_marian_weights(model: Transformer, sd: dict[str, torch.Tensor], order:
                 emb[BOS_ID] = emb[BOS_ID] if torch.allclose(emb[BOS_ID], bos, atol=1e-5) else bos
             elif side == "encoder" and row0.abs().max() > 1e-4:
                 raise UserError("the encoder's position table is not sinusoidal at position 0", path=where)
-    model.src_embed.token.weight.copy_(emb)
-    bias = sd.get("final_logits_bias", torch.zeros(1, shared.size(0))).reshape(-1)
-    model.generator.bias.copy_(rows(bias[:, None])[:, 0])
+    model.tgt_embed.token.weight.copy_(emb)  # with tie_embeddings "all": the one matrix
+    if separate:
+        model.src_embed.token.weight.copy_(rows(source))
+    if cfg.tie_embeddings == "none":
+        model.generator.weight.copy_(rows(output, target_order))
+    bias = sd.get("final_logits_bias", torch.zeros(1, target.size(0))).reshape(-1)
+    model.generator.bias.copy_(rows(bias[:, None], target_order)[:, 0])
 
     def linear(module, prefix: str) -> None:
         module.weight.copy_(take(prefix + "weight"))

@@ -63,6 +63,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
+    def src_vocab_size(self) -> int:
+        """The same as `vocab_size`: one joint vocabulary."""
+        return self.vocab_size
+
     FILES = ("spm.model",)
 
     def save(self, directory: str | Path) -> None:
@@ -91,7 +96,7 @@ class Tokenizer:
         `encode` exactly), this never does."""
         return one_line(self.decode(ids))
 
-    def pieces(self, ids: Iterable[int]) -> list[str]:
+    def pieces(self, ids: Iterable[int], side: str = "tgt") -> list[str]:
         """Subword strings of ids (with the '▁' word-start mark), e.g. for attention plots."""
         return [self.sp.id_to_piece(int(i)) for i in ids]
 
@@ -109,71 +114,93 @@ def _load_spm(path: Path) -> spm.SentencePieceProcessor:
 
 class PairTokenizer:
     """Marian's tokenizer (OPUS-MT): ``source.spm`` splits sources into pieces, ``target.spm``
-    targets, and ``vocab.json`` maps the pieces of both to ids (one vocabulary); a piece that is
-    not in it is ``<unk>``. What ``transformers.MarianTokenizer`` computes, with aiayn's fixed
+    targets, and ``vocab.json`` maps the pieces of both to ids (one vocabulary), or, for a model
+    with separate vocabularies, those of the source while ``target_vocab.json`` maps the
+    target's; a piece that is not in its map is ``<unk>``. What ``transformers.MarianTokenizer`` computes, with aiayn's fixed
     special ids (the importer renumbers the vocabulary: `aiayn.pretrained`) and without its
     optional Moses punctuation normalisation (used only where ``sacremoses`` is installed). A
     source that starts with a language token such as ``>>deu<<`` (multilingual models) keeps it
     as one piece, as MarianTokenizer does."""
 
     FILES = ("source.spm", "target.spm", "vocab.json")
+    TARGET_VOCAB = "target_vocab.json"  # only with separate vocabularies
 
     def __init__(self, source: spm.SentencePieceProcessor, target: spm.SentencePieceProcessor,
-                 vocab: dict[str, int], path: Path | None = None):
+                 vocab: dict[str, int], path: Path | None = None, target_vocab: dict[str, int] | None = None):
         self.spm = {"src": source, "tgt": target}
         self.path = path
+        self.separate = target_vocab is not None
         self.vocab = dict(vocab)
-        self.id_to_piece = {i: piece for piece, i in self.vocab.items()}
-        if sorted(self.id_to_piece) != list(range(len(self.vocab))):
-            raise UserError("vocab.json must number its pieces 0 .. n-1, each id once", path=path)
+        self.target_vocab = dict(target_vocab) if self.separate else self.vocab
+        self.maps = {"src": self.vocab, "tgt": self.target_vocab}
+        self.names = {side: {i: piece for piece, i in m.items()} for side, m in self.maps.items()}
+        self.id_to_piece = self.names["src"]
         names = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
-        if any(self.id_to_piece.get(i) != name for i, name in names.items()):
-            raise UserError(f"vocab.json must give the ids {sorted(names)} to {list(names.values())} "
-                            "(aiayn import writes it so)", path=path)
+        for side, file in (("src", "vocab.json"), ("tgt", self.TARGET_VOCAB if self.separate else "vocab.json")):
+            if sorted(self.names[side]) != list(range(len(self.maps[side]))):
+                raise UserError(f"{file} must number its pieces 0 .. n-1, each id once", path=path)
+            if any(self.names[side].get(i) != name for i, name in names.items()):
+                raise UserError(f"{file} must give the ids {sorted(names)} to {list(names.values())} "
+                                "(aiayn import writes it so)", path=path)
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
         self._specials = {PAD_ID, BOS_ID, EOS_ID}
 
     @classmethod
-    def from_files(cls, source: str | Path, target: str | Path, vocab: dict[str, int]) -> PairTokenizer:
-        return cls(_load_spm(Path(source)), _load_spm(Path(target)), vocab)
+    def from_files(cls, source: str | Path, target: str | Path, vocab: dict[str, int],
+                   target_vocab: dict[str, int] | None = None) -> PairTokenizer:
+        return cls(_load_spm(Path(source)), _load_spm(Path(target)), vocab, target_vocab=target_vocab)
+
+    @staticmethod
+    def _read_map(file: Path) -> dict[str, int]:
+        try:
+            vocab = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{file.name} not found", path=file) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {file.name} ({e})", path=file) from None
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+            raise UserError(f"{file.name} must map pieces to integer ids", path=file)
+        return vocab
 
     @classmethod
     def load(cls, directory: str | Path) -> PairTokenizer:
         directory = Path(directory)
-        file = directory / "vocab.json"
-        try:
-            vocab = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError("vocab.json not found", path=file) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read vocab.json ({e})", path=file) from None
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-            raise UserError("vocab.json must map pieces to integer ids", path=file)
-        return cls(_load_spm(directory / "source.spm"), _load_spm(directory / "target.spm"), vocab, directory)
+        target = directory / cls.TARGET_VOCAB
+        return cls(_load_spm(directory / "source.spm"), _load_spm(directory / "target.spm"),
+                   cls._read_map(directory / "vocab.json"), directory,
+                   cls._read_map(target) if target.is_file() else None)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         for side, name in (("src", "source.spm"), ("tgt", "target.spm")):
             (directory / name).write_bytes(self.spm[side].serialized_model_proto())
-        (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False, indent=1) + "\n",
-                                              encoding="utf-8")
+        for vocab, name in ((self.vocab, "vocab.json"), (self.target_vocab if self.separate else None, self.TARGET_VOCAB)):
+            if vocab is not None:
+                (directory / name).write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     @cached_property
     def sha256(self) -> str:
-        """Identifies the vocabulary: SHA-256 over both sentencepiece models and the id map."""
+        """Identifies the vocabulary: SHA-256 over both sentencepiece models and the id map(s)."""
         h = hashlib.sha256()
         for side in ("src", "tgt"):
             h.update(hashlib.sha256(self.spm[side].serialized_model_proto()).digest())
         h.update(json.dumps(self.vocab, sort_keys=True, ensure_ascii=False).encode())
+        if self.separate:
+            h.update(json.dumps(self.target_vocab, sort_keys=True, ensure_ascii=False).encode())
         return h.hexdigest()
 
     @property
     def vocab_size(self) -> int:
+        """The target side's vocabulary (the output layer's rows)."""
+        return len(self.target_vocab)
+
+    @property
+    def src_vocab_size(self) -> int:
         return len(self.vocab)
 
-    def _ids(self, pieces: list[str]) -> list[int]:
-        unk = self.unk_id
-        return [self.vocab.get(p, unk) for p in pieces]
+    def _ids(self, pieces: list[str], side: str) -> list[int]:
+        unk, vocab = self.unk_id, self.maps[side]
+        return [vocab.get(p, unk) for p in pieces]
 
     def _split_code(self, text: str) -> tuple[list[str], str]:
         if text.startswith(">>") and (end := text.find("<<")) != -1:
@@ -187,18 +214,20 @@ class PairTokenizer:
     def encode_batch(self, texts: Sequence[str], side: str = "src") -> list[list[int]]:
         codes, bodies = zip(*(self._split_code(t) for t in texts)) if texts else ((), ())
         pieces = self.spm[side].encode(list(bodies), out_type=str, num_threads=-1) if texts else []
-        return [self._ids(list(c) + p) for c, p in zip(codes, pieces)]
+        return [self._ids(list(c) + p, side) for c, p in zip(codes, pieces)]
 
     def decode(self, ids: Iterable[int], side: str = "tgt") -> str:
         """Text of ids (pad/bos/eos skipped), joined by ``side``'s sentencepiece model."""
-        pieces = [self.id_to_piece.get(int(i), "<unk>") for i in ids if int(i) not in self._specials]
+        names = self.names[side]
+        pieces = [names.get(int(i), "<unk>") for i in ids if int(i) not in self._specials]
         return self.spm[side].decode_pieces(pieces)
 
     def decode_line(self, ids: Iterable[int]) -> str:
         return one_line(self.decode(ids))
 
-    def pieces(self, ids: Iterable[int]) -> list[str]:
-        return [self.id_to_piece.get(int(i), "<unk>") for i in ids]
+    def pieces(self, ids: Iterable[int], side: str = "tgt") -> list[str]:
+        names = self.names[side]
+        return [names.get(int(i), "<unk>") for i in ids]
 
 
 def tokenizer_files(directory: str | Path) -> tuple[str, ...] | None:
@@ -206,7 +235,9 @@ def tokenizer_files(directory: str | Path) -> tuple[str, ...] | None:
     directory = Path(directory)
     for kind in (Tokenizer, PairTokenizer):
         if all((directory / name).is_file() for name in kind.FILES):
-            return kind.FILES
+            extra = (PairTokenizer.TARGET_VOCAB,) if kind is PairTokenizer and (
+                directory / PairTokenizer.TARGET_VOCAB).is_file() else ()
+            return kind.FILES + extra
     return None
 
 

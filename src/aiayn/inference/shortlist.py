@@ -129,6 +129,9 @@ class Shortlist:
         split = data.split("train")
         n = len(split) if max_pairs is None else min(max_pairs, len(split))
         vocab = data.tokenizer.vocab_size
+        if data.tokenizer.src_vocab_size != vocab or getattr(data.tokenizer, "separate", False):
+            raise UserError("a shortlist maps source ids to target ids of one shared vocabulary; this dataset's "
+                            "tokenizer has separate source and target vocabularies", path=data.path)
         top, translations = build(split.src[:n], split.tgt[:n], vocab, frequent, per_source, progress=n >= 100_000)
         return cls(vocab, top, translations, data.tokenizer.sha256,
                    dict(frequent=frequent, per_source=per_source, pairs=n, dataset=str(data.path)))

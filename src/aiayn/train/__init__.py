@@ -59,7 +59,8 @@ def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path
         from .config import init_from_checkpoint
 
         raw = init_from_checkpoint(raw, init, dataset, where)
-    cfg = resolve_config(raw, dataset.tokenizer.vocab_size, where=where)
+    tok = dataset.tokenizer
+    cfg = resolve_config(raw, (tok.src_vocab_size, tok.vocab_size), where=where)
     try:
         return run_training(cfg, dataset, out, resume=resume, force=force, init=init)
     except TrainingInterrupted as e:

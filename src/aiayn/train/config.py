@@ -120,11 +120,13 @@ class RunConfig:
 SECTIONS = ("model", "train", "search")
 
 
-def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") -> RunConfig:
+def resolve_config(raw: dict[str, Any], vocab_size: int | tuple[int, int], where: str = "config") -> RunConfig:
     """A config mapping (file + overrides) -> RunConfig, vocabulary sizes from the dataset.
 
     The datasets of `aiayn prepare` have one joint BPE vocabulary (§5.1), so source and
-    target share ``vocab_size``; a config that names a different size is an error. Errors name
+    target share ``vocab_size``; a dataset encoded with an imported model's separate
+    vocabularies gives (source size, target size). A config that names a different size is an
+    error. Errors name
     the override or the file line that set the key (``raw`` from `load_raw_config`), else
     ``where``.
     """
@@ -140,11 +142,12 @@ def resolve_config(raw: dict[str, Any], vocab_size: int, where: str = "config") 
                 raise ConfigKeyError(f"{section}: expected a mapping of settings, got {value!r}", [(section,)])
             sections[section] = dict(value)
         model = sections["model"]
-        for key in ("src_vocab_size", "tgt_vocab_size"):
-            if model.get(key) not in (None, vocab_size):
-                raise ConfigKeyError(f"model.{key}={model[key]} but the dataset's vocabulary has {vocab_size} "
+        sizes = vocab_size if isinstance(vocab_size, tuple) else (vocab_size, vocab_size)
+        for key, size in zip(("src_vocab_size", "tgt_vocab_size"), sizes):
+            if model.get(key) not in (None, size):
+                raise ConfigKeyError(f"model.{key}={model[key]} but the dataset's vocabulary has {size} "
                                      "entries; leave vocabulary sizes out of the config", [("model", key)])
-            model[key] = vocab_size
+            model[key] = size
         model_cfg = TransformerConfig.from_dict(model, where="model")
         train_cfg = config_io.from_dict(TrainConfig, sections["train"], where="train")
         search_cfg = config_io.from_dict(SearchConfig, sections["search"], where="search")
