@@ -254,6 +254,7 @@ def _tokenizer(directory: Path, vocab: dict[str, int], order: list[int], exporte
         same = all(sp.id_to_piece(i) == piece for piece, i in vocab.items() if 0 < i < sp.get_piece_size())
         if same and (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             return Tokenizer(sp)
+
     def renamed(vocab: dict[str, int], order: list[int]) -> dict[str, int]:
         by_id = {i: piece for piece, i in vocab.items()}
         names = [by_id[m] if m >= 0 else "" for m in order]
