@@ -10,7 +10,7 @@ nor a Python object per pair):
    deterministically into train/valid/test (whole groups, e.g. help pages, per split); drop
    training pairs whose source sentence is held out, so no test source is trained on;
 3. train one joint BPE model on the training text of both sides (§5.1), or on a seeded sample
-   of ``--bpe-sample`` sentences of it, streamed to sentencepiece;
+   of ``--bpe-sample`` sentences of it, in a process of its own (its memory goes with it);
 4. encode in chunks of `CHUNK_PAIRS` pairs on all cores, dropping training pairs that are too
    long or too unequal in length (valid and test are kept whole, so scores are over the full
    held-out sets), and append each chunk to the split's files and memory-mappable arrays;
@@ -574,7 +574,7 @@ def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], sp
         sentences, sample = _bpe_sentences(pool, labels, args.bpe_sample, args.seed)
         log(f"training a joint BPE model (vocab {args.vocab_size}) on {sample} sentences of "
             f"{int(np.sum(labels == LABELS['train']))} training pairs ...")
-        spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size,
+        spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size, in_subprocess=True,
                                  byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample)
         tok = Tokenizer.load(tmp / SPM_MODEL)
         vocab = {"size": tok.vocab_size, "requested": args.vocab_size, "model": SPM_MODEL, "joint": True,

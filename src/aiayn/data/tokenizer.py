@@ -260,13 +260,17 @@ def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
 
 
 def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
-              byte_fallback: bool | None = None, sample: int = 2_000_000) -> dict:
+              byte_fallback: bool | None = None, sample: int = 2_000_000, in_subprocess: bool = False) -> dict:
     """Train a joint BPE model on ``texts`` -> writes PREFIX.model/.vocab; returns its settings.
 
     ``texts`` is streamed to sentencepiece (empty ones skipped), which keeps at most ``sample``
     of them (``input_sentence_size``; `prepare` gives it a sample of that size already).
     ``hard_vocab_limit=False`` makes vocab_size an upper bound, so a tiny corpus (the copy
     task) gets the vocabulary it can support instead of an error.
+
+    ``in_subprocess``: the texts go to PREFIX.txt and a process of its own trains on that file,
+    so the trainer's memory (about 0.5 KB a sentence) is given back when it ends, instead of
+    staying with this process (`prepare` then encodes the corpus in what is left).
     """
     if byte_fallback is None:
         byte_fallback = vocab_size >= BYTE_FALLBACK_MIN_VOCAB
@@ -284,6 +288,9 @@ def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
     if vocab_size < 8:
         raise UserError(f"--vocab-size {vocab_size} is too small (at least 8)")
     sentences = (t for t in texts if t)
+    if in_subprocess:
+        _train_bpe_in_subprocess(sentences, Path(model_prefix), settings)
+        return settings
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences,
                                        model_prefix=str(model_prefix),
@@ -291,3 +298,25 @@ def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
     except RuntimeError as e:
         raise UserError(f"sentencepiece could not train a BPE model: {e}") from None
     return settings
+
+
+def _train_bpe_in_subprocess(sentences: Iterable[str], model_prefix: Path, settings: dict) -> None:
+    import subprocess
+    import sys
+
+    text = model_prefix.with_suffix(".txt")
+    with open(text, "w", encoding="utf-8", newline="\n") as f:
+        for sentence in sentences:
+            f.write(sentence + "\n")
+    program = ("import json, sys\nimport sentencepiece as spm\n"
+               "args = json.loads(sys.argv[1])\n"
+               "try:\n    spm.SentencePieceTrainer.train(**args)\n"
+               "except RuntimeError as e:\n    sys.exit(str(e))\n")
+    args = dict(input=str(text), model_prefix=str(model_prefix), minloglevel=2, **settings)
+    try:
+        done = subprocess.run([sys.executable, "-c", program, json.dumps(args)], capture_output=True, text=True)
+    finally:
+        text.unlink(missing_ok=True)
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["exit status " + str(done.returncode)])[-1]
+        raise UserError(f"sentencepiece could not train a BPE model: {message}")
