@@ -95,8 +95,8 @@ def require_text(path: str | Path) -> None:
 
 
 def iter_lines(path: str | Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file, each validated as it is read (`read_lines` without
-    holding the file); raises UserError at the first problem. The file must not be empty
+    """The lines of a UTF-8 text file, each validated as it is read (without holding the
+    file); raises UserError at the first problem. The file must not be empty
     (`require_text`, checked before the first line)."""
     path = Path(path)
     require_text(path)
@@ -105,25 +105,11 @@ def iter_lines(path: str | Path) -> Iterator[str]:
             yield _decode(raw, path, number)
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file, each validated; raises UserError at the first problem."""
-    return list(iter_lines(path))
-
-
-def decode_lines(data: bytes, path: str | Path) -> list[str]:
-    """Bytes (without a BOM) -> lines split on ``\\n``, CR stripped; a NUL byte or invalid
-    UTF-8 is a UserError naming ``path`` and the line."""
-    raw_lines = data.split(b"\n")
-    if raw_lines[-1] == b"":  # a final newline ends the last line; it does not start another
-        raw_lines.pop()
-    return [_decode(raw, path, number) for number, raw in enumerate(raw_lines, start=1)]
-
-
 def iter_input_lines(path: str | Path | None) -> Iterator[str]:
     """Lines to translate or score, read as they are needed: a UTF-8 file, or standard input
     when ``path`` is None, split on ``\\n`` only.
 
-    Unlike `read_lines` (training data, where an empty file is a mistake), a file that is empty
+    Unlike `iter_lines` (training data, where an empty file is a mistake), a file that is empty
     or all blank lines is valid here: it has that many empty sentences. CRLF endings and a UTF-8
     byte-order mark are accepted; invalid UTF-8 or a NUL byte is a UserError naming the line
     (raised when that line is reached).
@@ -134,16 +120,10 @@ def iter_input_lines(path: str | Path | None) -> Iterator[str]:
         for number, raw in enumerate(_raw_lines(sys.stdin.buffer), start=1):
             yield _decode(raw, "<stdin>", number)
         return
-    if not Path(path).is_file():
-        raise UserError("file not found" if not Path(path).exists() else "not a regular file", path=path)
+    _check_file(Path(path))
     with open(path, "rb") as f:
         for number, raw in enumerate(_raw_lines(f), start=1):
             yield _decode(raw, path, number)
-
-
-def read_input_lines(path: str | Path | None) -> list[str]:
-    """`iter_input_lines`, all at once."""
-    return list(iter_input_lines(path))
 
 
 def count_lines(path: str | Path) -> int:
@@ -225,13 +205,3 @@ def iter_tsv(path: str | Path) -> Iterator[tuple[int, str, str]]:
         yield i, clean(s), clean(t)
     if not found:
         raise UserError("file has no sentence pairs", path=path)
-
-
-def read_tsv(path: str | Path) -> tuple[list[str], list[str], list[int]]:
-    """A ``source<TAB>target`` file -> (src, tgt, line numbers); blank lines are skipped."""
-    src, tgt, numbers = [], [], []
-    for number, s, t in iter_tsv(path):
-        src.append(s)
-        tgt.append(t)
-        numbers.append(number)
-    return src, tgt, numbers

@@ -271,6 +271,7 @@ class Trainer:
                                            setting="train.precision")
         model = Transformer(cfg.model)
         self.init = None if init is None else Path(init)
+        self.init_name = None if init is None else self.init.resolve().name  # recorded: a name, not a path
         if self.init is not None:  # fine-tuning: the checkpoint's weights (its config is cfg.model)
             read_weights(model, self.init / WEIGHTS)
         self.model = for_training(use_fast_dropout(model).to(self.device), self.precision, self.device)
@@ -370,7 +371,7 @@ class Trainer:
                 "data_fingerprint": self.data.manifest.get("fingerprint"), "tokenizer_sha256": self.tokenizer_sha256,
                 "config_digest": self.cfg.digest(), "valid": p.last_valid,
                 "languages": self.data.manifest.get("languages"),
-                "initialised_from": None if self.init is None else self.init.resolve().name,
+                "initialised_from": self.init_name,
                 "search": config_io.to_dict(self.cfg.search)}  # recommended for this model (Checkpoint.search)
 
     def check_same_data(self, path: Path) -> None:
@@ -468,7 +469,7 @@ class Trainer:
                          "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
                          # real / padded tokens of this epoch's batches (§5.1's length grouping at work)
                          "padding_efficiency": round(self.sampler.stats()["padding_efficiency"], 4),
-                         "initialised_from": None if self.init is None else self.init.resolve().name})
+                         "initialised_from": self.init_name})
             self._announce()
         bar = self.bar = self._progress_bar()
         stream = self.batch_stream()
