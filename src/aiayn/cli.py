@@ -11,6 +11,9 @@ which turns them into typed arguments for the library module that owns the stage
     evaluate  -> aiayn.evaluate           (sacreBLEU, chrF, paper-comparable BLEU)
     shortlist -> aiayn.inference.shortlist (vocabulary shortlist for faster decoding)
     attention -> aiayn.attention          (attention weights as heatmaps and JSON)
+    align     -> aiayn.alignment          (word alignments from the encoder-decoder attention)
+    heads     -> aiayn.heads              (what each attention head does, and how much it matters)
+    ablate    -> aiayn.ablate             (the paper's Table 3 and the seeds' claims, as training runs)
     export    -> aiayn.export             (Hugging Face Marian layout, for CTranslate2)
     import    -> aiayn.pretrained         (a pretrained Hugging Face Marian model, e.g. OPUS-MT)
     serve     -> aiayn.serve              (HTTP API with dynamic batching, and the attention explorer)
@@ -140,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _search_options(p)
     p.add_argument("--nbest", type=int, default=1,
                    help="print the N best per line as INDEX<TAB>SCORE<TAB>LOG_PROB<TAB>TEXT (default %(default)s)")
+    p.add_argument("--alignment", action="store_true",
+                   help="add each translation's word alignment to its source: TEXT<TAB>ALIGNMENT, the alignment "
+                        "as Pharaoh links i-j (source word i, target word j, 0-based); with --nbest, a fifth column")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per input line: text, score, log_prob, tokens and, with --alignment, the "
+                        "words, links and soft alignment")
+    _alignment_options(p.add_argument_group("alignment (with --alignment)"))
     p.set_defaults(func=_handler("translate:run"))
 
     p = sub.add_parser("evaluate", help="score translations with sacreBLEU and chrF")
@@ -176,6 +186,68 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_handler("attention:run"))
 
+    # -- align ---------------------------------------------------------------------------------
+    p = sub.add_parser("align", help="word alignments of given sentence pairs (Pharaoh i-j lines)",
+                       description="Word alignments of given sentence pairs from the model's encoder-decoder "
+                                   "attention, teacher-forced: one Pharaoh line per pair (i-j: source word i, "
+                                   "target word j, 0-based; words are whitespace-separated).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--src", required=True, help="source file, one sentence per line")
+    p.add_argument("--tgt", required=True, help="target file, line-aligned with --src")
+    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per pair: words of each side, the links and the soft alignment")
+    g = p.add_argument_group("which attention")
+    _alignment_options(g)
+    g = p.add_argument_group("speed")
+    g.add_argument("--batch-size", type=int, default=64, help="pairs per batch (default %(default)s)")
+    _precision_option(g)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.set_defaults(func=_handler("align:run"))
+
+    # -- heads ---------------------------------------------------------------------------------
+    p = sub.add_parser("heads", help="what each attention head does and how much it matters",
+                       description="For every layer and head of the three kinds of attention, over a test set: "
+                                   "where its weight goes (previous, same, next position, </s>, punctuation), its "
+                                   "entropy and confidence, a role; with --ref, how much BLEU and NLL change when "
+                                   "it alone is masked, and BLEU as heads are pruned least important first.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--src", required=True, help="source file, one sentence per line")
+    p.add_argument("--ref", help="reference translations, line-aligned with --src: teacher-forced statistics, "
+                                 "and head importance (BLEU, NLL)")
+    p.add_argument("--alignments", metavar="FILE",
+                   help="reference word alignments of the --src/--ref pairs (Pharaoh lines, e.g. eflomal's): "
+                        "each encoder-decoder head's agreement with them")
+    p.add_argument("--out", required=True, help="output directory: heads.json, heads.md, heads.png")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--max-sentences", type=int, default=500,
+                   help="use the first N pairs (default %(default)s; every masked head is a search of them)")
+    p.add_argument("--importance", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ref: mask each head alone and prune heads in order (default: on)")
+    g = p.add_argument_group("search")
+    _search_settings(g)
+    _precision_option(g)
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default %(default)s)")
+    p.set_defaults(func=_handler("heads:run"))
+
+    # -- ablate --------------------------------------------------------------------------------
+    p = sub.add_parser("ablate", help="train the rows of the paper's Table 3 and the seeds' claims",
+                       description="Train every row of the paper's Table 3 (and the seeds' claims) as a variation "
+                                   "of a base config, with the same budget for each, and write the table "
+                                   "(Markdown, JSON, a picture). A killed run continues where it stopped.")
+    p.add_argument("--config", required=True, help="the base YAML config, or the name of a shipped config")
+    p.add_argument("--data", required=True, help="dataset directory written by 'aiayn prepare'")
+    p.add_argument("--out", required=True, help="output directory (one run directory per row and seed)")
+    p.add_argument("--rows", default="A,B,C,D,E,claims",
+                   help="groups of rows to train: A B C D E (Table 3) and claims (default %(default)s)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="training minutes for every row (default: the config's)")
+    budget.add_argument("--updates", type=int, help="training updates for every row (instead of --minutes)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds of every row (the base row takes at least 3)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base config")
+    p.set_defaults(func=_handler("ablate:run"))
+
     # -- export --------------------------------------------------------------------------------
     p = sub.add_parser("export", help="export a checkpoint to the Hugging Face Marian layout (for CTranslate2)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
@@ -204,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(g)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g.add_argument("--shortlist", help="vocabulary shortlist file (from aiayn shortlist) for every search")
+    p.add_argument("--heads", metavar="FILE",
+                   help="heads.json written by 'aiayn heads' for this checkpoint: the explorer shows each head's "
+                        "role and opens on the layer that aligns best")
     g = p.add_argument_group("limits and batching")
     g.add_argument("--max-lines", type=int, default=64, help="sentences per request (default %(default)s)")
     g.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default %(default)s)")
@@ -247,6 +322,18 @@ def _precision_option(g) -> None:
                         "or AMX; Ampere or newer), else fp32 (default %(default)s)")
 
 
+def _alignment_options(g) -> None:
+    """The `AlignmentSettings` flags (aiayn.alignment)."""
+    g.add_argument("--alignment-layer", type=int, default=None, metavar="N",
+                   help="decoder layer the alignment is read from: 1 ... N, or -1 for the last, -2 the one below "
+                        "(default: -2, chosen by measurement; docs/alignment.md)")
+    g.add_argument("--alignment-head", type=int, default=None, metavar="H",
+                   help="one head of that layer, 1 ... h (default: the mean of its heads)")
+    g.add_argument("--alignment-rows", choices=["reads", "predicts"], default="reads",
+                   help="a target word takes the decoder position that reads it, or the one that predicts it "
+                        "(default %(default)s)")
+
+
 def _search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search and speed")
     _search_settings(g)
@@ -268,7 +355,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
 
 
 # Subcommands that run the model: they get a fast memory allocator (aiayn.allocator).
-HEAVY_COMMANDS = {"train", "translate", "evaluate", "attention", "demo", "serve"}
+HEAVY_COMMANDS = {"train", "translate", "evaluate", "attention", "demo", "serve", "align", "heads", "ablate"}
 
 
 def main(argv: list[str] | None = None) -> int:
