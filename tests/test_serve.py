@@ -20,6 +20,7 @@ pytest.importorskip("fastapi", reason="aiayn serve needs the serve extra (fastap
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from aiayn.alignment import AlignmentSettings, align_ids  # noqa: E402
 from aiayn.attention import attention_maps  # noqa: E402
 from aiayn.cli import main  # noqa: E402
 from aiayn.config import SearchConfig  # noqa: E402
@@ -329,6 +330,78 @@ def test_a_source_longer_than_the_model_reads_is_a_422_before_any_search(random_
         assert status == 200 and body["attention"]["cross"]["weights"]
 
 
+# -- word alignments --------------------------------------------------------------------------------
+
+
+def check_alignment(alignment: dict, src: str, tgt: str) -> None:
+    """The shape every alignment must have: the words of each side, one in-range link per target
+    word (none for an empty side), the Pharaoh line of exactly those links, soft rows summing to 1."""
+    assert set(alignment) == {"src_words", "tgt_words", "pharaoh", "links", "soft"}
+    assert alignment["src_words"] == src.split() and alignment["tgt_words"] == tgt.split()
+    n_src, n_tgt = len(alignment["src_words"]), len(alignment["tgt_words"])
+    links = [tuple(link) for link in alignment["links"]]
+    assert all(0 <= i < n_src and 0 <= j < n_tgt for i, j in links), links
+    assert sorted(j for _, j in links) == (list(range(n_tgt)) if n_src else [])  # one link per target word
+    assert alignment["pharaoh"] == " ".join(f"{i}-{j}" for i, j in sorted(links, key=lambda link: (link[1], link[0])))
+    soft = alignment["soft"]
+    assert len(soft) == (n_tgt if n_src else 0) and all(len(row) == n_src for row in soft)
+    for j, row in enumerate(soft):
+        assert sum(row) == pytest.approx(1.0, abs=2e-3)
+        assert row[dict((b, a) for a, b in links)[j]] == max(row)  # the link is the row's largest weight
+
+
+def expected_alignment(engine, src: str, tgt_ids: list[int]) -> dict:
+    """The alignment aiayn.alignment gives for the pair on the served model, default settings."""
+    src_ids = engine.tokenizer.encode(src, "src")
+    (alignment,) = align_ids(engine.translator.model, engine.tokenizer, [src_ids], [tgt_ids], AlignmentSettings())
+    return alignment.to_dict()
+
+
+def test_translate_with_alignment_gives_candidates_with_their_alignment(client, engine):
+    lines = ["a b c d", "", "e  f g"]
+    status, body = post(client, "/api/translate", {"text": lines, "nbest": 2, "alignment": True})
+    assert status == 200 and len(body["translations"]) == 3
+    for line, candidates in zip(lines, body["translations"]):
+        for candidate in candidates:
+            assert set(candidate) == {"text", "score", "log_prob", "tokens", "alignment"}
+            check_alignment(candidate["alignment"], line, candidate["text"])
+            # Teacher-forced on exactly the candidate's tokens against its (cleaned) source.
+            want = expected_alignment(engine, " ".join(line.split()), candidate["tokens"])
+            assert candidate["alignment"]["links"] == want["links"]
+            assert len(candidate["alignment"]["soft"]) == len(want["soft"])
+            for row, want_row in zip(candidate["alignment"]["soft"], want["soft"]):
+                assert row == pytest.approx(want_row, abs=1e-4)
+    assert body["translations"][0][0]["text"] == "a b c d"
+    assert len(body["translations"][0][0]["alignment"]["links"]) == 4
+    assert body["translations"][1][0]["alignment"]["links"] == []  # a blank line: nothing to link
+    # nbest 1 and no details: still candidate objects, since the alignment needs a place.
+    status, body = post(client, "/api/translate", {"text": "a b c", "alignment": True})
+    assert status == 200
+    (candidate,) = body["translations"][0]
+    check_alignment(candidate["alignment"], "a b c", "a b c")
+    # Without alignment the candidates have none (not even a null).
+    status, body = post(client, "/api/translate", {"text": "a b c", "details": True})
+    assert set(body["translations"][0][0]) == {"text", "score", "log_prob", "tokens"}
+    status, body = post(client, "/api/translate", {"text": "a b c", "alignment": "yes"})
+    assert status == 422 and body["error"].startswith("alignment: Input should be a valid boolean")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "word alignment" in schema["TranslateRequest"]["properties"]["alignment"]["description"]
+    assert set(schema["WordAlignment"]["properties"]) == {"src_words", "tgt_words", "pharaoh", "links", "soft"}
+
+
+def test_attention_answers_the_alignment_of_the_pair_shown(client, engine):
+    status, body = post(client, "/api/attention", {"src": "a b c", "tgt": "c  b"})
+    assert status == 200
+    check_alignment(body["alignment"], "a b c", "c b")
+    assert body["alignment"] == expected_alignment(engine, "a b c", engine.tokenizer.encode("c b", "tgt"))
+    # The model's own translation, and an empty target (no links).
+    status, body = post(client, "/api/attention", {"src": "a b c d"})
+    assert status == 200
+    check_alignment(body["alignment"], "a b c d", body["tgt"])
+    status, body = post(client, "/api/attention", {"src": "a b c", "tgt": ""})
+    assert status == 200 and body["alignment"]["links"] == [] and body["alignment"]["tgt_words"] == []
+
+
 # -- /api/info, /api/health, docs, the explorer's files ---------------------------------------------
 
 
@@ -341,8 +414,67 @@ def test_info_names_the_model_without_server_paths(client, copy_checkpoint):
     assert info["model"]["d_model"] == 64 and info["parameters"] > 0 and info["step"] > 0
     assert info["limits"]["max_lines"] == 8 and info["limits"]["max_chars"] == 200 and info["limits"]["max_beam"] == 6
     assert info["search"] == {"beam": 4, "alpha": 0.6, "max_len_a": 1.0, "max_len_b": 50, "shortlist": False}
+    # Alignments are read from the second layer from the top: of two, the first.
+    assert info["alignment"] == {"layer": 1, "head": None, "rows": "reads"}
+    assert info["roles"] is None and info["alignment_best"] is None  # no --heads
     # meta.json holds absolute run and data paths: none may appear.
     assert str(copy_checkpoint.parent) not in response.text and "/tmp" not in response.text
+
+
+def heads_json(layers: int = 2, heads: int = 4, **changes) -> dict:
+    """A heads.json as `aiayn heads` writes it, for the copy model (2+2 layers of 4 heads)."""
+    data = {"format": "aiayn-heads", "version": 1,
+            "roles": {kind: [[f"{kind}-{layer + 1}.{head + 1}" for head in range(heads)] for layer in range(layers)]
+                      for kind in ("encoder", "decoder", "cross")},
+            "alignment_best": {"layer": 2, "head": 3, "aer": 0.25}, "heads": []}
+    data.update(changes)
+    return data
+
+
+def test_info_passes_on_the_roles_and_best_layer_of_a_heads_file(copy_checkpoint, tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps(heads_json()))
+    engine = Engine(copy_checkpoint, ServeSettings(heads=str(path)))
+    with TestClient(create_app(engine)) as client:
+        info = client.get("/api/info").json()
+    assert info["roles"] == heads_json()["roles"]
+    assert info["alignment_best"] == {"layer": 2, "head": 3, "aer": 0.25}
+    assert info["alignment"] == {"layer": 1, "head": None, "rows": "reads"}  # the alignments' own settings
+    assert str(tmp_path) not in json.dumps(info)  # no server paths
+    # alignment_best may be absent (no reference alignments), or name a layer's mean (head null).
+    path.write_text(json.dumps({"roles": heads_json()["roles"]}))
+    assert Engine(copy_checkpoint, ServeSettings(heads=str(path))).info()["alignment_best"] is None
+    path.write_text(json.dumps(heads_json(alignment_best={"layer": 1, "head": None, "aer": 0.5})))
+    assert Engine(copy_checkpoint, ServeSettings(heads=str(path))).info()["alignment_best"] == \
+        {"layer": 1, "head": None, "aer": 0.5}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "heads file not found"),
+    ("{not json", "not JSON"),
+    ("[]", 'it has no "roles" object'),
+    (json.dumps(heads_json(format="aiayn-attention")), "its format is 'aiayn-attention', not 'aiayn-heads'"),
+    (json.dumps({"roles": {"encoder": heads_json()["roles"]["encoder"]}}), "roles.decoder is not a list of layers"),
+    (json.dumps(heads_json(layers=3)), "roles.encoder has 3 layer(s) of 4 head(s), but this model's encoder "
+                                       "attention has 2 layer(s) of 4 heads"),
+    (json.dumps(heads_json(heads=8)), "roles.encoder has 2 layer(s) of 8 head(s)"),
+    (json.dumps(heads_json(alignment_best={"layer": 3, "head": None, "aer": 0.1})),
+     "alignment_best.layer is 3, but this model's decoder has 2 layer(s)"),
+    (json.dumps(heads_json(alignment_best={"layer": 1, "head": 5, "aer": 0.1})),
+     "alignment_best.head is 5, not null or a head 1 ... 4"),
+    (json.dumps(heads_json(alignment_best={"layer": 1, "head": 1, "aer": "low"})), "alignment_best.aer is 'low'"),
+])
+def test_a_bad_heads_file_is_a_one_line_error_naming_it(copy_checkpoint, tmp_path, capsys, content, message):
+    path = tmp_path / "heads.json"
+    if content is not None:
+        path.write_text(content)
+    with socket.socket() as busy:  # were the file taken, the command would stop at the busy port, not serve
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(copy_checkpoint), "--heads", str(path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aiayn: error: {path}: ") and message in err and err.count("\n") == 1, err
 
 
 def test_info_finds_the_languages_of_an_averaged_checkpoint(copy_checkpoint, tmp_path):

@@ -30,7 +30,7 @@ def run(args) -> int:
         beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b, max_beam=args.max_beam,
         max_lines=args.max_lines, max_chars=args.max_chars, batch_wait_ms=args.batch_wait_ms,
         max_batch_lines=args.max_batch_lines, device=args.device, quantize=args.quantize, precision=args.precision,
-        shortlist=args.shortlist,
+        shortlist=args.shortlist, heads=args.heads,
     ).check(name=flag)  # the settings' messages name fields; here, the flags that set them
     if not is_loopback(args.host):
         print(f"aiayn: warning: listening on {args.host}, beyond this machine: the API has no authentication, "

@@ -1,8 +1,10 @@
 """The web layer of ``aiayn serve``: a FastAPI application over an `Engine`.
 
-    POST /api/translate   {"text": "..." | ["...", ...], "beam": 4, "alpha": 0.6, "nbest": 1} -> {"translations": [...]}
-    POST /api/attention   {"src": "...", "tgt": "..." (optional), "beam", "alpha"} -> tokens and every attention weight
-    GET  /api/info        the model, its languages, its default search and the server's limits
+    POST /api/translate   {"text": "..." | ["...", ...], "beam": 4, "alpha": 0.6, "nbest": 1, "details": false,
+                           "alignment": false} -> {"translations": [...]}
+    POST /api/attention   {"src": "...", "tgt": "..." (optional), "beam", "alpha"} -> tokens, every attention
+                          weight and the word alignment
+    GET  /api/info        the model, its languages, its default search, alignment and the server's limits
     GET  /api/health      liveness and batching counters
     GET  /                the attention explorer (static files in ./static, no build step)
     GET  /docs            the OpenAPI documentation (schema at /openapi.json)
@@ -99,6 +101,10 @@ class TranslateRequest(BaseModel):
     nbest: StrictInt = Field(1, description="translations per sentence, best first (1 ... beam); > 1 adds scores")
     details: StrictBool = Field(False, description="each translation as a candidate object (text, score, log_prob, "
                                 "tokens) also when nbest is 1")
+    alignment: StrictBool = Field(False, description="each translation as a candidate object (as with details) with "
+                                  "its word alignment to its source: the model's encoder-decoder attention, "
+                                  "teacher-forced on the candidate's tokens, read with the server's alignment "
+                                  "settings (alignment in /api/info)")
 
     @field_validator("text", mode="before")
     @classmethod
@@ -116,12 +122,26 @@ class TranslateRequest(BaseModel):
     _alpha = field_validator("alpha", mode="before")(number_or_none)
 
 
+class WordAlignment(BaseModel):
+    src_words: list[str] = Field(description="the source's words as the model read it (whitespace-separated, "
+                                 "punctuation attached as written)")
+    tgt_words: list[str] = Field(description="the translation's words")
+    pharaoh: str = Field(description="the links as one Pharaoh line: 'i-j' pairs (source word i, target word j, "
+                         "0-based), sorted by target word")
+    links: list[tuple[int, int]] = Field(description="the hard links [i, j]: each target word j linked to the source "
+                                         "word i it attends to most (one per target word; none for an empty side)")
+    soft: list[list[float]] = Field(description="soft[j][i]: the weight of target word j on source word i (4 "
+                                    "decimals); each row sums to 1")
+
+
 class Candidate(BaseModel):
     text: str
     score: float = Field(description="log P(y|x) / ((5+|y|)/6)^alpha, the ranking score (|y| counts the EOS)")
     log_prob: float = Field(description="log P(y|x), natural log, output tokens and EOS")
     tokens: list[int] = Field(description="the subword ids the search produced (no BOS/EOS): give them to "
                               "/api/attention as tgt_ids to see the attention of exactly this output")
+    alignment: WordAlignment | None = Field(None, description="only with alignment: true in the request: this "
+                                            "candidate's word alignment to its source")
 
 
 class TranslateResponse(BaseModel):
@@ -163,6 +183,8 @@ class AttentionResponse(BaseModel):
     tgt_tokens: list[str] = Field(description="what each decoder position predicts: y_1 ... y_n, </s>")
     tgt_inputs: list[str] = Field(description="what each decoder position reads: <s>, y_1 ... y_n")
     attention: dict[str, AttentionKind] = Field(description="encoder, decoder and cross (encoder-decoder) attention")
+    alignment: WordAlignment = Field(description="the word alignment of src and tgt, read off the cross attention "
+                                     "with the server's alignment settings (alignment in /api/info)")
 
 
 class ErrorResponse(BaseModel):
@@ -270,7 +292,21 @@ def create_app(engine: Engine) -> FastAPI:
         except UserError as e:
             raise ApiError(422, str(e)) from None
 
-    @app.post("/api/translate", response_model=TranslateResponse, responses=ERRORS)
+    async def on_model_thread(what: str, function, *args):
+        """``function(*args)`` on the model thread; a UserError is the request's 422, anything
+        else a logged 500 naming ``what``."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(state["executor"], function, *args)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+        except Exception as e:
+            log.error("aiayn serve: %s failed", what, exc_info=e)
+            raise ApiError(500, f"{what} failed: {type(e).__name__}: {e}") from None
+
+    # exclude_none: a candidate has its alignment only when the request asked for it.
+    @app.post("/api/translate", response_model=TranslateResponse, response_model_exclude_none=True,
+              responses=ERRORS)
     async def translate(body: TranslateRequest):
         """Translate one sentence or a list of sentences (batched with concurrent requests)."""
         single = isinstance(body.text, str)
@@ -290,15 +326,22 @@ def create_app(engine: Engine) -> FastAPI:
             check_length(line, name)
         check_subwords(lines, names)
         results = await translate_lines(lines, search, body.nbest)
-        if body.nbest == 1 and not body.details:
+        if body.nbest == 1 and not body.details and not body.alignment:
             return {"translations": [hyps[0].text for hyps in results]}
-        return {"translations": [[{"text": h.text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}
-                                  for h in hyps] for hyps in results]}
+        translations = [[{"text": h.text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}
+                         for h in hyps] for hyps in results]
+        if body.alignment:
+            # Off the event loop, on the model thread, as the searches and attention maps are.
+            alignments = await on_model_thread("alignment", engine.align_translations, lines, results)
+            for candidates, aligned in zip(translations, alignments):
+                for candidate, alignment in zip(candidates, aligned):
+                    candidate["alignment"] = alignment
+        return {"translations": translations}
 
     @app.post("/api/attention", responses={200: {"model": AttentionResponse}, **ERRORS})
     async def attention(body: AttentionRequest):
-        """Every kind, layer and head of attention for one sentence, and its tokens. Without tgt,
-        the model's own best translation (beam search) is the target."""
+        """Every kind, layer and head of attention for one sentence, its tokens and its word
+        alignment. Without tgt, the model's own best translation (beam search) is the target."""
         if not body.src.strip():
             raise ApiError(422, "src is empty: give a sentence to look at")
         search = check_search(body.beam, body.alpha)
@@ -319,14 +362,7 @@ def create_app(engine: Engine) -> FastAPI:
             tgt, tgt_ids = best.text, best.tokens
         else:
             tgt, tgt_ids = body.tgt, None
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(state["executor"], engine.attention, body.src, tgt, tgt_ids)
-        except UserError as e:
-            raise ApiError(422, str(e)) from None
-        except Exception as e:
-            log.error("aiayn serve: attention failed", exc_info=e)
-            raise ApiError(500, f"attention failed: {type(e).__name__}: {e}") from None
+        result = await on_model_thread("attention", engine.attention, body.src, tgt, tgt_ids)
         # Returned as is: validating ~10^5 floats through the response model would cost more
         # than computing them; the schema above documents the shape.
         return JSONResponse({**result, "translated": translated})
@@ -334,7 +370,10 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/api/info")
     async def info():
         """The model (config, vocabulary, languages, checkpoint name), its default search
-        (beam, alpha, max_len_a, max_len_b, whether a shortlist is on) and the server's limits."""
+        (beam, alpha, max_len_a, max_len_b, whether a shortlist is on), the server's limits, the
+        alignment settings (alignment: 1-based layer, head or null for the mean of the heads,
+        rows) and, when the server was given --heads, each head's role (roles) and the layer
+        that aligns best (alignment_best)."""
         return engine.info()
 
     @app.get("/api/health")

@@ -6,10 +6,17 @@ The model runs in the engine's one thread (`Engine.executor`, which the batcher 
 the model is refused before it waits for a search. The web layer (`aiayn.serve.app`)
 validates requests before they get here; what is still the request's fault at this point is a
 `UserError`, which the web layer answers with a 422.
+
+Word alignments (`Engine.align_translations`, and the ``alignment`` of `Engine.attention`) are
+read off the model's encoder-decoder attention with `aiayn.alignment`'s default settings,
+teacher-forced on the model thread. ``--heads FILE`` (`ServeSettings.heads`) names a heads.json
+written by ``aiayn heads`` for the checkpoint: it is read and checked against the model once, at
+start-up (`read_heads`), and `Engine.info` passes on its roles and best alignment layer.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..alignment import AlignmentSettings, align_ids
 from ..attention import KINDS, attention_maps
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import PRECISIONS, SearchConfig
@@ -58,6 +66,7 @@ class ServeSettings:
     quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU)
     precision: str = "auto"  # auto: bf16 where the device does bf16 natively, else fp32 (aiayn.precision)
     shortlist: str | None = None  # a vocabulary shortlist file (aiayn shortlist)
+    heads: str | None = None  # a heads.json of this checkpoint (aiayn heads): roles and best alignment layer
 
     def check(self, name: Callable[[str], str] = str) -> ServeSettings:
         """Raise a UserError for the first setting out of range, naming it by its field
@@ -103,6 +112,9 @@ class Engine:
 
     def __init__(self, checkpoint: Checkpoint | str | Path, settings: ServeSettings | None = None):
         self.settings = (settings or ServeSettings()).check()
+        if self.settings.heads is not None and not Path(self.settings.heads).is_file():
+            # Before the model loads: a wrong path fails fast.
+            raise UserError("heads file not found (write one with aiayn heads)", path=self.settings.heads)
         # The one thread that runs every model operation, loading included. torch's OpenMP
         # runtime keeps a team of threads per thread that starts parallel work: a model loaded
         # (packed, quantised) on one thread and searched on another leaves two teams, more
@@ -118,6 +130,8 @@ class Engine:
     def _load(self, checkpoint: Checkpoint | str | Path) -> None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
         s = self.settings
+        # Checked against the model before the translator is built: a wrong file fails fast.
+        self.heads = read_heads(s.heads, ckpt.model.config) if s.heads is not None else None
         # Only the directory's name (resolved, so that "." has one): /api/info must not reveal
         # the server's file tree.
         self.name = ckpt.path.resolve().name
@@ -139,6 +153,8 @@ class Engine:
         self.checkpoint = Checkpoint(model=self.translator.model, tokenizer=ckpt.tokenizer, path=ckpt.path,
                                      meta=ckpt.meta)
         self.max_subwords = self.config.max_positions - 1  # room for the EOS / the BOS
+        # Word alignments: aiayn.alignment's defaults (checked against this decoder).
+        self.alignment_settings = AlignmentSettings().check(self.config.n_decoder_layers, self.config.n_heads)
 
     def close(self) -> None:
         """Stop the model thread (after the work already given to it)."""
@@ -160,10 +176,37 @@ class Engine:
         search, nbest = key
         return self.translator.translate_nbest(lines, nbest=nbest, search=search)
 
+    # Pairs teacher-forced at once when aligning: a (B, h, T, S) map per decoder layer is kept.
+    ALIGN_BATCH = 32
+
+    def align(self, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[dict]:
+        """`aiayn.alignment.Alignment.to_dict` of each (source ids, target ids) pair (ids without
+        BOS/EOS), teacher-forced through the served model with the default settings
+        (`alignment_settings`). Pairs are batched by length, `ALIGN_BATCH` at a time."""
+        order = sorted(range(len(sources)), key=lambda i: (len(sources[i]), len(targets[i])))
+        out: list[dict | None] = [None] * len(sources)
+        for start in range(0, len(order), self.ALIGN_BATCH):
+            chunk = order[start: start + self.ALIGN_BATCH]
+            found = align_ids(self.translator.model, self.tokenizer, [list(sources[i]) for i in chunk],
+                              [list(targets[i]) for i in chunk], self.alignment_settings)
+            for i, alignment in zip(chunk, found):
+                out[i] = alignment.to_dict()
+        return out
+
+    def align_translations(self, lines: Sequence[str], results: Sequence[Sequence[Translation]]) -> list[list[dict]]:
+        """The alignment of every candidate in ``results`` (as `translate` gives them, one list
+        per line) against its line: the source as the translator read it (cleaned, encoded),
+        the candidate's own tokens as the target."""
+        source_ids = self.tokenizer.encode_batch([clean(line) for line in lines]) if lines else []
+        sources = [source_ids[n] for n, hyps in enumerate(results) for _ in hyps]
+        targets = [h.tokens for hyps in results for h in hyps]
+        flat = iter(self.align(sources, targets))
+        return [[next(flat) for _ in hyps] for hyps in results]
+
     def attention(self, src: str, tgt: str, tgt_ids: list[int] | None = None) -> dict:
-        """Tokens and every kind, layer and head of attention for one sentence pair (JSON-ready).
-        The target is ``tgt_ids`` when given (a search's own tokens; ``tgt`` is then their
-        text), else ``tgt`` encoded."""
+        """Tokens and every kind, layer and head of attention for one sentence pair, and its
+        word alignment (default settings; JSON-ready). The target is ``tgt_ids`` when given (a
+        search's own tokens; ``tgt`` is then their text), else ``tgt`` encoded."""
         src, tgt = clean(src), clean(tgt)
         self.check_subwords([src] if tgt_ids is not None else [src, tgt], ["the source", "the target"])
         if tgt_ids is not None and len(tgt_ids) > self.max_subwords:
@@ -178,8 +221,11 @@ class Engine:
             # Rounded in float64: a float32 0.0006 would print as 0.0006000000284984708.
             weights = (maps.weights[kind].double() * 1e4).round() / 1e4
             attention[kind] = {"title": title, "rows": rows, "columns": columns, "weights": weights.tolist()}
+        src_ids = self.tokenizer.encode(src, "src")
+        target = list(tgt_ids) if tgt_ids is not None else self.tokenizer.encode(tgt, "tgt")
+        (alignment,) = self.align([src_ids], [target])
         return {"src": src, "tgt": tgt, "src_tokens": maps.src_tokens, "tgt_tokens": maps.tgt_tokens,
-                "tgt_inputs": maps.tgt_inputs, "attention": attention}
+                "tgt_inputs": maps.tgt_inputs, "attention": attention, "alignment": alignment}
 
     def info(self) -> dict:
         cfg = self.config
@@ -201,7 +247,74 @@ class Engine:
                        "max_alpha": MAX_ALPHA, "max_subwords": self.max_subwords,
                        "max_body_bytes": s.max_body_bytes},
             "batching": {"batch_wait_ms": s.batch_wait_ms, "max_batch_lines": s.max_batch_lines},
+            # What word alignments are read from (1-based layer, resolved; head None: the mean of
+            # the layer's heads), and, with --heads, each head's role and the layer (and head)
+            # whose alignment agreed best with a reference aligner.
+            "alignment": self.alignment_info(),
+            "roles": self.heads["roles"] if self.heads else None,
+            "alignment_best": self.heads["alignment_best"] if self.heads else None,
         }
+
+    def alignment_info(self) -> dict:
+        a = self.alignment_settings
+        return {"layer": a.resolve_layer(self.config.n_decoder_layers) + 1, "head": a.head, "rows": a.rows}
+
+
+def read_heads(path: str | Path, config) -> dict:
+    """The roles and best alignment of a heads.json written by ``aiayn heads``, checked against
+    a model ``config``: {"roles": {kind: [[role of each head] of each layer]}, "alignment_best":
+    {"layer", "head", "aer"} or None}. A file that is missing, not JSON, not of that shape, or
+    of a model with other layer or head counts is a one-line `UserError` naming the file."""
+    path = Path(path)
+
+    def fail(message: str) -> UserError:
+        return UserError(f"{message}; give the heads.json that 'aiayn heads' wrote for this checkpoint", path=path)
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("heads file not found (write one with aiayn heads)", path=path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the heads file: {e}", path=path) from None
+    except json.JSONDecodeError as e:
+        raise fail(f"not JSON ({e})") from None
+    if isinstance(data, dict) and data.get("format", "aiayn-heads") != "aiayn-heads":
+        raise fail(f"not a heads.json: its format is {data['format']!r}, not 'aiayn-heads'")
+    if not isinstance(data, dict) or not isinstance(data.get("roles"), dict):
+        raise fail("not a heads.json: it has no \"roles\" object")
+    layers = {"encoder": config.n_encoder_layers, "decoder": config.n_decoder_layers,
+              "cross": config.n_decoder_layers}
+    heads = config.n_heads
+    roles = {}
+    for kind, n_layers in layers.items():
+        table = data["roles"].get(kind)
+        if not isinstance(table, list) or not all(
+                isinstance(layer, list) and all(isinstance(role, str) for role in layer) for layer in table):
+            raise fail(f"roles.{kind} is not a list of layers, each a list of role strings")
+        if len(table) != n_layers or any(len(layer) != heads for layer in table):
+            counts = sorted({len(layer) for layer in table})
+            raise fail(f"roles.{kind} has {len(table)} layer(s) of {'/'.join(map(str, counts)) or 0} head(s), "
+                       f"but this model's {kind} attention has {n_layers} layer(s) of {heads} heads")
+        roles[kind] = table
+    best = data.get("alignment_best")
+    if best is not None:
+        n_layers = config.n_decoder_layers
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(best, dict) or not integer(best.get("layer")):
+            raise fail("alignment_best is not an object with a layer")
+        if not 1 <= best["layer"] <= n_layers:
+            raise fail(f"alignment_best.layer is {best['layer']}, but this model's decoder has {n_layers} layer(s)")
+        head = best.get("head")
+        if head is not None and not (integer(head) and 1 <= head <= heads):
+            raise fail(f"alignment_best.head is {head!r}, not null or a head 1 ... {heads}")
+        aer = best.get("aer")
+        if aer is not None and (isinstance(aer, bool) or not isinstance(aer, (int, float)) or not math.isfinite(aer)):
+            raise fail(f"alignment_best.aer is {aer!r}, not a number")
+        best = {"layer": best["layer"], "head": head, "aer": aer}
+    return {"roles": roles, "alignment_best": best}
 
 
 def _languages(meta: dict) -> dict | None:

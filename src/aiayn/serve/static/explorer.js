@@ -1,6 +1,7 @@
-// The attention explorer: translate a sentence with /api/translate, then draw the attention of
-// the chosen translation from /api/attention. Plain JavaScript with no dependencies: the page
-// works offline and is served as is (no build step). Heatmaps are drawn on canvases here.
+// The attention explorer: translate sentences (one a line) with /api/translate, then draw the
+// attention and the word links of the chosen translation from /api/attention. Plain JavaScript
+// with no dependencies: the page works offline and is served as is (no build step). Heatmaps are
+// drawn on canvases here, word links as SVG.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -18,14 +19,15 @@ const KIND_HELP = {
 const VIRIDIS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
                  [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]];
 
+const SVG_NS = "http://www.w3.org/2000/svg";
+
 const state = {
   info: null,
-  source: "",
-  candidates: [],   // [{text, score?, log_prob?}], best first
-  selected: 0,      // the candidate whose attention is shown
+  sentences: [],    // [{src, target (given by the user) or null, candidates: [{text, score, log_prob, tokens}]}]
+  selected: null,   // {sentence, index}: the translation whose attention is shown; index "target" = the given one
   result: null,     // the /api/attention answer
   kind: "cross",
-  layer: 0,
+  layer: 0,         // opens on the layer that aligns best (alignment_best, else the alignment layer of /api/info)
   head: "mean",     // "mean" or a head index
   hover: null,      // {row?, col?}
   request: 0,       // id of the latest request: older answers arriving late are dropped
@@ -80,6 +82,12 @@ function setBusy(busy, text) {
   $("status").textContent = text || "";
 }
 
+// Results that no longer answer what was asked are dimmed: while a request runs, and after it
+// failed. The class goes when new results arrive.
+function setStale(id, stale) {
+  $(id).classList.toggle("stale", stale);
+}
+
 // -- model information -------------------------------------------------------------------------
 
 async function loadInfo() {
@@ -102,7 +110,16 @@ async function loadInfo() {
     $("beam").max = info.limits.max_beam;
     $("beam").value = info.search.beam;
     $("nbest").value = Math.min(4, info.search.beam);
+    $("alpha").max = info.limits.max_alpha;
+    $("alpha").value = info.search.alpha;
     clampNbest();
+    // Open on the layer (and head) whose alignment is clearest: the one aiayn heads measured
+    // best, else the layer word alignments are read from. Not if a view is already shown.
+    if (!state.result) {
+      const best = info.alignment_best;
+      state.layer = (best ? best.layer : info.alignment.layer) - 1;
+      state.head = best && best.head != null ? best.head - 1 : "mean";
+    }
   } catch (err) {
     $("model-info").textContent = "";
     showError(`Could not load the model information: ${err.message}`);
@@ -117,27 +134,46 @@ function clampNbest() {
 
 // -- translating -------------------------------------------------------------------------------
 
+// Each line of a text area is its own sentence; line k of the target belongs to line k of the source.
+function linesOf(id) {
+  return $(id).value.split("\n").map((line) => line.trim());
+}
+
 async function translate() {
-  const text = $("source").value;
   clearError();
-  if (!text.trim()) {
+  const sourceLines = linesOf("source");
+  const targetLines = linesOf("target");
+  const numbered = sourceLines.map((src, k) => ({src, target: targetLines[k] || null})).filter((s) => s.src);
+  if (!numbered.length) {
     showError("Type a sentence to translate.");
+    return;
+  }
+  const extra = targetLines.findIndex((t, k) => t && !sourceLines[k]);
+  if (extra !== -1) {
+    showError(`Line ${extra + 1} of the target has no source line: give line k of the target for line k of the source.`);
     return;
   }
   const beam = parseInt($("beam").value, 10);
   const nbest = parseInt($("nbest").value, 10);
+  const alpha = parseFloat($("alpha").value);
+  const body = {text: numbered.map((s) => s.src), beam, nbest, details: true};
+  if (Number.isFinite(alpha)) body.alpha = alpha;  // empty: the server's default
   const id = ++state.request;
   setBusy(true, "Translating…");
+  setStale("results", true);
+  setStale("attention-panel", true);
   const started = performance.now();
   try {
     // details: candidate objects with the search's own subword ids, also for nbest 1
-    const data = await api("/api/translate", {text, beam, nbest, details: true});
+    const data = await api("/api/translate", body);
     if (id !== state.request) return;
-    state.source = text;
-    state.candidates = data.translations[0];
-    state.timing = `translated in ${Math.round(performance.now() - started)} ms`;
-    renderCandidates();
-    await selectCandidate(0);
+    state.sentences = numbered.map((s, i) => ({...s, candidates: data.translations[i]}));
+    const n = state.sentences.length;
+    state.timing = `${n} sentence${n === 1 ? "" : "s"} translated in ${Math.round(performance.now() - started)} ms`;
+    renderResults();
+    setStale("results", false);
+    const first = state.sentences[0];
+    await selectCandidate(0, first.target !== null ? "target" : 0);
   } catch (err) {
     if (id !== state.request) return;
     setBusy(false, "");
@@ -145,51 +181,82 @@ async function translate() {
   }
 }
 
-function renderCandidates() {
-  const list = $("nbest-list");
-  list.replaceChildren();
-  state.candidates.forEach((cand, i) => {
-    const item = document.createElement("li");
-    item.tabIndex = 0;
-    item.dataset.index = i;
-    const text = document.createElement("span");
-    text.className = "cand-text";
-    text.textContent = cand.text === "" ? "(empty translation)" : cand.text;
-    item.append(text);
-    if (cand.score !== undefined) {
-      const score = document.createElement("span");
-      score.className = "cand-score";
-      score.textContent = `score ${cand.score.toFixed(3)} · log P ${cand.log_prob.toFixed(3)}`;
-      score.title = "score = log P(y|x) / ((5+|y|)/6)^α, the ranking of beam search; log P counts the EOS";
-      item.append(score);
+function candidateItem(sentence, index, text, note, title) {
+  const item = document.createElement("li");
+  item.tabIndex = 0;
+  item.dataset.sentence = sentence;
+  item.dataset.index = index;
+  const span = document.createElement("span");
+  span.className = "cand-text";
+  span.textContent = text === "" ? "(empty translation)" : text;
+  item.append(span);
+  if (note) {
+    const extra = document.createElement("span");
+    extra.className = index === "target" ? "cand-note" : "cand-score";
+    extra.textContent = note;
+    if (title) extra.title = title;
+    item.append(extra);
+  }
+  item.addEventListener("click", () => selectCandidate(sentence, index));
+  item.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") selectCandidate(sentence, index); });
+  return item;
+}
+
+function renderResults() {
+  const many = state.sentences.length > 1;
+  $("sentences").replaceChildren(...state.sentences.map((sentence, s) => {
+    const box = document.createElement("section");
+    box.className = "sentence";
+    box.dataset.sentence = s;
+    if (many) {
+      const src = document.createElement("p");
+      src.className = "sentence-src";
+      src.textContent = `${s + 1}. ${sentence.src}`;
+      box.append(src);
     }
-    item.addEventListener("click", () => selectCandidate(i));
-    item.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") selectCandidate(i); });
-    list.append(item);
-  });
+    const list = document.createElement("ol");
+    list.className = "nbest";
+    if (sentence.target !== null) {
+      list.append(candidateItem(s, "target", sentence.target, "your target", "the target you gave, not the model's"));
+    }
+    sentence.candidates.forEach((cand, i) => {
+      list.append(candidateItem(s, i, cand.text, `score ${cand.score.toFixed(3)} · log P ${cand.log_prob.toFixed(3)}`,
+                                "score = log P(y|x) / ((5+|y|)/6)^α, the ranking of beam search; log P counts the EOS"));
+    });
+    box.append(list);
+    return box;
+  }));
   $("results").hidden = false;
 }
 
-async function selectCandidate(index) {
-  state.selected = index;
-  for (const item of $("nbest-list").children) {
-    item.classList.toggle("selected", Number(item.dataset.index) === index);
+async function selectCandidate(sentence, index) {
+  state.selected = {sentence, index};
+  for (const item of $("sentences").querySelectorAll("li")) {
+    item.classList.toggle("selected", item.dataset.sentence === String(sentence) && item.dataset.index === String(index));
   }
   const id = ++state.request;
   clearError();
   setBusy(true, "Computing attention…");
+  setStale("attention-panel", true);
   const started = performance.now();
   try {
-    // The weights of exactly the output the search produced: its subword ids, not its text encoded again.
-    const cand = state.candidates[index];
-    const data = await api("/api/attention", {src: state.source, tgt: cand.text, tgt_ids: cand.tokens});
+    const chosen = state.sentences[sentence];
+    // The weights of exactly the output the search produced: its subword ids, not its text
+    // encoded again; a target of the user's own is sent as text.
+    const cand = index === "target" ? null : chosen.candidates[index];
+    const body = cand ? {src: chosen.src, tgt: cand.text, tgt_ids: cand.tokens} : {src: chosen.src, tgt: chosen.target};
+    const data = await api("/api/attention", body);
     if (id !== state.request) return;
     state.result = data;
     state.hover = null;
     setupPickers();
-    $("attention-panel").hidden = false;
-    $("attention-panel").dataset.tgt = data.tgt;  // which translation is shown (read by the tests)
+    const panel = $("attention-panel");
+    panel.hidden = false;
+    // Which translation is shown (read by the tests).
+    Object.assign(panel.dataset, {tgt: data.tgt, sentence, index});
     render();
+    renderLinks();
+    setStale("attention-panel", false);
     setBusy(false, `${state.timing} · attention in ${Math.round(performance.now() - started)} ms`);
   } catch (err) {
     if (id !== state.request) return;
@@ -204,22 +271,54 @@ function weightsOf(kind) {
   return state.result.attention[kind].weights;  // [layer][head][row][column]
 }
 
+// The role aiayn heads gave a head (from the server's --heads file), or null.
+function roleOf(kind, layer, head) {
+  const roles = state.info && state.info.roles && state.info.roles[kind];
+  return head !== "mean" && roles && roles[layer] ? roles[layer][head] || null : null;
+}
+
+function layerNote(i) {
+  const info = state.info;
+  if (!info || state.kind !== "cross") return "";
+  const best = info.alignment_best;
+  const notes = [];
+  if (best && best.layer === i + 1) {
+    notes.push("aligns best" + (best.aer != null ? ` (AER ${best.aer.toFixed(2)})` : ""));
+  }
+  if (info.alignment && info.alignment.layer === i + 1) notes.push("word links");
+  return notes.length ? ` · ${notes.join(", ")}` : "";
+}
+
 function setupPickers() {
   const layers = weightsOf(state.kind).length;
-  const heads = weightsOf(state.kind)[0].length;
   state.layer = Math.min(state.layer, layers - 1);
-  if (state.head !== "mean") state.head = Math.min(state.head, heads - 1);
   const layer = $("layer");
-  layer.replaceChildren(...Array.from({length: layers}, (_, i) => new Option(`${i + 1} of ${layers}`, i)));
+  layer.replaceChildren(...Array.from({length: layers}, (_, i) => new Option(`${i + 1} of ${layers}${layerNote(i)}`, i)));
   layer.value = state.layer;
-  const head = $("head");
-  head.replaceChildren(new Option("mean of heads", "mean"),
-                       ...Array.from({length: heads}, (_, i) => new Option(`${i + 1} of ${heads}`, i)));
-  head.value = state.head;
+  setupHeads();
   for (const tab of $("kind-tabs").children) {
     tab.setAttribute("aria-selected", String(tab.dataset.kind === state.kind));
   }
   $("kind-help").textContent = KIND_HELP[state.kind];
+}
+
+// The head picker of the current kind and layer, each head with its role when the server knows it.
+function setupHeads() {
+  const heads = weightsOf(state.kind)[0].length;
+  if (state.head !== "mean") state.head = Math.min(state.head, heads - 1);
+  const head = $("head");
+  head.replaceChildren(new Option("mean of heads", "mean"), ...Array.from({length: heads}, (_, i) => {
+    const role = roleOf(state.kind, state.layer, i);
+    return new Option(`${i + 1} of ${heads}${role ? ` · ${role}` : ""}`, i);
+  }));
+  head.value = state.head;
+  showRole();
+}
+
+function showRole() {
+  const role = roleOf(state.kind, state.layer, state.head);
+  $("head-role").textContent = role ? `role: ${role}` : "";
+  $("head-role").hidden = !role;
 }
 
 function matrixOf(kind, layer, head) {
@@ -240,9 +339,21 @@ function displayToken(piece) {
   return piece.replace(/▁/g, "\u2009");
 }
 
-function cellSize(rows, cols) {
-  const available = Math.max(240, Math.min(720, $("heatmap-wrap").clientWidth - 160));
-  return Math.max(10, Math.min(36, Math.floor(available / Math.max(rows, cols))));
+let measurer = null;
+
+// How wide the row labels will be (they are at most 180 px wide, CSS), to give the rest to the cells.
+function labelWidth(labels) {
+  measurer = measurer || document.createElement("canvas").getContext("2d");
+  measurer.font = `14px ${getComputedStyle(document.body).fontFamily}`;
+  const widest = Math.max(0, ...labels.map((piece) => measurer.measureText(displayToken(piece)).width));
+  return Math.min(180, Math.ceil(widest) + 14);
+}
+
+// Cells fill the width there is (up to 36 px square); a sentence too long for 12 px cells
+// scrolls sideways in #heatmap-wrap.
+function cellSize(att) {
+  const width = $("heatmap-wrap").clientWidth - labelWidth(att.rows) - 4;
+  return Math.max(12, Math.min(36, Math.floor(width / att.columns.length)));
 }
 
 function drawMatrix(canvas, matrix, cell, scale, highlight) {
@@ -279,7 +390,7 @@ function render() {
   const {kind, layer, head} = state;
   const att = state.result.attention[kind];
   const matrix = matrixOf(kind, layer, head);
-  const cell = cellSize(att.rows.length, att.columns.length);
+  const cell = cellSize(att);
   const scale = scaleOf(matrix);
   const canvas = $("heatmap-canvas");
   drawMatrix(canvas, matrix, cell, scale, state.hover);
@@ -372,12 +483,96 @@ function renderStrip() {
     drawMatrix(canvas, matrix, size, scaleOf(matrix), null);
     const caption = document.createElement("figcaption");
     caption.textContent = head === "mean" ? "mean" : `head ${head + 1}`;
+    const role = roleOf(state.kind, state.layer, head);
+    if (role) {
+      const line = document.createElement("span");
+      line.className = "role";
+      line.textContent = role;
+      caption.append(line);
+      fig.title = `head ${head + 1}: ${role}`;
+    }
     fig.append(canvas, caption);
-    const pick = () => { state.head = head; $("head").value = head; render(); };
+    const pick = () => { state.head = head; $("head").value = head; showRole(); render(); };
     fig.addEventListener("click", pick);
     fig.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") pick(); });
     return fig;
   }));
+}
+
+// -- word links ------------------------------------------------------------------------------------
+
+// The alignment of the shown pair (/api/attention's "alignment"): source words on the top line,
+// target words on the bottom one, a line for each hard link. Hovering a word highlights its links.
+function renderLinks() {
+  const a = state.result.alignment;
+  const svg = $("links");
+  svg.replaceChildren();
+  delete svg.dataset.links;
+  if (!a) return;
+  const al = state.info && state.info.alignment;
+  const where = al ? `layer ${al.layer}, ${al.head == null ? "mean of the heads" : `head ${al.head}`}` : "";
+  $("links-note").textContent = a && a.links.length
+    ? `each target word (below) linked to the source word (above) it attends to most${where ? ` (${where})` : ""}; ` +
+      "hover a word to see its links"
+    : "no links: a side is empty";
+  const GAP = 18, PAD = 6, TOP = 18, BOTTOM = 84;
+  const words = (list, side, y) => list.map((word, i) => {
+    const text = document.createElementNS(SVG_NS, "text");
+    text.textContent = word;
+    text.setAttribute("class", `word ${side}`);
+    text.setAttribute("y", y);
+    text.dataset.side = side;
+    text.dataset.index = i;
+    svg.append(text);
+    return text;
+  });
+  const src = words(a.src_words, "src", TOP), tgt = words(a.tgt_words, "tgt", BOTTOM);
+  const widths = (els) => els.map((el) => el.getComputedTextLength());
+  const sw = widths(src), tw = widths(tgt);
+  const total = (w) => w.reduce((x, y) => x + y, 0) + GAP * Math.max(0, w.length - 1);
+  const width = Math.max(total(sw), total(tw), $("links-wrap").clientWidth - 2 * PAD);
+  // Each line spread over the same width, so that links run as straight as the words allow.
+  const place = (els, w) => {
+    const spare = width - total(w);
+    const gap = GAP + (w.length > 1 ? spare / (w.length - 1) : 0);
+    let x = PAD + (w.length > 1 ? 0 : spare / 2);
+    return els.map((el, i) => {
+      el.setAttribute("x", x);
+      const centre = x + w[i] / 2;
+      x += w[i] + gap;
+      return centre;
+    });
+  };
+  const sx = place(src, sw), tx = place(tgt, tw);
+  const lines = a.links.map(([i, j]) => {
+    const line = document.createElementNS(SVG_NS, "line");
+    line.setAttribute("class", "link");
+    Object.entries({x1: sx[i], y1: TOP + 6, x2: tx[j], y2: BOTTOM - 15}).forEach(([k, v]) => line.setAttribute(k, v));
+    line.dataset.src = i;
+    line.dataset.tgt = j;
+    return line;
+  });
+  svg.prepend(...lines);
+  svg.setAttribute("width", width + 2 * PAD);
+  svg.setAttribute("height", BOTTOM + 8);
+  const focus = (side, index) => {
+    svg.classList.toggle("focus", side !== null);
+    const linked = {src: new Set(), tgt: new Set()};
+    for (const line of lines) {
+      const on = side !== null && line.dataset[side] === String(index);
+      line.classList.toggle("active", on);
+      if (on) { linked.src.add(line.dataset.src); linked.tgt.add(line.dataset.tgt); }
+    }
+    for (const el of [...src, ...tgt]) {
+      el.classList.toggle("active", side !== null && (linked[el.dataset.side].has(el.dataset.index) ||
+                                                      (el.dataset.side === side && el.dataset.index === String(index))));
+    }
+  };
+  for (const el of [...src, ...tgt]) {
+    el.addEventListener("mouseenter", () => focus(el.dataset.side, el.dataset.index));
+    el.addEventListener("mouseleave", () => focus(null, null));
+  }
+  svg.dataset.links = a.links.length;  // drawn (read by the tests)
 }
 
 function canvasCell(event) {
@@ -403,17 +598,25 @@ function drawLegend() {
 
 function wire() {
   $("translate-form").addEventListener("submit", (e) => { e.preventDefault(); translate(); });
-  $("source").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); translate(); }
-  });
+  for (const id of ["source", "target"]) {
+    $(id).addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); translate(); }
+    });
+  }
   $("beam").addEventListener("change", clampNbest);
   for (const tab of $("kind-tabs").children) {
     tab.addEventListener("click", () => { state.kind = tab.dataset.kind; state.hover = null; setupPickers(); render(); });
   }
-  $("layer").addEventListener("change", () => { state.layer = Number($("layer").value); state.hover = null; render(); });
+  $("layer").addEventListener("change", () => {
+    state.layer = Number($("layer").value);
+    state.hover = null;
+    setupHeads();  // the roles of this layer's heads
+    render();
+  });
   $("head").addEventListener("change", () => {
     const v = $("head").value;
     state.head = v === "mean" ? "mean" : Number(v);
+    showRole();
     render();
   });
   $("stretch").addEventListener("change", () => render());
@@ -428,7 +631,7 @@ function wire() {
     tip.style.top = `${canvas.offsetTop + at.y + 14}px`;
   });
   canvas.addEventListener("mouseleave", () => setHover(null));
-  window.addEventListener("resize", () => { if (state.result) render(); });
+  window.addEventListener("resize", () => { if (state.result) { render(); renderLinks(); } });
   drawLegend();
 }
 
