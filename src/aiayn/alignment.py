@@ -27,13 +27,19 @@ two test sets (docs/alignment.md).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .data.tokenizer import BOS_ID, EOS_ID
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 WORD_START = "\u2581"  # sentencepiece's word-start mark '▁'
 
@@ -176,8 +182,8 @@ def cross_attention(model, sources: list[list[int]], targets: list[list[int]]) -
     src = torch.full((len(sources), s_len), cfg.pad_id, dtype=torch.long)
     tgt = torch.full((len(targets), t_len), cfg.pad_id, dtype=torch.long)
     for row, (s, t) in enumerate(zip(sources, targets)):
-        src[row, : len(s) + 1] = torch.tensor(list(s) + [cfg.eos_id], dtype=torch.long)
-        tgt[row, : len(t) + 1] = torch.tensor([cfg.bos_id] + list(t), dtype=torch.long)
+        src[row, : len(s) + 1] = torch.tensor(list(s) + [EOS_ID], dtype=torch.long)
+        tgt[row, : len(t) + 1] = torch.tensor([BOS_ID] + list(t), dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
@@ -208,6 +214,40 @@ def align_ids(model, tokenizer, sources: list[list[int]], targets: list[list[int
             results[i] = Alignment(words_of(tokenizer.pieces(sources[i], "src")) if sources[i] else [],
                                    words_of(tokenizer.pieces(targets[i], "tgt")) if targets[i] else [], [], [])
     return results
+
+
+def align_pairs(model, tokenizer, pairs: Iterable[tuple[int, str, str]], settings: AlignmentSettings = AlignmentSettings(),
+                *, batch_size: int = 64, chunk: int = 10_000, max_subwords: int | None = None,
+                where: str = "input") -> Iterator[tuple[int, Alignment | None]]:
+    """Alignments of (line number, source text, target text) pairs, read ``chunk`` pairs at a
+    time, sorted by length within a chunk and aligned ``batch_size`` at a time; yields (line
+    number, alignment) in input order. A pair with a side longer than ``max_subwords`` subwords
+    (default: what the model's positions allow for a learned table, else no limit) is skipped
+    with a warning naming ``where`` and its line, and yields None."""
+    cfg = model.config
+    settings.check(cfg.n_decoder_layers, cfg.n_heads)
+    if max_subwords is None and cfg.positions == "learned":
+        max_subwords = cfg.max_positions - 1
+    pairs = iter(pairs)
+    while block := list(itertools.islice(pairs, chunk)):
+        sources = tokenizer.encode_batch([s for _, s, _ in block], "src")
+        targets = tokenizer.encode_batch([t for _, _, t in block], "tgt")
+        found: list[Alignment | None] = [None] * len(block)
+        keep = []
+        for k, (number, _, _) in enumerate(block):
+            longest = max(len(sources[k]), len(targets[k]))
+            if max_subwords is not None and longest > max_subwords:
+                log.warning("aiayn: warning: %s:%d has %d subwords; this model reads at most %d: not aligned",
+                            where, number, longest, max_subwords)
+            else:
+                keep.append(k)
+        keep.sort(key=lambda k: -(len(sources[k]) + len(targets[k])))
+        for start in range(0, len(keep), batch_size):
+            batch = keep[start: start + batch_size]
+            for k, a in zip(batch, align_ids(model, tokenizer, [sources[k] for k in batch],
+                                             [targets[k] for k in batch], settings)):
+                found[k] = a
+        yield from ((number, a) for (number, _, _), a in zip(block, found))
 
 
 # -- the Pharaoh form -----------------------------------------------------------------------

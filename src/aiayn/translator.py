@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .alignment import Alignment, AlignmentSettings, align_ids
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import SearchConfig
 from .data.text import clean
@@ -141,6 +142,7 @@ class Translation:
     tokens: list[int]
     score: float  # log_prob / lp(|Y|); 0 for an empty input line
     log_prob: float
+    alignment: Alignment | None = None  # its word alignment to the source, when asked for (aiayn.alignment)
 
 
 class Translator:
@@ -220,17 +222,19 @@ class Translator:
         return ids
 
     def translate_nbest(self, lines: Sequence[str], nbest: int = 1, search: SearchConfig | None = None,
-                        progress: bool = False, chunk: int | None = None) -> list[list[Translation]]:
+                        progress: bool = False, chunk: int | None = None,
+                        alignment: AlignmentSettings | None = None) -> list[list[Translation]]:
         """The ``nbest`` best translations of each line, best first, in input order:
         `translate_stream` over the list, its chunks joined (the same batches, so the same
         translations, as ``aiayn translate`` of the same lines)."""
         stream = self.translate_stream(lines, nbest=nbest, search=search, chunk=chunk, progress=progress,
-                                       total=len(lines))
+                                       total=len(lines), alignment=alignment)
         return [hyps for block in stream for hyps in block]
 
     def translate_stream(self, lines: Iterable[str], nbest: int = 1, search: SearchConfig | None = None, *,
                          chunk: int | None = None, progress: bool = False,
-                         total: int | None = None) -> Iterator[list[list[Translation]]]:
+                         total: int | None = None,
+                         alignment: AlignmentSettings | None = None) -> Iterator[list[list[Translation]]]:
         """Translate ``lines`` (any iterable, read as needed) ``chunk`` lines at a time: yields, for
         each chunk in turn, the ``nbest`` best translations of each of its lines (best first, in
         input order) as soon as that chunk is done. ``chunk`` None: `CHUNK_LINES`. Memory is one
@@ -243,25 +247,30 @@ class Translator:
         (a bad line of a file: `aiayn.data.text.iter_input_lines`) comes after every earlier chunk
         was yielded. Truncation warnings name the line's number in the whole input. ``progress``:
         a bar over the lines (empty ones too), of ``total`` lines if given, else open-ended.
-        ``search`` and ``nbest`` are checked now, before any line is read."""
+        ``search`` and ``nbest`` are checked now, before any line is read. ``alignment``: each
+        translation also gets its word alignment to its (cleaned, possibly truncated) source
+        (`Translation.alignment`), read from the attention these settings choose
+        (`aiayn.alignment`; one teacher-forced pass of the model over each batch's outputs)."""
         config = (search or self.search_config).check()
+        if alignment is not None:
+            alignment.check(self.config.n_decoder_layers, self.config.n_heads)
         if not 1 <= nbest <= config.beam:
             raise UserError(f"nbest must be between 1 and the beam size {config.beam} (got {nbest})")
         chunk = CHUNK_LINES if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 line (got {chunk})")
-        return self._stream(iter(lines), nbest, config, chunk, progress, total)
+        return self._stream(iter(lines), nbest, config, chunk, progress, total, alignment)
 
     def _stream(self, lines: Iterator[str], nbest: int, config: SearchConfig, chunk: int, progress: bool,
-                total: int | None) -> Iterator[list[list[Translation]]]:
+                total: int | None, alignment: AlignmentSettings | None) -> Iterator[list[list[Translation]]]:
         first_line = 1
         with progress_bar(total, "translate", "sent", enabled=progress) as bar:
             while block := list(itertools.islice(lines, chunk)):
-                yield self._translate_chunk(block, nbest, config, first_line, bar)
+                yield self._translate_chunk(block, nbest, config, first_line, bar, alignment)
                 first_line += len(block)
 
     def _translate_chunk(self, lines: list[str], nbest: int, config: SearchConfig, first_line: int,
-                         bar) -> list[list[Translation]]:
+                         bar, alignment: AlignmentSettings | None = None) -> list[list[Translation]]:
         """One chunk: encode, sort longest first, batch, search, decode, in input order."""
         ids = self.encode(lines, first_line=first_line)
         results: list[list[Translation]] = [[Translation("", [], 0.0, 0.0)] for _ in ids]
@@ -279,9 +288,24 @@ class Translator:
                 for i, hyps in zip(batch, hyps_of_batch):
                     results[i] = [Translation(self.tokenizer.decode_line(h.tokens), h.tokens, h.score, h.log_prob)
                                   for h in hyps]
+                if alignment is not None:
+                    self._align([ids[i] for i in batch], [results[i] for i in batch], alignment)
                 bar.update(len(batch))
+        if alignment is not None:  # the empty lines: nothing to align
+            for i in range(len(ids)):
+                if not ids[i]:
+                    results[i][0].alignment = Alignment([], [], [], [])
         bar.update(len(ids) - len(order))  # the empty lines
         return results
+
+    def _align(self, sources: list[list[int]], translations: list[list[Translation]],
+               settings: AlignmentSettings) -> None:
+        """Set the alignment of every translation of a batch (all n best of each source)."""
+        pairs = [(src, t) for src, ts in zip(sources, translations) for t in ts]
+        found = align_ids(self.model, self.tokenizer, [src for src, _ in pairs], [t.tokens for _, t in pairs],
+                          settings)
+        for (_, t), a in zip(pairs, found):
+            t.alignment = a
 
     def _worker_pool(self):
         """``workers`` processes, each with its own copy of the model. Spawned, not forked: a fork of a

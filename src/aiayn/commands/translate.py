@@ -41,12 +41,44 @@ def translator_from_args(args):
                       workers=args.workers, shortlist=args.shortlist)
 
 
+def alignment_settings(args):
+    """The `AlignmentSettings` of the --alignment-* flags (None: the flags' defaults)."""
+    from ..alignment import DEFAULT_LAYER, AlignmentSettings
+
+    layer = getattr(args, "alignment_layer", None)
+    return AlignmentSettings(layer=DEFAULT_LAYER if layer is None else layer,
+                             head=getattr(args, "alignment_head", None),
+                             rows=getattr(args, "alignment_rows", None) or "reads")
+
+
 def format_nbest(index: int, hyps) -> list[str]:
-    """Moses-style n-best lines: sentence index (0-based), score, log-probability, text."""
-    return [f"{index}\t{h.score:.4f}\t{h.log_prob:.4f}\t{h.text}" for h in hyps]
+    """Moses-style n-best lines: sentence index (0-based), score, log-probability, text; with
+    alignments, the Pharaoh links as a fifth column."""
+    return [f"{index}\t{h.score:.4f}\t{h.log_prob:.4f}\t{h.text}"
+            + (f"\t{h.alignment.pharaoh}" if h.alignment is not None else "") for h in hyps]
 
 
-def _interactive(translator, nbest: int, out) -> None:
+def format_lines(index: int, hyps, nbest: int, as_json: bool) -> list[str]:
+    """The output lines of one input line: its translation (``TEXT``, or ``TEXT<TAB>ALIGNMENT``
+    with alignments), its n-best lines (`format_nbest`), or one JSON object."""
+    if as_json:
+        import json
+
+        def one(h) -> dict:
+            doc = {"text": h.text, "score": round(h.score, 6), "log_prob": round(h.log_prob, 6), "tokens": h.tokens}
+            if h.alignment is not None:
+                doc["alignment"] = h.alignment.to_dict()
+            return doc
+
+        doc = {"index": index, **one(hyps[0])} if nbest == 1 else {"index": index, "nbest": [one(h) for h in hyps]}
+        return [json.dumps(doc, ensure_ascii=False)]
+    if nbest > 1:
+        return format_nbest(index, hyps)
+    best = hyps[0]
+    return [best.text + (f"\t{best.alignment.pharaoh}" if best.alignment is not None else "")]
+
+
+def _interactive(translator, nbest: int, out, as_json: bool = False, alignment=None) -> None:
     """Translate each line as it is typed; prompts go to stderr so stdout stays clean."""
     print("aiayn: type a sentence and press Enter; Ctrl-D quits.", file=sys.stderr)
     index = 0
@@ -56,9 +88,8 @@ def _interactive(translator, nbest: int, out) -> None:
         if not line:
             print(file=sys.stderr)
             return
-        hyps = translator.translate_nbest([line.rstrip("\r\n")], nbest=nbest)[0]
-        text = "\n".join(format_nbest(index, hyps)) if nbest > 1 else hyps[0].text
-        print(text, file=out, flush=True)
+        hyps = translator.translate_nbest([line.rstrip("\r\n")], nbest=nbest, alignment=alignment)[0]
+        print("\n".join(format_lines(index, hyps, nbest, as_json)), file=out, flush=True)
         index += 1
 
 
@@ -101,31 +132,33 @@ def run(args) -> int:
         progress = (total if total is not None else len(head)) >= 100
         lines = chain(head, lines)
     translator = translator_from_args(args)
+    as_json = getattr(args, "json", False)
+    alignment = alignment_settings(args) if getattr(args, "alignment", False) else None
+    if alignment is not None:
+        alignment.check(translator.config.n_decoder_layers, translator.config.n_heads)
     if interactive:
         if args.output is None:
-            _interactive(translator, args.nbest, sys.stdout)
+            _interactive(translator, args.nbest, sys.stdout, as_json, alignment)
         else:
             with _writing(args.output), open(args.output, "w", encoding="utf-8") as out:
-                _interactive(translator, args.nbest, out)
+                _interactive(translator, args.nbest, out, as_json, alignment)
         return 0
-    results = translator.translate_stream(lines, nbest=args.nbest, progress=progress, total=total)
+    results = translator.translate_stream(lines, nbest=args.nbest, progress=progress, total=total,
+                                          alignment=alignment)
     if output is None:
-        _write_stream(results, args.nbest, sys.stdout, lambda n: None)
+        _write_stream(results, args.nbest, sys.stdout, lambda n: None, as_json)
         return 0
     with output:
-        _write_stream(results, args.nbest, output.file, output.done)
+        _write_stream(results, args.nbest, output.file, output.done, as_json)
     return 0
 
 
-def _write_stream(results, nbest: int, out, done) -> None:
+def _write_stream(results, nbest: int, out, done, as_json: bool = False) -> None:
     """Each chunk of ``results`` (`Translator.translate_stream`) written to ``out`` and flushed as
     it completes; ``done(n)`` after each, with the input lines written so far."""
     index = 0
     for block in results:
-        if nbest > 1:
-            rows = [row for i, hyps in enumerate(block, start=index) for row in format_nbest(i, hyps)]
-        else:
-            rows = [hyps[0].text for hyps in block]
+        rows = [row for i, hyps in enumerate(block, start=index) for row in format_lines(i, hyps, nbest, as_json)]
         out.write("".join(row + "\n" for row in rows))
         out.flush()
         index += len(block)
