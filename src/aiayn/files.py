@@ -36,6 +36,7 @@ ARTEFACTS = {
     "checkpoint": "an aiayn checkpoint",  # model.safetensors, config.yaml, spm.model
     "export": "an aiayn Marian export",  # model.safetensors, config.json, vocab.json, *.spm
     "attention": "aiayn attention pictures",  # attention.json and the PNGs
+    "heads": "aiayn head statistics",  # heads.json with "format": "aiayn-heads", heads.md, heads.png
 }
 
 
@@ -82,6 +83,13 @@ def artefact_kind(path: str | Path) -> str | None:
         return "export"
     if has("attention.json", "encoder.png", "cross.png"):
         return "attention"
+    if has("heads.json"):
+        try:
+            report = json.loads((path / "heads.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            report = None
+        if isinstance(report, dict) and report.get("format") == "aiayn-heads":
+            return "heads"
     return None
 
 

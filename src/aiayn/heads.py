@@ -88,8 +88,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import shutil
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -117,7 +115,7 @@ from .config import SearchConfig
 from .data.text import clean, count_lines, iter_lines, iter_parallel, require_text
 from .data.tokenizer import BOS_ID, EOS_ID
 from .errors import UserError
-from .files import atomic_directory, describe, is_empty_dir
+from .files import atomic_directory, refuse_to_replace
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -682,66 +680,20 @@ def _json_safe(d: dict) -> dict:
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def is_heads_directory(path: str | Path) -> bool:
-    """Whether ``path`` is a directory ``aiayn heads`` wrote (its heads.json says so)."""
-    file = Path(path) / "heads.json"
-    if not file.is_file():
-        return False
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == FORMAT
-
-
 def check_output(out: str | Path, force: bool) -> None:
-    """What `aiayn.files.refuse_to_replace` allows, for head statistics: ``out`` may be new or an
-    empty directory; a directory ``aiayn heads`` wrote is replaced only with ``force``; anything
-    else never."""
-    out = Path(out)
-    if not (out.exists() or out.is_symlink()) or is_empty_dir(out):
-        return
-    if not is_heads_directory(out):
-        raise UserError(f"{describe(out)}; --force replaces only aiayn head statistics: choose another output "
-                        "path (nothing was changed)", path=out)
-    if not force:
-        raise UserError("already exists (aiayn head statistics); pass --force to replace it", path=out)
+    """Before any work: ``out`` may be new or an empty directory; a directory ``aiayn heads``
+    wrote is replaced only with ``force``; anything else never (`aiayn.files.refuse_to_replace`)."""
+    refuse_to_replace(out, force, kind="heads")
 
 
 def write_report(doc: dict, out: str | Path, *, force: bool = False) -> list[Path]:
     """Write heads.json, heads.md and heads.png into the directory ``out`` (replaced only with
-    ``force``, and only if ``aiayn heads`` wrote it), all at once: the files are written through
-    `aiayn.files.atomic_directory` into a new hidden sibling, which then takes ``out``'s place."""
-    out = Path(out)
-    check_output(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory: {e.strerror or e}", path=out) from None
-    staging = out.with_name(f".{out.name}.new-{os.getpid()}")
-    if staging.exists():  # left by an earlier process of this id that was killed
-        shutil.rmtree(staging)
-    with atomic_directory(staging, kind="heads") as tmp:  # a new path: no artefact kind is consulted
+    ``force``, and only if ``aiayn heads`` wrote it), all at once (`aiayn.files.atomic_directory`)."""
+    with atomic_directory(out, kind="heads", force=force) as tmp:
         (tmp / "heads.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         (tmp / "heads.md").write_text(markdown(doc), encoding="utf-8")
         plot(doc, tmp / "heads.png")
-    try:
-        check_output(out, force)  # again: something may have appeared meanwhile
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        try:
-            os.replace(staging, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [out / name for name in FILES]
+    return [Path(out) / name for name in FILES]
 
 
 def _cell(x: float | None, fmt: str = "{:.3f}") -> str:
