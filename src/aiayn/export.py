@@ -51,8 +51,9 @@ AIAYN_PAD = "<aiayn_pad>"  # name given to aiayn's own id 0 in the exported voca
 
 
 def check_exportable(cfg: TransformerConfig) -> None:
-    """Marian can express the paper's model (post-LN, one shared vocabulary, d_k·h = d_model)
-    with either positional encoding; anything else has no Marian equivalent."""
+    """Marian can express the paper's model (post-LN, one shared vocabulary, d_k·h = d_model,
+    scaled attention) with sinusoidal or learned positions; anything else (the ablations'
+    unscaled attention or missing positions among it) has no Marian equivalent."""
     problems = []
     if cfg.norm_first:
         problems.append("pre-LN (norm_first=true): Marian is post-LN only")
@@ -60,6 +61,10 @@ def check_exportable(cfg: TransformerConfig) -> None:
         problems.append("separate vocabularies or untied embeddings: the export needs tie_embeddings='all'")
     if cfg.d_k * cfg.n_heads != cfg.d_model:
         problems.append(f"d_k·h = {cfg.d_k * cfg.n_heads} != d_model {cfg.d_model}: Marian's heads split d_model")
+    if not cfg.attention_scale:
+        problems.append("attention without the 1/√d_k scale (attention_scale=false): Marian always scales")
+    if cfg.positions == "none":
+        problems.append("no positional encoding (positions=none): Marian always adds positions")
     if problems:
         raise UserError("cannot export to the Marian layout: " + "; ".join(problems))
 

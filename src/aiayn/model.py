@@ -28,6 +28,11 @@ Residual sublayers are post-LN by default, as the paper writes them (§3.1, §5.
 With ``norm_first=True`` they are pre-LN instead, ``x = x + Dropout(Sublayer(LayerNorm(x)))``,
 and each stack ends with one more LayerNorm (the pre-LN form of Xiong et al., 2020).
 
+Two deviations exist only for ablations (`aiayn.ablate`, docs/ablation.md), off by default:
+``attention_scale=False`` drops the 1/√d_k of §3.2.1 (softmax(Q Kᵀ) V), and ``positions="none"``
+adds no positional encoding at all. ``MultiHeadAttention.probe`` lets an ablation observe the
+attention logits during training; it is None by default and then costs nothing.
+
 Masks are boolean and follow ``torch.nn.functional.scaled_dot_product_attention``:
 ``True`` means "may attend". Padding positions are the tokens equal to ``config.pad_id``.
 """
@@ -72,7 +77,7 @@ class TransformerConfig:
     attention_dropout: float = 0.0  # on attention probabilities; the paper uses none
     activation_dropout: float = 0.0  # after the FFN's ReLU; the paper uses none
     norm_first: bool = False  # False: post-LN as in the paper; True: pre-LN + a final LayerNorm
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"  # Table 3 row (E)
+    positions: Literal["sinusoidal", "learned", "none"] = "sinusoidal"  # Table 3 row (E); none: an ablation
     max_positions: int = 1024  # size of the learned table; sinusoids extend beyond it on demand
     # "all": source embedding = target embedding = pre-softmax weights (§3.4, needs one vocabulary);
     # "decoder": target embedding = pre-softmax weights; "none": three separate matrices.
@@ -84,6 +89,8 @@ class TransformerConfig:
     activation: Literal["relu", "gelu", "swish"] = "relu"  # the FFN's; swish = SiLU, x·σ(x)
     logits_bias: bool = False  # a fixed bias on the logits (Marian's final_logits_bias), not trained
     sinusoid_layout: Literal["interleaved", "concatenated"] = "interleaved"  # see `sinusoidal_table`
+    # A deviation for ablations (`aiayn.ablate`): False drops §3.2.1's 1/√d_k, softmax(Q Kᵀ) V.
+    attention_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.tgt_vocab_size is None:
@@ -103,7 +110,7 @@ class TransformerConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
         for name, allowed in (("activation", ACTIVATIONS), ("sinusoid_layout", ("interleaved", "concatenated")),
-                              ("positions", ("sinusoidal", "learned")), ("tie_embeddings", ("all", "decoder", "none"))):
+                              ("positions", ("sinusoidal", "learned", "none")), ("tie_embeddings", ("all", "decoder", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
@@ -161,6 +168,8 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     fused_kernel: bool = True,
+    scaled: bool = True,
+    observe=None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V.
 
@@ -172,15 +181,25 @@ def scaled_dot_product_attention(
     the explicit formula runs instead, and with ``need_weights`` the probabilities are returned
     too (for inspection). The explicit path takes the softmax in fp32 whatever the inputs'
     dtype (in bf16 the products run in bf16, the normalisation does not lose digits).
+
+    ``scaled=False`` (an ablation, not the paper) computes softmax(Q Kᵀ) V, in both paths.
+    ``observe`` (ablations only): a function called with the logits (the softmax's input, before
+    masking) and the probabilities; it forces the explicit path.
     """
-    if fused_kernel and not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if fused_kernel and not need_weights and observe is None:
+        scale = None if scaled else 1.0  # None: the kernel's own 1/√d_k
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale), None
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    if scaled:
+        scores = scores / math.sqrt(q.size(-1))
+    logits = scores
     if mask is not None:
         # The most negative finite value rather than -inf: a row with no allowed key then gives
         # a uniform row instead of NaN, and the value cannot overflow in fp16 or bf16.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if observe is not None:
+        observe(logits, probs)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     return torch.matmul(attn.to(v.dtype), v), probs
 
@@ -199,14 +218,19 @@ class MultiHeadAttention(nn.Module):
     from the decoder and K, V from the encoder output: one projection for Q, one fused for K, V.
 
     ``fused_kernel``: attention through PyTorch's fused kernel (True) or the explicit formula (see
-    `scaled_dot_product_attention`); the same function.
+    `scaled_dot_product_attention`); the same function. ``scaled=False``: without the 1/√d_k (an
+    ablation). ``probe`` (ablations, `aiayn.ablate.AttentionProbe`): while one is set and active,
+    training runs the explicit formula and the probe sees the logits and probabilities; None by
+    default, which costs nothing.
     """
 
     fused_kernel: bool = True
+    probe = None
 
-    def __init__(self, d_model: int, n_heads: int, d_k: int, *, self_attention: bool, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, d_k: int, *, self_attention: bool, dropout: float = 0.0,
+                 scaled: bool = True):
         super().__init__()
-        self.n_heads, self.d_k, self.dropout = n_heads, d_k, dropout
+        self.n_heads, self.d_k, self.dropout, self.scaled = n_heads, d_k, dropout, scaled
         self.self_attention = self_attention
         inner = n_heads * d_k
         if self_attention:
@@ -228,9 +252,11 @@ class MultiHeadAttention(nn.Module):
         else:
             (q,) = self._project(self.q_proj(x), 1)
             k, v = self._project(self.kv_proj(memory), 2)
+        probe = self.probe
+        observe = probe.observer(self) if probe is not None and self.training and probe.active else None
         out, probs = scaled_dot_product_attention(
             q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-            fused_kernel=self.fused_kernel,
+            fused_kernel=self.fused_kernel, scaled=self.scaled, observe=observe,
         )
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_k)
         return self.out_proj(out), probs
@@ -328,9 +354,10 @@ class LearnedPositionalEmbedding(nn.Module):
 
 class Embeddings(nn.Module):
     """Token embedding multiplied by √d_model (§3.4), plus the positional encoding (§3.5),
-    then dropout (§5.4). ``weight`` may be shared with the other embedding and the output layer."""
+    then dropout (§5.4). ``weight`` may be shared with the other embedding and the output layer.
+    ``positions`` None (``positions: none``, an ablation): no positional encoding at all."""
 
-    def __init__(self, token: nn.Embedding, positions: nn.Module, dropout: float):
+    def __init__(self, token: nn.Embedding, positions: nn.Module | None, dropout: float):
         super().__init__()
         self.token = token
         self.positions = positions
@@ -338,7 +365,9 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
-        x = self.token(ids) * self.scale + self.positions(ids.size(1), offset)
+        x = self.token(ids) * self.scale
+        if self.positions is not None:
+            x = x + self.positions(ids.size(1), offset)
         return self.dropout(x)
 
 
@@ -370,7 +399,8 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout,
+                                            scaled=cfg.attention_scale)
         self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.sublayers = nn.ModuleList(
             SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first, cfg.layer_norm_eps) for _ in range(2)
@@ -387,8 +417,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=False, dropout=cfg.attention_dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=True, dropout=cfg.attention_dropout,
+                                            scaled=cfg.attention_scale)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, self_attention=False, dropout=cfg.attention_dropout,
+                                             scaled=cfg.attention_scale)
         self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.sublayers = nn.ModuleList(
             SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first, cfg.layer_norm_eps) for _ in range(3)
@@ -469,7 +501,9 @@ class Transformer(nn.Module):
             self.generator.bias.requires_grad_(False)
 
     @staticmethod
-    def _positions(cfg: TransformerConfig) -> nn.Module:
+    def _positions(cfg: TransformerConfig) -> nn.Module | None:
+        if cfg.positions == "none":  # an ablation: the model sees no word order but the causal mask's
+            return None
         if cfg.positions == "learned":
             return LearnedPositionalEmbedding(cfg.d_model, cfg.max_positions)
         return SinusoidalPositionalEncoding(cfg.d_model, cfg.max_positions, cfg.sinusoid_layout)

@@ -9,7 +9,7 @@ per-call Python of the general module path (the sublayer closures, the masks, ev
 calls) costs as much as the arithmetic. The linear layers and the FFN are still called as
 modules, so prepacked, bf16 and int8 models (`aiayn.inference.packed`) take this path too, and
 attention goes through the model's own function, fused kernel or explicit formula as each
-attention module says (``fused_kernel``).
+attention module says (``fused_kernel``), with or without the 1/√d_k as it says (``scaled``).
 
 Beams without copying the encoder output: the decoder batch may hold K rows per sentence (the
 K hypotheses of sentence i in rows i·K ... i·K+K-1) against one row of encoder output per
@@ -47,7 +47,7 @@ def decode_step(model: Transformer, tokens: Tensor, memory: Tensor, memory_mask:
         h = norm0(x) if pre else x
         q, k, v = self_attn._project(self_attn.qkv_proj(h), 3)
         k, v = entry["self"].append(k, v)
-        out, _ = scaled_dot_product_attention(q, k, v, fused_kernel=self_attn.fused_kernel)
+        out, _ = scaled_dot_product_attention(q, k, v, fused_kernel=self_attn.fused_kernel, scaled=self_attn.scaled)
         x = x + self_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
         if not pre:
             x = norm0(x)
@@ -60,7 +60,8 @@ def decode_step(model: Transformer, tokens: Tensor, memory: Tensor, memory_mask:
         if b % sentences:
             raise ValueError(f"decoder batch {b} is not a multiple of the encoder batch {sentences}")
         q = cross_attn.q_proj(h).view(sentences, b // sentences, cross_attn.n_heads, cross_attn.d_k).transpose(1, 2)
-        out, _ = scaled_dot_product_attention(q, kv["k"], kv["v"], key_mask, fused_kernel=cross_attn.fused_kernel)
+        out, _ = scaled_dot_product_attention(q, kv["k"], kv["v"], key_mask, fused_kernel=cross_attn.fused_kernel,
+                                              scaled=cross_attn.scaled)
         x = x + cross_attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
         if not pre:
             x = norm1(x)
