@@ -151,6 +151,7 @@ def main() -> int:
     scores = {v: Agreement() for v in variants(cfg.n_decoder_layers, cfg.n_heads)}
     default_links = []
     default_layer = AlignmentSettings().resolve_layer(cfg.n_decoder_layers)
+    default_rows = AlignmentSettings().rows
     t0 = time.perf_counter()
     sources = tok.encode_batch(test_src, "src")
     targets = tok.encode_batch(test_tgt, "tgt")
@@ -171,12 +172,13 @@ def main() -> int:
                         found = links_of(heads, len(t), len(s), tgt_words, src_words, rows, eos)
                         for head, links in zip([*range(cfg.n_heads), None], found):
                             scores[(layer, head, rows, eos)].add(links, reference[k])
-                        if (layer, rows, eos) == (default_layer, "reads", "drop"):
+                        if (layer, rows, eos) == (default_layer, default_rows, "drop"):
                             default_links.append(found[-1])
     aiayn_s = time.perf_counter() - t0
-    # The vectorised scoring above must be what aiayn itself outputs.
-    check = align_ids(model, tok, sources[:50], targets[:50], AlignmentSettings())
-    assert [a.links for a in check] == default_links[:50], "benchmark and aiayn.alignment disagree"
+    # The vectorised scoring above must be what aiayn itself outputs (on the same batch: another
+    # padding changes the attention in its last bits, which can flip a near-tie).
+    check = align_ids(model, tok, sources[:32], targets[:32], AlignmentSettings())
+    assert [a.links for a in check] == default_links[:32], "benchmark and aiayn.alignment disagree"
 
     def name(layer, head):
         return f"layer {layer + 1} " + ("mean" if head is None else f"head {head + 1}")

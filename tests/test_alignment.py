@@ -88,7 +88,7 @@ def test_agreement_is_och_and_ney():
 def test_settings_choose_a_layer_and_head():
     s = AlignmentSettings(layer=-1, head=2)
     assert s.resolve_layer(3) == 2 and AlignmentSettings(layer=1).resolve_layer(3) == 0
-    assert AlignmentSettings().resolve_layer(1) == 0  # the default (-2) in a one-layer decoder
+    assert AlignmentSettings().resolve_layer(1) == 0 and AlignmentSettings().resolve_layer(3) == 2  # the last
     for bad in (AlignmentSettings(layer=4), AlignmentSettings(layer=0), AlignmentSettings(layer=-4),
                 AlignmentSettings(head=5), AlignmentSettings(rows="sideways")):
         with pytest.raises(UserError):
@@ -133,7 +133,7 @@ def test_alignment_of_hand_set_attention_is_exact(random_checkpoint):
         cross[0, :, k + 1, -1] = 0.3  # weight on </s>: dropped
     layers = [torch.rand_like(cross).softmax(-1) for _ in range(cfg.n_decoder_layers)]
     layers[-2] = cross
-    (a,) = align_ids(_HandSet(ckpt.model, layers), tok, [src], [tgt], AlignmentSettings(layer=-2))
+    (a,) = align_ids(_HandSet(ckpt.model, layers), tok, [src], [tgt], AlignmentSettings(layer=-2, rows="reads"))
     assert a.links == [(perm[j], j) for j in range(5)]
     assert a.pharaoh == "5-0 4-1 3-2 2-3 1-4"
     assert a.src_words == "the cat sat on the mat".split() and a.tgt_words == "the mat on the cat".split()

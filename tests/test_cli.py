@@ -97,6 +97,8 @@ HEAVY_ARGS = {
     "train": ["--config", "copy", "--data", "d", "--out", "o", "train.max_updates=1"],
     "translate": ["--checkpoint", "c"], "evaluate": ["--hyp", "h", "--ref", "r"],
     "attention": ["--checkpoint", "c", "--src", "a b", "--out", "o"], "demo": [], "serve": ["--checkpoint", "c"],
+    "align": ["--checkpoint", "c", "--src", "s", "--tgt", "t"], "heads": ["--checkpoint", "c", "--src", "s", "--out", "o"],
+    "ablate": ["--config", "copy", "--data", "d", "--out", "o"],
 }
 
 

@@ -13,6 +13,7 @@ from aiayn.checkpoint import load_checkpoint
 from aiayn.cli import main
 from aiayn.data.tokenizer import BOS_ID, EOS_ID
 from aiayn.heads import (
+    ALIGNMENT_ROWS,
     KINDS,
     Head,
     StatisticsAccumulator,
@@ -248,8 +249,9 @@ def test_statistics_do_not_depend_on_the_batching(random_checkpoint, parallel):
 
 
 def test_a_head_that_attends_along_the_alignment_is_found(random_checkpoint, parallel, monkeypatch):
-    """Cross head 3 of layer 2 made to read, on each target subword's row, the same source subword
-    (source = reference): its word alignment is the identity, AER 0 against identity links."""
+    """Cross head 3 of layer 2 made to attend, on each target subword's row (the row alignments
+    read: `ALIGNMENT_ROWS`), to the same source subword (source = reference): its word alignment
+    is the identity, AER 0 against identity links."""
     src, ref, links = parallel
     ckpt = load_checkpoint(random_checkpoint)
     model = ckpt.model
@@ -260,10 +262,12 @@ def test_a_head_that_attends_along_the_alignment_is_found(random_checkpoint, par
         cross = weights["cross"][1]
         for b in range(src_ids.size(0)):
             n_tgt = int(tgt_in[b].ne(0).sum()) - 1
+            first = 1 if ALIGNMENT_ROWS == "reads" else 0  # the row of target subword 0
             cross[b, 2] = 0.0
-            cross[b, 2, 0, 0] = 1.0
-            for r in range(1, n_tgt + 1):
-                cross[b, 2, r, r - 1] = 1.0
+            cross[b, 2, :, 0] = 1.0  # the rows alignments do not read: anywhere
+            for k in range(n_tgt):
+                cross[b, 2, first + k] = 0.0
+                cross[b, 2, first + k, k] = 1.0
         return weights
 
     monkeypatch.setattr(model, "attention_weights", aligned)

@@ -414,8 +414,8 @@ def test_info_names_the_model_without_server_paths(client, copy_checkpoint):
     assert info["model"]["d_model"] == 64 and info["parameters"] > 0 and info["step"] > 0
     assert info["limits"]["max_lines"] == 8 and info["limits"]["max_chars"] == 200 and info["limits"]["max_beam"] == 6
     assert info["search"] == {"beam": 4, "alpha": 0.6, "max_len_a": 1.0, "max_len_b": 50, "shortlist": False}
-    # Alignments are read from the second layer from the top: of two, the first.
-    assert info["alignment"] == {"layer": 1, "head": None, "rows": "reads"}
+    # Alignments are read from the last layer by default: of two, the second.
+    assert info["alignment"] == {"layer": 2, "head": None, "rows": "predicts"}
     assert info["roles"] is None and info["alignment_best"] is None  # no --heads
     # meta.json holds absolute run and data paths: none may appear.
     assert str(copy_checkpoint.parent) not in response.text and "/tmp" not in response.text
@@ -439,7 +439,7 @@ def test_info_passes_on_the_roles_and_best_layer_of_a_heads_file(copy_checkpoint
         info = client.get("/api/info").json()
     assert info["roles"] == heads_json()["roles"]
     assert info["alignment_best"] == {"layer": 2, "head": 3, "aer": 0.25}
-    assert info["alignment"] == {"layer": 1, "head": None, "rows": "reads"}  # the alignments' own settings
+    assert info["alignment"] == {"layer": 2, "head": None, "rows": "predicts"}  # the alignments' own settings
     assert str(tmp_path) not in json.dumps(info)  # no server paths
     # alignment_best may be absent (no reference alignments), or name a layer's mean (head null).
     path.write_text(json.dumps({"roles": heads_json()["roles"]}))

@@ -55,8 +55,8 @@ def find_chromium() -> str:
                 "(make setup runs: apt-get install --no-install-recommends chromium)")
 
 
-# The copy model has 2+2 layers of 4 heads; its alignments are read from layer 1 by default, so
-# the heads file's best layer, 2, is where the explorer must open.
+# The copy model has 2+2 layers of 4 heads; its alignments are read from layer 2 (the last) by
+# default, so the heads file's best layer, 1, is where the explorer must open.
 ROLES = {kind: [[f"{kind[:3]} {layer + 1}.{head + 1}" for head in range(4)] for layer in range(2)]
          for kind in ("encoder", "decoder", "cross")}
 
@@ -64,7 +64,7 @@ ROLES = {kind: [[f"{kind[:3]} {layer + 1}.{head + 1}" for head in range(4)] for 
 @pytest.fixture(scope="module")
 def server(copy_checkpoint, tmp_path_factory):
     heads = tmp_path_factory.mktemp("heads") / "heads.json"
-    heads.write_text(json.dumps({"roles": ROLES, "alignment_best": {"layer": 2, "head": None, "aer": 0.3}}))
+    heads.write_text(json.dumps({"roles": ROLES, "alignment_best": {"layer": 1, "head": None, "aer": 0.3}}))
     engine = Engine(copy_checkpoint, ServeSettings(max_chars=60, heads=str(heads)))
     with BackgroundServer(create_app(engine)) as server:
         yield server
@@ -154,9 +154,9 @@ def test_explorer_translates_and_draws_the_attention(page, server):
 
     answer = httpx2.post(server.url + "/api/attention", json={"src": sentence, "tgt": sentence}, timeout=30).json()
     weights = {kind: value["weights"] for kind, value in answer["attention"].items()}
-    # It opens on the layer that aligns best (alignment_best of the heads file), not layer 1.
-    assert page.input_value("#layer") == "1" and "aligns best (AER 0.30)" in page.text_content("#layer option:checked")
-    assert_drawn(page, weights, "cross", 1, "mean")
+    # It opens on the layer that aligns best (alignment_best of the heads file), not the default one (2).
+    assert page.input_value("#layer") == "0" and "aligns best (AER 0.30)" in page.text_content("#layer option:checked")
+    assert_drawn(page, weights, "cross", 0, "mean")
 
     # The word links: a line for each link of the alignment, source word above, target word below.
     alignment = answer["alignment"]
@@ -179,16 +179,18 @@ def test_explorer_translates_and_draws_the_attention(page, server):
     # Hovering a target token shades the source tokens by how much it attends to each.
     page.hover("#row-labels .tok:nth-child(4)")
     shaded = [float(v) for v in page.eval_on_selector_all("#col-labels .tok", "els => els.map(e => e.dataset.weight)")]
-    mean_row = [sum(h[3][c] for h in weights["cross"][1]) / 4 for c in range(len(shaded))]
+    mean_row = [sum(h[3][c] for h in weights["cross"][0]) / 4 for c in range(len(shaded))]
     assert shaded == pytest.approx(mean_row, abs=1e-3)
     assert "active" in page.get_attribute("#row-labels .tok:nth-child(4)", "class")
     # ... and hovering a source token shades the target tokens that attend to it.
     page.hover("#col-labels .tok:nth-child(2)")
     shaded = [float(v) for v in page.eval_on_selector_all("#row-labels .tok", "els => els.map(e => e.dataset.weight)")]
-    assert shaded == pytest.approx([sum(h[r][1] for h in weights["cross"][1]) / 4 for r in range(len(shaded))], abs=1e-3)
+    assert shaded == pytest.approx([sum(h[r][1] for h in weights["cross"][0]) / 4 for r in range(len(shaded))], abs=1e-3)
 
     # Kind, layer and head pickers, each head with its role; the masked decoder attention.
     page.click('#kind-tabs [data-kind="decoder"]')
+    assert_drawn(page, weights, "decoder", 0, "mean")
+    page.select_option("#layer", "1")
     assert_drawn(page, weights, "decoder", 1, "mean")
     page.select_option("#layer", "0")
     page.select_option("#head", "2")

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="training minutes for every row (default: the config's)")
     budget.add_argument("--updates", type=int, help="training updates for every row (instead of --minutes)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds of every row (the base row takes at least 3)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds of every row (default %(default)s; the base row takes at least 3)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base config")
     p.set_defaults(func=_handler("ablate:run"))
 
@@ -326,11 +327,11 @@ def _alignment_options(g) -> None:
     """The `AlignmentSettings` flags (aiayn.alignment)."""
     g.add_argument("--alignment-layer", type=int, default=None, metavar="N",
                    help="decoder layer the alignment is read from: 1 ... N, or -1 for the last, -2 the one below "
-                        "(default: -2, chosen by measurement; docs/alignment.md)")
+                        "(default: -1, chosen by measurement; docs/alignment.md)")
     g.add_argument("--alignment-head", type=int, default=None, metavar="H",
                    help="one head of that layer, 1 ... h (default: the mean of its heads)")
-    g.add_argument("--alignment-rows", choices=["reads", "predicts"], default="reads",
-                   help="a target word takes the decoder position that reads it, or the one that predicts it "
+    g.add_argument("--alignment-rows", choices=["predicts", "reads"], default="predicts",
+                   help="a target word takes the decoder position that predicts it, or the one that reads it "
                         "(default %(default)s)")
 
 

@@ -28,7 +28,7 @@ left out of every decoder statistic. The targets are the references (``--ref``) 
 them, the model's own translations (beam search with the given settings).
 
 **Agreement with reference word alignments** (``--alignments``, cross heads only): each head's
-hard word alignment of every --src/--ref pair (`aiayn.alignment`: rows that read each target
+hard word alignment of every --src/--ref pair (`aiayn.alignment`: the rows that predict each target
 subword, the source's </s> dropped, subwords gathered into words, one link per target word) and
 each layer's head mean, scored against the reference Pharaoh lines (precision, recall, AER:
 `aiayn.alignment.Agreement`).
@@ -145,7 +145,7 @@ ROLES = ("previous", "same", "next", "sink", "punctuation", "alignment", "diffus
 BLEU_TOLERANCE = 0.5
 """The BLEU a pruned model may lose against the unmasked one and still count (``prunable_heads``)."""
 
-ALIGNMENT_ROWS = "reads"  # `aiayn.alignment`'s default: a target subword takes the row that reads it
+ALIGNMENT_ROWS = AlignmentSettings.rows  # `aiayn.alignment`'s default (the rows that predict each subword)
 NLL_ROWS = 1024  # target positions projected onto the vocabulary at a time (memory: NLL_ROWS x vocabulary)
 
 

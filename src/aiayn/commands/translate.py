@@ -48,7 +48,7 @@ def alignment_settings(args):
     layer = getattr(args, "alignment_layer", None)
     return AlignmentSettings(layer=DEFAULT_LAYER if layer is None else layer,
                              head=getattr(args, "alignment_head", None),
-                             rows=getattr(args, "alignment_rows", None) or "reads")
+                             rows=getattr(args, "alignment_rows", None) or AlignmentSettings.rows)
 
 
 def format_nbest(index: int, hyps) -> list[str]:
