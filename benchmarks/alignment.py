@@ -17,7 +17,7 @@ aligners see) is aligned
 Each variant is scored against eflomal's links (`aiayn.alignment.Agreement`: precision, recall,
 AER = 1 - F1 with one reference set). Writes benchmarks/ALIGNMENT-NAME.json and .png, and prints
 a Markdown table; with --examples K, K sentences with both alignments side by side
-(benchmarks/ALIGNMENT-NAME-examples.md) for checking by hand.
+(benchmarks/ALIGNMENT-NAME-examples.md, or --examples-out) for checking by hand.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def main() -> int:
     parser.add_argument("--name", required=True, help="results go to benchmarks/ALIGNMENT-NAME.*")
     parser.add_argument("--sentences", type=int, default=1000, help="test pairs (default %(default)s)")
     parser.add_argument("--examples", type=int, default=20, help="pairs written side by side for a hand check")
+    parser.add_argument("--examples-out", metavar="FILE",
+                        help="where they go (default benchmarks/ALIGNMENT-NAME-examples.md; keep the text of a "
+                             "data set that is not yours out of the repository)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-out", metavar="FILE",
                         help="also write eflomal's symmetrised links of the test pairs there, one Pharaoh line "
@@ -220,7 +223,8 @@ def main() -> int:
                 theirs = [src_words[i] for i, jj in sorted(reference[k]) if jj == j and i < len(src_words)]
                 lines.append(f"| {word} | {' '.join(ours)} | {' '.join(theirs)} |")
             lines.append("")
-        (HERE / f"ALIGNMENT-{args.name}-examples.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        examples = Path(args.examples_out) if args.examples_out else HERE / f"ALIGNMENT-{args.name}-examples.md"
+        examples.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 
 
