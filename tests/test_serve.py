@@ -439,11 +439,18 @@ def test_info_passes_on_the_roles_and_best_layer_of_a_heads_file(copy_checkpoint
         info = client.get("/api/info").json()
     assert info["roles"] == heads_json()["roles"]
     assert info["alignment_best"] == {"layer": 2, "head": 3, "aer": 0.25}
-    assert info["alignment"] == {"layer": 2, "head": None, "rows": "predicts"}  # the alignments' own settings
+    # Alignments are then read from the head that agreed best, and answers carry them.
+    assert info["alignment"] == {"layer": 2, "head": 3, "rows": "predicts"}
+    assert engine.alignment_settings == AlignmentSettings(layer=2, head=3)
+    (src_ids,) = engine.tokenizer.encode_batch(["a b c"])
+    (tgt_ids,) = engine.tokenizer.encode_batch(["c b"])
+    (want,) = align_ids(engine.translator.model, engine.tokenizer, [src_ids], [tgt_ids], AlignmentSettings(layer=2, head=3))
+    assert engine.align([src_ids], [tgt_ids]) == [want.to_dict()]
     assert str(tmp_path) not in json.dumps(info)  # no server paths
     # alignment_best may be absent (no reference alignments), or name a layer's mean (head null).
     path.write_text(json.dumps({"roles": heads_json()["roles"]}))
-    assert Engine(copy_checkpoint, ServeSettings(heads=str(path))).info()["alignment_best"] is None
+    info = Engine(copy_checkpoint, ServeSettings(heads=str(path))).info()
+    assert info["alignment_best"] is None and info["alignment"] == {"layer": 2, "head": None, "rows": "predicts"}
     path.write_text(json.dumps(heads_json(alignment_best={"layer": 1, "head": None, "aer": 0.5})))
     assert Engine(copy_checkpoint, ServeSettings(heads=str(path))).info()["alignment_best"] == \
         {"layer": 1, "head": None, "aer": 0.5}

@@ -11,7 +11,9 @@ Word alignments (`Engine.align_translations`, and the ``alignment`` of `Engine.a
 read off the model's encoder-decoder attention with `aiayn.alignment`'s default settings,
 teacher-forced on the model thread. ``--heads FILE`` (`ServeSettings.heads`) names a heads.json
 written by ``aiayn heads`` for the checkpoint: it is read and checked against the model once, at
-start-up (`read_heads`), and `Engine.info` passes on its roles and best alignment layer.
+start-up (`read_heads`), `Engine.info` passes on its roles and best alignment layer, and when it
+measured the heads against reference alignments (``alignment_best``), alignments are read from
+that layer and head instead of the defaults.
 """
 
 from __future__ import annotations
@@ -153,8 +155,11 @@ class Engine:
         self.checkpoint = Checkpoint(model=self.translator.model, tokenizer=ckpt.tokenizer, path=ckpt.path,
                                      meta=ckpt.meta)
         self.max_subwords = self.config.max_positions - 1  # room for the EOS / the BOS
-        # Word alignments: aiayn.alignment's defaults (checked against this decoder).
-        self.alignment_settings = AlignmentSettings().check(self.config.n_decoder_layers, self.config.n_heads)
+        # Word alignments: aiayn.alignment's defaults, or the layer and head that agreed best with a
+        # reference aligner when the heads file measured one (checked against this decoder).
+        best = self.heads["alignment_best"] if self.heads else None
+        chosen = AlignmentSettings(layer=best["layer"], head=best["head"]) if best else AlignmentSettings()
+        self.alignment_settings = chosen.check(self.config.n_decoder_layers, self.config.n_heads)
 
     def close(self) -> None:
         """Stop the model thread (after the work already given to it)."""
