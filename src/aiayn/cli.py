@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _search_settings(g)
     _precision_option(g)
     g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default %(default)s)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.set_defaults(func=_handler("heads:run"))
 
     # -- ablate --------------------------------------------------------------------------------

@@ -68,13 +68,17 @@ def artefact_kind(path: str | Path) -> str | None:
     def has(*names: str) -> bool:
         return all((path / name).is_file() for name in names)
 
-    if has("manifest.json"):
+    def json_of_format(name: str, fmt: str) -> bool:
+        if not has(name):
+            return False
         try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            data = json.loads((path / name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            manifest = None
-        if isinstance(manifest, dict) and manifest.get("format") == "aiayn-dataset":
-            return "dataset"
+            return False
+        return isinstance(data, dict) and data.get("format") == fmt
+
+    if json_of_format("manifest.json", "aiayn-dataset"):
+        return "dataset"
     if has("config.yaml") and (has("metrics.jsonl") or (path / "checkpoints").is_dir()):
         return "run"
     if has("model.safetensors", "config.yaml", "spm.model"):
@@ -83,13 +87,8 @@ def artefact_kind(path: str | Path) -> str | None:
         return "export"
     if has("attention.json", "encoder.png", "cross.png"):
         return "attention"
-    if has("heads.json"):
-        try:
-            report = json.loads((path / "heads.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            report = None
-        if isinstance(report, dict) and report.get("format") == "aiayn-heads":
-            return "heads"
+    if json_of_format("heads.json", "aiayn-heads"):
+        return "heads"
     return None
 
 

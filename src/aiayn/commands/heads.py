@@ -12,7 +12,7 @@ def run(args) -> int:
     from ..heads import check_output, measure_heads, read_inputs, write_report
     from ..translator import inference_precision, resolve_device
 
-    device = resolve_device(getattr(args, "device", None))
+    device = resolve_device(args.device)
     precision = inference_precision(args.precision, device)  # before loading: bf16 where emulated fails fast
     check_output(args.out, args.force)
     inputs = read_inputs(args.src, args.ref, args.alignments, args.max_sentences)
