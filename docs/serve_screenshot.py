@@ -1,7 +1,7 @@
 """Take the README's picture of the attention explorer (docs/serve-explorer.png).
 
     .venv/bin/python docs/serve_screenshot.py --checkpoint runs/demo/train/averaged \\
-        --text "Inserts a breakpoint in the program line."
+        --text "Inserts a breakpoint in the program line." [--heads runs/heads-demo/heads.json]
 
 It serves the checkpoint on a free loopback port (aiayn.serve.BackgroundServer), opens the
 explorer in headless Debian chromium through Playwright (the browser test's set-up), types the
@@ -30,18 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hover", type=int, default=2, help="target token to hover, from 1 (0: none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "serve-explorer.png"))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--heads", help="a heads.json of the checkpoint (aiayn heads): roles in the pickers")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
 
     from aiayn.serve import BackgroundServer
     from aiayn.serve.app import create_app
-    from aiayn.serve.engine import Engine
+    from aiayn.serve.engine import Engine, ServeSettings
 
-    with BackgroundServer(create_app(Engine(args.checkpoint))) as server, \
+    with BackgroundServer(create_app(Engine(args.checkpoint, ServeSettings(heads=args.heads)))) as server, \
             tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         context = p.chromium.launch_persistent_context(profile, executable_path=args.chromium, headless=True,
-                                                       args=CHROMIUM_FLAGS, viewport={"width": 1100, "height": 900})
+                                                       args=CHROMIUM_FLAGS, viewport={"width": 1300, "height": 900})
         page = context.new_page()
         page.goto(server.url + "/")
         # A function, not an expression: an expression is polled with eval(), which the CSP refuses.
