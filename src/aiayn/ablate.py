@@ -353,20 +353,6 @@ class AttentionProbe:
             f.write(json.dumps({"step": self.step, "mean": mean, "layers": layers}) + "\n")
 
 
-def trim_probe(path: Path, step: int) -> None:
-    """On resume: drop the probe records after the checkpoint's update (they will be redone)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------------------------
 # Running the rows
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +469,7 @@ def train_run(plan: Plan, row: Row, seed: int, log: Callable[[str], None] = prin
     ('kept', 'trained', 'resumed')."""
     from .train import train
     from .train.state import list_checkpoints
+    from .train.trainer import trim_metrics
 
     run = plan.run_dir(row, seed)
     cfg = row_config(plan, row, seed)
@@ -496,7 +483,7 @@ def train_run(plan: Plan, row: Row, seed: int, log: Callable[[str], None] = prin
     start = 0
     if state == "partial":
         start = int(list_checkpoints(run)[-1].name.split("_")[1])
-        trim_probe(probe_file, start)
+        trim_metrics(probe_file, start)  # the records after the checkpoint's update are redone
     run.parent.mkdir(parents=True, exist_ok=True)
     log(f"aiayn ablate: {'resuming' if state == 'partial' else 'training'} {row.run_name} seed {seed} "
         f"({', '.join(row.overrides()) or 'the base config'}) into {run}")

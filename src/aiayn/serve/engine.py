@@ -202,7 +202,7 @@ class Engine:
         """The alignment of every candidate in ``results`` (as `translate` gives them, one list
         per line) against its line: the source as the translator read it (cleaned, encoded),
         the candidate's own tokens as the target."""
-        source_ids = self.tokenizer.encode_batch([clean(line) for line in lines]) if lines else []
+        source_ids = self.translator.encode(list(lines))  # the ids the search read
         sources = [source_ids[n] for n, hyps in enumerate(results) for _ in hyps]
         targets = [h.tokens for hyps in results for h in hyps]
         flat = iter(self.align(sources, targets))
