@@ -125,7 +125,10 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
                       f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), TRAIN_PEER_TARGET)}",
                       f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run matmul probe"
                       + (f" (target ≥ {MFU_TARGET[r.config]}: {'met' if r.mfu('aiayn') >= MFU_TARGET[r.config] else 'not met'})"
-                         if r.config in MFU_TARGET else ""), ""]
+                         if r.config in MFU_TARGET else "")]
+            if r.fp32_products:
+                lines.append(f"- aiayn fp32: {r.fp32_products} (`train.fp32_products: auto`, as `aiayn train` chooses)")
+            lines.append("")
         _plot_training(out / "training.png", train)
         lines += ["![training throughput](training.png)", ""]
 

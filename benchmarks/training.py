@@ -90,12 +90,19 @@ def _step_fn(model: torch.nn.Module, forward: Callable[[], Tensor], target: Tens
 
 def _aiayn_step_fn(model, batch, bf16: bool = False) -> Callable[[], float]:
     """aiayn's step: its Criterion (projection fused with the loss, real positions only); in bf16
-    as the trainer runs it (`aiayn.train.trainer`: explicit attention, autocast)."""
+    as the trainer runs it (`aiayn.train.trainer`: explicit attention, autocast); in fp32 through
+    the library the trainer's ``fp32_products: auto`` measures faster (MKL or oneDNN)."""
     from aiayn.precision import for_training
+    from aiayn.train.products import choose_fp32_products, mkl_linear, use_linear_library
     from aiayn.train.step import Criterion
 
-    for_training(model, "bf16" if bf16 else "fp32", torch.device("cpu"))
-    criterion = Criterion(model, LABEL_SMOOTHING)
+    cpu = torch.device("cpu")
+    for_training(model, "bf16" if bf16 else "fp32", cpu)
+    products = choose_fp32_products("auto", "bf16" if bf16 else "fp32", cpu, rows=batch.n_tgt_tokens,
+                                    d_model=model.config.d_model, d_ff=model.config.d_ff)
+    if products is not None:
+        use_linear_library(model, products.library)
+    criterion = Criterion(model, LABEL_SMOOTHING, products.linear if products is not None else mkl_linear)
     opt = _adam(model)
     model.train()
 
@@ -108,6 +115,7 @@ def _aiayn_step_fn(model, batch, bf16: bool = False) -> Callable[[], float]:
         opt.step()
         return float(loss.detach())
 
+    step.fp32_products = products.describe() if products is not None else None
     return step
 
 
@@ -132,6 +140,7 @@ class TrainingResult:
     peak_gflops: Series = field(default_factory=Series)  # fp32 probe, each round
     peak_bf16_gflops: Series = field(default_factory=Series)  # bf16 probe, each round (native bf16 only)
     loss: dict[str, float] = field(default_factory=dict)
+    fp32_products: str | None = None  # MKL or oneDNN for aiayn's fp32 step, as aiayn train chooses
 
     def mfu(self, system: str) -> float:
         """Model FLOPs utilisation against the probe of the system's own precision."""
@@ -179,6 +188,8 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
             hf16, lambda: hf16(input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=hf_dec).logits, target, bf16=True)
     result = TrainingResult(name, sentences, src.size(1), tgt_in.size(1), n_target,
                             training_flops(cfg, sentences, src.size(1), tgt_in.size(1), n_target))
+    result.fp32_products = steps["aiayn"].fp32_products
+    log(f"training {name}: aiayn {result.fp32_products}")
     for system, step in steps.items():  # warm-up: Adam state, allocator, thread pool
         result.loss[system] = step()
         result.tokens_per_s[system] = Series()

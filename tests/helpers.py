@@ -20,8 +20,11 @@ COPY_CONFIG = REPO / "configs" / "copy.yaml"
 # others). bf16 training has its own tests (test_train_step.py, test_trainer.py).
 FP32 = "train.precision=fp32"
 # Overrides for quick runs of copy.yaml: a tiny model, no progress bar, one thread.
+# fp32 products through MKL: "auto" would time MKL against oneDNN at each start, and runs that
+# are compared bitwise must multiply through the same library (test_train_products.py tests auto).
+MKL = "train.fp32_products=mkl"
 TINY = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_encoder_layers=1",
-        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1", FP32]
+        "model.n_decoder_layers=1", "train.progress=false", "train.num_threads=1", FP32, MKL]
 
 # Continuing the copy run: rounds of COPY_ROUND updates (= save_every in configs/copy.yaml, so
 # every round ends on a checkpoint of the regular grid) at a falling learning rate, up to

@@ -20,7 +20,7 @@ from aiayn.train.distributed import DistContext
 from aiayn.train.state import list_checkpoints
 from aiayn.train.step import Criterion, StepContext, train_update
 
-from helpers import REPO, TINY, adam, tiny_model, train_pairs
+from helpers import MKL, REPO, TINY, adam, tiny_model, train_pairs
 
 
 def _ddp_worker(rank: int, world: int, port: int, dataset: str, out: str) -> None:
@@ -73,8 +73,10 @@ def test_torchrun_two_cpu_processes_train_and_resume(copy_dataset, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "aiayn", "train", "--config", str(REPO / "configs/copy.yaml"), "--data", str(copy_dataset),
             "--out", str(out)]
-    opts = [*TINY, "train.save_every=2", "train.valid_every=3", "train.valid_bleu_sentences=5",
-            "train.average_last=2", "train.batch_tokens=400"]
+    # fp32_products auto: rank 0 measures MKL against oneDNN, every rank follows it, and the
+    # resumed run keeps the first session's choice
+    opts = [*(o for o in TINY if o != MKL), "train.fp32_products=auto", "train.save_every=2", "train.valid_every=3",
+            "train.valid_bleu_sentences=5", "train.average_last=2", "train.batch_tokens=400"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(base + opts + ["train.max_updates=4"], capture_output=True, text=True, env=env, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -87,6 +89,8 @@ def test_torchrun_two_cpu_processes_train_and_resume(copy_dataset, tmp_path):
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "valid"] == [3, 4, 6]  # 4: the first run's final one
     assert [r["world_size"] for r in log if r["kind"] == "start"] == [2, 2]
+    chosen = [r["fp32_products"] for r in log if r["kind"] == "start"]
+    assert chosen[0] in ("mkl", "onednn") and chosen[1] == chosen[0]
     # Each worker re-executed itself under the fast allocator when one is installed.
     fast = find_allocator()
     assert [r["allocator"] for r in log if r["kind"] == "start"] == [fast.name if fast else "system"] * 2

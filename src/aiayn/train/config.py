@@ -58,6 +58,10 @@ class TrainConfig:
     # auto: bf16 where the device multiplies bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
     # else fp32 (aiayn.precision); bf16/fp16: autocast with fp32 weights; fp16 adds a GradScaler
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The library of fp32 products on a CPU (aiayn.train.products): auto times MKL against oneDNN
+    # on the model's shape at the start and takes oneDNN where it is clearly faster (AMD CPUs,
+    # where MKL runs slower code paths); mkl or onednn force one. Not used in bf16 or on GPUs.
+    fp32_products: Literal["auto", "mkl", "onednn"] = "auto"
     device: str = "auto"  # auto: cuda (the local rank's GPU) if available, else cpu
     num_threads: int = 0  # CPU threads for torch; 0: torch's default
     max_nonfinite: int = 5  # stop after this many consecutive updates with a non-finite loss

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .products import Linear, mkl_linear
+
 # Rows per chunk: about this many logits (4M floats = 16 MB), and at least MIN_ROWS rows so
 # the three matmuls per chunk stay efficient for large vocabularies.
 CHUNK_ELEMENTS = 1 << 22
@@ -81,7 +83,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float, pad_id: int,
-                needs_grad: bool):
+                needs_grad: bool, linear: Linear):
         n, vocab = hidden.size(0), weight.size(0)
         device_type = hidden.device.type
         # Under autocast the projection runs in the autocast dtype (as nn.Linear would); the
@@ -89,6 +91,8 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         w = weight.to(mm_dtype)
         h_all = hidden.to(mm_dtype)
+        # fp32 products through the chosen library (aiayn.train.products); bf16 through torch.mm
+        mm = linear if mm_dtype == torch.float32 else mkl_linear
         smooth = epsilon / (vocab - 2) if epsilon > 0 else 0.0
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -102,7 +106,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                 y = target[start:start + rows, None]
                 # (rows, V) logits of this chunk in the product's dtype; every reduction over
                 # them accumulates in fp32, and the softmax is taken in fp32.
-                z = torch.mm(h, w.t())
+                z = mm(h, w)
                 z_y = z.gather(1, y).squeeze(1).float()
                 z_max = z.amax(dim=1).float()  # (amax is a plain vectorised reduction; max(dim) is 7x slower)
                 p = torch.softmax(z, dim=1, dtype=torch.float32)
@@ -122,9 +126,11 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                     continue
                 del z
                 g = _logit_gradient(p, y, smooth, epsilon, pad_id, mm_dtype)
-                grad_hidden[start:start + rows] = torch.mm(g, w)
-                if mm_dtype == torch.float32:
+                grad_hidden[start:start + rows] = mm(g, w.t())
+                if mm is mkl_linear and mm_dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
+                elif mm_dtype == torch.float32:
+                    grad_weight += mm(g.t(), h.t())
                 else:
                     grad_weight += torch.mm(g.t(), h).float()
         if needs_grad:
@@ -138,21 +144,24 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return ((grad_hidden * grad_loss).to(h_dtype), (grad_weight * grad_loss).to(w_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def smoothed_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,
-                           pad_id: int) -> LossSums:
+                           pad_id: int, linear: Linear = mkl_linear) -> LossSums:
     """Label-smoothed cross-entropy of the logits ``hidden @ weight.T`` against ``target``.
 
     hidden: (N, d) decoder states at the N real target positions (padding already left out);
     weight: (V, d) the pre-softmax projection (tied: the target embedding); target: (N,).
     Equal to projecting and taking `label_smoothed_loss`, without materialising the logits.
+    ``linear``: the fp32 product x wᵀ (MKL by default; oneDNN where the trainer measured it
+    faster, `aiayn.train.products`).
     """
     vocab = weight.size(0)
     _check_vocab(vocab, epsilon)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, nll, correct = _SmoothedCrossEntropy.apply(hidden, weight, target, float(epsilon), int(pad_id), needs_grad)
+    loss, nll, correct = _SmoothedCrossEntropy.apply(hidden, weight, target, float(epsilon), int(pad_id), needs_grad,
+                                                  linear)
     return LossSums(loss=loss, nll=nll, n_correct=correct, n_tokens=int(target.numel()))
 
 

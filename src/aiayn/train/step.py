@@ -30,6 +30,7 @@ from ..data import Batch
 from ..model import Transformer
 from .distributed import DistContext
 from .loss import smoothed_cross_entropy
+from .products import Linear, mkl_linear
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,10 +83,11 @@ class Criterion(nn.Module):
     projected to the vocabulary, fused with the loss (`loss.smoothed_cross_entropy`).
     """
 
-    def __init__(self, model: Transformer, label_smoothing: float):
+    def __init__(self, model: Transformer, label_smoothing: float, linear: Linear = mkl_linear):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.linear = linear  # the loss projection's fp32 product (aiayn.train.products)
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         states = self.model.states(batch.src, batch.tgt_in)
@@ -95,7 +97,7 @@ class Criterion(nn.Module):
             states = torch.cat([states, states.new_ones(states.size(0), 1)], dim=1)
             weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
         sums = smoothed_cross_entropy(states, weight, batch.tgt_labels,
-                                      self.label_smoothing, self.model.config.pad_id)
+                                      self.label_smoothing, self.model.config.pad_id, self.linear)
         return sums.loss, sums.nll, sums.n_correct
 
 

@@ -70,6 +70,7 @@ from .advice import PACE_SECONDS, PACE_SHARE, PACE_UPDATES, stop_limits, vocabul
 from .config import RunConfig
 from .dropout import use_fast_dropout
 from .interrupt import StopRequest, TrainingInterrupted
+from .products import Fp32Products, choose_fp32_products, mkl_linear, use_linear_library
 from .schedule import inverse_sqrt_lr
 from .state import (
     RNG,
@@ -275,6 +276,9 @@ class Trainer:
         if self.init is not None:  # fine-tuning: the checkpoint's weights (its config is cfg.model)
             read_weights(model, self.init / WEIGHTS)
         self.model = for_training(use_fast_dropout(model).to(self.device), self.precision, self.device)
+        self.fp32_products = self._choose_fp32_products(cfg)
+        if self.fp32_products is not None:
+            use_linear_library(self.model, self.fp32_products.library)
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
@@ -301,7 +305,9 @@ class Trainer:
         self.train_split = train
         self.progress = Progress()
         # What an update runs: the model with its loss (wrapped in DDP when distributed).
-        self.criterion: torch.nn.Module = Criterion(self.model, tc.label_smoothing)
+        self.criterion: torch.nn.Module = Criterion(
+            self.model, tc.label_smoothing,
+            self.fp32_products.linear if self.fp32_products is not None else mkl_linear)
         self.log: MetricsLog | None = None
         self.bar = None  # the progress display (rank 0, train.progress)
         self._postfix: dict[str, str] = {}  # what the progress bar shows after it
@@ -355,6 +361,9 @@ class Trainer:
             "progress": {k: v for k, v in vars(p).items()},
             "world_size": self.dist.world_size,
             "config_digest": self.cfg.digest(),
+            # the fp32 products' library measured at the start, kept on resume on the same CPU
+            "fp32_products": None if self.fp32_products is None else
+            {"library": self.fp32_products.library, "cpu": cpu_arithmetic().describe()},
         }
         path = self.out / "checkpoints" / step_dir_name(p.step)
         write_training_checkpoint(path, self.model, self.tokenizer, self.meta(), opt_tensors, rng, state)
@@ -408,10 +417,22 @@ class Trainer:
         if state.get("scaler") and self.step_ctx.scaler is not None:
             self.step_ctx.scaler.load_state_dict(state["scaler"])
         self.progress = Progress.from_state(state["progress"], path)
+        self._resume_fp32_products(state.get("fp32_products"))
         mine = {key.split(".rank")[0]: t for key, t in rng.items() if key.endswith(f".rank{self.dist.rank}")}
         if "cpu" not in mine:
             raise UserError(f"{RNG} has no RNG state for rank {self.dist.rank}", path=path)
         set_local_rng_state(mine, self.device)
+
+    def _resume_fp32_products(self, saved: dict | None) -> None:
+        """A run resumed on the same kind of CPU keeps the fp32 library its first session
+        measured, so that "auto" cannot flip between sessions on a close measurement."""
+        chosen = self.fp32_products
+        if chosen is None or saved is None or chosen.setting != "auto" or saved.get("cpu") != cpu_arithmetic().describe():
+            return
+        if saved.get("library") in ("mkl", "onednn") and saved["library"] != chosen.library:
+            self.fp32_products = chosen.resumed(saved["library"])
+            use_linear_library(self.model, self.fp32_products.library)
+            self.criterion.linear = self.fp32_products.linear
 
     # -- validation -----------------------------------------------------------------------------
     def validate_and_track(self, scheduled: bool = True) -> bool:
@@ -463,6 +484,7 @@ class Trainer:
             self.log = MetricsLog(self.out, p.step)
             self.record({"kind": "start", "step": p.step, "world_size": dist.world_size, "device": str(self.device),
                          "precision": self.precision, "precision_setting": tc.precision,
+                         **(self.fp32_products.record() if self.fp32_products is not None else {}),
                          "cpu": cpu_arithmetic().describe() if self.device.type == "cpu" else None,
                          "parameters": self.model.num_parameters(), "micro_batch_tokens": self.sampler.max_tokens,
                          "update_freq": tc.update_freq, "train_batches_per_epoch": len(self.sampler),
@@ -573,6 +595,20 @@ class Trainer:
         left = (self.tcfg.max_epochs - self.sampler.epoch) * len(self.sampler) - self.sampler.position
         return self.progress.step + max(0, left) // self.tcfg.update_freq
 
+    def _choose_fp32_products(self, cfg) -> Fp32Products | None:
+        """MKL or oneDNN for this run's fp32 products (`aiayn.train.products`). Rank 0 measures
+        (ranks sharing a machine would disturb each other's timings) and every rank follows it."""
+        tc, dist = self.tcfg, self.dist
+        shape = dict(rows=micro_batch_tokens(tc.batch_tokens, dist.world_size, tc.update_freq),
+                     d_model=cfg.model.d_model, d_ff=cfg.model.d_ff)
+        if not dist.distributed or tc.fp32_products != "auto":  # nothing to measure, or one process
+            return choose_fp32_products(tc.fp32_products, self.precision, self.device, **shape)
+        chosen = choose_fp32_products("auto", self.precision, self.device, **shape) if dist.is_main else None
+        if self.precision != "fp32" or self.device.type != "cpu":
+            return chosen
+        onednn = dist.all_reduce_sum([1.0 if chosen is not None and chosen.library == "onednn" else 0.0])[0] > 0
+        return chosen if dist.is_main else Fp32Products("onednn" if onednn else "mkl", "auto")
+
     def _announce(self) -> None:
         """Rank 0, at the start: the limits that stop the run, and warnings about the recipe."""
         tc, p = self.tcfg, self.progress
@@ -581,6 +617,8 @@ class Trainer:
               flush=True)
         print(f"aiayn train: {describe_precision(self.precision, tc.precision, self.device)}", file=sys.stderr,
               flush=True)
+        if self.fp32_products is not None:
+            print(f"aiayn train: {self.fp32_products.describe()}", file=sys.stderr, flush=True)
         train = self.train_split
         warn(vocabulary_warning(self.data.tokenizer.vocab_size, int(train.src_lens.sum() + train.tgt_lens.sum())))
         end = min(tc.max_updates, epochs_end if epochs_end is not None else tc.max_updates)
