@@ -9,6 +9,7 @@ Every comparison is against the plain path on the same machine and instruction s
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -23,6 +24,7 @@ from aiayn.inference.packed import (
     Int8Linear,
     PackedFeedForward,
     PackedLinear,
+    RescoredLogits,
     is_packed,
     pack_for_inference,
     product_dtype,
@@ -172,9 +174,10 @@ def test_bf16_products_compute_the_fp32_function_to_bf16_accuracy(norm_first):
     model = toy_model(norm_first=norm_first)
     half = use_bf16_products(model)
     assert product_dtype(half) == torch.bfloat16 and product_dtype(model) == torch.float32
-    # every product in bf16 but the pre-softmax projection's: the logits stay fp32 (packed.py)
-    assert [type(m) for m in half.modules() if type(m) is torch.nn.Linear] == [torch.nn.Linear]
-    assert type(half.generator) is torch.nn.Linear and half.generator.weight.dtype == torch.float32
+    # every product in bf16, the pre-softmax projection's too, whose kept logits the search
+    # recomputes from its fp32 weight (packed.RescoredLogits)
+    assert [m for m in half.modules() if type(m) is torch.nn.Linear] == []
+    assert type(half.generator) is RescoredLogits and half.generator.weight.dtype == torch.float32
     src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
     with torch.inference_mode():
         reference, logits = model(src, tgt), half(src, tgt)
@@ -199,9 +202,9 @@ def test_packed_bf16_products_equal_unpacked_bf16_products():
     model = toy_model()
     fast, plain = pack_for_inference(model, dtype=torch.bfloat16), use_bf16_products(model)
     assert is_packed(fast) and product_dtype(fast) == torch.bfloat16
-    assert all(m.packed_weight.dtype == torch.bfloat16 for m in fast.modules()
-               if isinstance(m, PackedLinear) and m is not fast.generator)
-    assert fast.generator.dtype == torch.float32
+    assert all(m.packed_weight.dtype == torch.bfloat16 for m in fast.modules() if isinstance(m, PackedLinear))
+    assert isinstance(fast.generator, RescoredLogits) and fast.generator.fast.dtype == torch.bfloat16
+    assert fast.generator.weight.dtype == torch.float32
     src, tgt = batch_of(LENGTHS), batch_of([6] * len(LENGTHS), seed=3)
     with torch.inference_mode():
         torch.testing.assert_close(fast(src, tgt), plain(src, tgt), atol=2e-2, rtol=2e-2)
@@ -225,6 +228,46 @@ def test_bf16_cached_decoding_and_search_invariants():
     assert greedy == greedy_search(fast, src, SearchConfig(max_len_b=10), use_cache=False)
     beam1 = beam_search(fast, src, SearchConfig(beam=1, alpha=0.0, max_len_b=10))
     assert [h[0].tokens for h in beam1] == greedy
+
+
+@pytest.mark.parametrize("packed_weights", [False, True])
+def test_rescored_logits_are_bf16_products_recomputed_in_fp32_where_asked(packed_weights):
+    if packed_weights and not packed.onednn_available(torch.bfloat16):
+        pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
+    linear = torch.nn.Linear(16, 300)
+    rescored = RescoredLogits(linear, packed=packed_weights)
+    x = torch.randn(5, 16)
+    ids = torch.randint(0, 300, (5, 7))
+    with torch.inference_mode():
+        exact = linear(x)
+        fast = rescored(x)
+        torch.testing.assert_close(rescored.rescore(x, ids), exact.gather(1, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, Bf16Linear(linear)(x), rtol=2e-2, atol=2e-2)
+    assert fast.dtype == torch.float32 and not torch.allclose(fast, exact, rtol=1e-5, atol=1e-5)  # rounded
+
+
+def test_bf16_search_steps_score_their_tokens_with_fp32_logits():
+    """A search step over bf16 logits keeps the tokens and log-probabilities that fp32 logits
+    give (the same bf16 stack below both): the kept logits are recomputed exactly, and Z
+    differs only by the rounding of the rest of the row."""
+    from aiayn.search import _top_next
+
+    model = toy_model(vocab=300)
+    half = use_bf16_products(model)
+    reference = copy.deepcopy(half)
+    reference.generator = copy.deepcopy(model.generator)  # fp32 logits over the same bf16 stack
+    src, tgt = batch_of(LENGTHS, vocab=300), batch_of([6] * len(LENGTHS), seed=3, vocab=300)
+    with torch.inference_mode():
+        memory, mask = half.encode(src), half.source_mask(src)
+        got_lp, got_ids = _top_next(half, tgt, memory, mask, None, None, width=8)
+        want_lp, want_ids = _top_next(reference, tgt, memory, mask, None, None, width=8)
+        rounded = copy.deepcopy(half)
+        rounded.generator = Bf16Linear(model.generator)  # bf16 logits, not rescored
+        plain_lp, _ = _top_next(rounded, tgt, memory, mask, None, None, width=8)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=2e-3)
+    # without the rescoring the same logits are off by bf16's rounding, well beyond that
+    assert (plain_lp - want_lp).abs().max() > 4 * (got_lp - want_lp).abs().max()
 
 
 def test_bf16_without_packing_support_falls_back_to_unpacked_bf16_products(monkeypatch):

@@ -155,6 +155,19 @@ def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top, cols.gather(1, pos)
 
 
+RESCORE_EXTRA = 8  # bf16 logits: candidates recomputed in fp32 beyond the ``width`` a step keeps
+
+
+def _rescore_best(logits: Tensor, states: Tensor, rescore, width: int) -> None:
+    """bf16 logits (N, V), in place: the ``width + RESCORE_EXTRA`` largest of each row replaced
+    by their fp32 values, ``rescore(states, ids)``. The rounded logits only choose which tokens
+    to recompute; those a step keeps are among them unless a token outside lost more than the
+    gap to the extra ones to rounding. The log-probabilities then come from fp32 logits, with Z
+    differing from fp32's only in the rounded rest of the row."""
+    _, ids = topk_last(logits, min(width + RESCORE_EXTRA, logits.size(-1)))
+    logits.scatter_(1, ids, rescore(states, ids).to(logits.dtype))
+
+
 def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache, force: Tensor,
               width: int, output: RestrictedOutput | None = None) -> tuple[Tensor, Tensor]:
     """The ``width`` most probable next tokens of each row of ``tokens`` (N, t), best first:
@@ -173,6 +186,9 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
     states = _decoder_states(model, tokens, memory, src_mask, cache)
     if output is None:
         logits = model.generator(states).float()
+        rescore = getattr(model.generator, "rescore", None)  # bf16 logits (inference.packed.RescoredLogits)
+        if rescore is not None:
+            _rescore_best(logits, states, rescore, width)
         specials, eos_col = [model.config.pad_id, BOS_ID], EOS_ID
     else:  # a shortlist: logits of each sentence's candidates only, and Z over them (no pad, bos)
         logits = output.logits(states)

@@ -21,9 +21,10 @@ packing): the linear layers of the two stacks hold their weights in bf16 (packed
 AVX512-BF16 or AMX CPUs); each product's input is rounded to bf16, the product accumulates in
 fp32 and its result, rounded to bf16, comes back as fp32. Everything between the products stays
 fp32: the embeddings and positions, the residual stream, layer norms, attention's softmax and
-the search's scores. The pre-softmax projection stays fp32 too: its bf16 output would round
-every logit to 8 significant bits (steps of 1/16 at a logit of 10), which moves the beam's
-decisions; measured: benchmarks/RESULTS.md and docs/experiments.md.
+the search's scores. The pre-softmax projection (`RescoredLogits`) runs in bf16 too, but its
+bf16 output rounds every logit to 8 significant bits (steps of 1/16 at a logit of 10), which
+moves the beam's decisions; so the search recomputes the few logits it keeps from the fp32
+weights (measured: docs/precision.md and docs/experiments.md).
 
 int8 models (`quantize_int8`) get the same treatment with `Int8Linear`: torch's fbgemm int8
 kernels on their prepacked weights, called directly (`use_int8_kernels`).
@@ -130,6 +131,40 @@ class Bf16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16, activation={self.activation}"
 
 
+class RescoredLogits(nn.Module):
+    """The pre-softmax projection of a bf16 search: all V logits from a bf16 product, and the
+    few a search step keeps recomputed exactly in fp32 (`rescore`).
+
+    A bf16 product rounds each logit to 8 significant bits (steps of 1/16 at a logit of 10), and
+    with every logit rounded the beam's decisions move (module docstring). But a step only keeps
+    the best 2K tokens of each row: `aiayn.search` takes the best 2K + ``RESCORE_EXTRA`` of the
+    rounded logits, recomputes those from the fp32 weight rows (a product of (2K + extra) × d per
+    row instead of V × d), and writes them back before it normalises. The kept tokens then have
+    their fp32 logits, and Z = Σ exp(logit) differs from fp32's only in the rounded tail, whose
+    mass is small. The V × d product, half of a `base` decoder step, runs in bf16.
+    """
+
+    def __init__(self, linear: nn.Linear, packed: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.detach()  # fp32, for `rescore` (shared, not copied)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.fast = PackedLinear(linear, dtype=torch.bfloat16) if packed else Bf16Linear(linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every logit from the bf16 product (returned in x's dtype, rounded to bf16's precision)."""
+        return self.fast(x)
+
+    def rescore(self, x: Tensor, ids: Tensor) -> Tensor:
+        """The fp32 logits of tokens ``ids`` (N, m) for the rows of ``x`` (N, d): (N, m)."""
+        w = self.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, self.in_features)
+        z = torch.bmm(w, x.reshape(-1, self.in_features, 1).to(w.dtype)).squeeze(-1)
+        return z if self.bias is None else z + self.bias[ids]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 rescored in fp32"
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b (then ReLU when ``activation="relu"``) with W int8, one scale per output
     channel, and x quantised per call (dynamic quantisation): torch's fbgemm kernels, called
@@ -226,6 +261,8 @@ def use_bf16_products(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     generator = getattr(model, "generator", None)
     _replace_linears(model, lambda m: type(m) is nn.Linear and m is not generator, Bf16Linear)
+    if type(generator) is nn.Linear:
+        model.generator = RescoredLogits(generator, packed=False)
     return model.eval()
 
 
@@ -244,12 +281,12 @@ def pack_for_inference(model: nn.Module, inplace: bool = False, dtype: torch.dty
         return model
     if not inplace:
         model = copy.deepcopy(model)
-    # exactly nn.Linear: not a quantised or other subclass; in bf16 the logits stay fp32 (module docstring)
+    # exactly nn.Linear: not a quantised or other subclass; in bf16 the logits are rescored (module docstring)
     generator = getattr(model, "generator", None)
     _replace_linears(model, lambda m: type(m) is nn.Linear and (dtype == torch.float32 or m is not generator),
                      functools.partial(PackedLinear, dtype=dtype))
     if dtype != torch.float32 and type(generator) is nn.Linear:
-        model.generator = PackedLinear(generator)
+        model.generator = RescoredLogits(generator)
     return model.eval()
 
 
