@@ -278,6 +278,8 @@ def test_bf16_without_packing_support_falls_back_to_unpacked_bf16_products(monke
     model = prepare_for_inference(toy_model(), torch.device("cpu"), precision="bf16")
     assert not is_packed(model) and product_dtype(model) == torch.bfloat16
     assert pack_for_inference(toy_model(), dtype=torch.bfloat16).__class__ is Transformer  # left as it is
+    with pytest.raises(ValueError, match="plain fp32 model"):  # int8 starts from fp32 weights only
+        quantize_int8(model)
 
 
 def test_without_onednn_packing_falls_back_to_the_plain_model(monkeypatch):

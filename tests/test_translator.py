@@ -47,7 +47,8 @@ def test_over_long_line_is_truncated_with_a_warning(random_checkpoint, caplog):
 
 
 def test_int8_quantization_is_warning_free_and_close(random_checkpoint):
-    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=3), prepack=False)  # plain nn.Linear layers
+    # plain fp32 nn.Linear layers (precision auto would give bf16 products on a bf16 CPU)
+    translator = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=3), prepack=False, precision="fp32")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantized = quantize_int8(translator.model)

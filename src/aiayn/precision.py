@@ -21,8 +21,8 @@ AVX512_CORE_BF16 mean no native bf16, as on a machine without it.
 What "bf16" means where (the recipes are the same, only the arithmetic differs):
 - training: autocast to bf16 (`aiayn.train.step`), fp32 master weights and Adam state, the
   loss and its softmax in fp32, checkpoints in fp32;
-- translation: the linear products in bf16 on bf16 weights, everything between them fp32, the
-  pre-softmax projection (the logits) fp32 too (`aiayn.inference.packed`).
+- translation: the linear products in bf16 on bf16 weights, everything between them fp32; the
+  logits a search step keeps recomputed in fp32 (`aiayn.inference.packed.RescoredLogits`).
 """
 
 from __future__ import annotations
@@ -133,6 +133,19 @@ def for_training(model: nn.Module, precision: str, device: torch.device) -> nn.M
     if precision == "bf16" and device.type == "cpu":
         use_explicit_attention(model)
     return model
+
+
+# ideep (PyTorch's oneDNN layer) keeps every product it has prepared, per shape, in an LRU cache
+# of 1,024 entries by default. Training's token batches give every batch new shapes, so the
+# cache keeps growing with products that are never used again; 128 entries hold one update's.
+TRAINING_ONEDNN_CACHE = 128
+
+
+def limit_onednn_cache(capacity: int = TRAINING_ONEDNN_CACHE) -> None:
+    """Bound ideep's cache of prepared oneDNN products (``LRU_CACHE_CAPACITY``, read at its first
+    use) for a training process, unless the user set it. Its effect on peak memory is measured
+    in docs/precision.md."""
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))
 
 
 def use_explicit_attention(model: nn.Module) -> nn.Module:

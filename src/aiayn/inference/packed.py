@@ -324,11 +324,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic`` and its fbgemm/x86
     kernels, but warns that the module is deprecated in favour of torchao (not a dependency
     here); the conversion runs with exactly those warnings silenced. The quantised model itself
-    runs without warnings. Raises ValueError for a packed model, RuntimeError where this torch
+    runs without warnings. Raises ValueError for a packed model or one with bf16 products
+    (`use_bf16_products`), RuntimeError where this torch
     has no ``torch.ao.quantization``.
     """
-    if is_packed(model):
-        raise ValueError("quantize_int8 needs the plain fp32 model, not one packed by pack_for_inference")
+    if is_packed(model) or product_dtype(model) != torch.float32:
+        raise ValueError("quantize_int8 needs the plain fp32 model, not one packed by pack_for_inference "
+                         "or given bf16 products")
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # a future torch without torch.ao.quantization
