@@ -183,7 +183,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         for b in batches:
             lines.append(f"- beam-4 at batch {b}, aiayn fp32 vs HF `generate`: {_verdict(infer.ratio('aiayn fp32', 'HF generate', 'beam4', b), 3.0)}")
         if "aiayn bf16" in SYSTEMS:
-            lines += ["", "bf16 (`precision: auto` on this CPU: bf16 products, the logits in fp32; `aiayn.inference.packed`),",
+            lines += ["", "bf16 (`precision: auto` on this CPU: bf16 products, the kept logits rescored in fp32; `aiayn.inference.packed`),",
                       "against aiayn fp32 and against CTranslate2's best CPU setting in each round (float32 or int8, its",
                       f"{threads} or 1 threads; CTranslate2 has no bf16 on CPUs):", ""]
             for b in batches:
