@@ -83,3 +83,12 @@ def test_explicit_attention_computes_the_same_function():
         explicit = use_explicit_attention(model)(src, tgt)
     assert all(not m.fused_kernel for m in model.modules() if hasattr(m, "fused_kernel"))
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_training_bounds_onednn_product_cache_unless_the_user_set_it(monkeypatch):
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    precision.limit_onednn_cache()
+    assert precision.os.environ["LRU_CACHE_CAPACITY"] == str(precision.TRAINING_ONEDNN_CACHE)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    precision.limit_onednn_cache()
+    assert precision.os.environ["LRU_CACHE_CAPACITY"] == "7"

@@ -42,7 +42,7 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, out: str) -> Non
             tensors = {k: v.grad.detach().clone().contiguous() for k, v in model.named_parameters()}
             tensors["_loss"] = torch.tensor([res.loss, float(res.n_tokens)], dtype=torch.float64)
             save_file(tensors, out)
-        dist.barrier()  # both ranks leave together: gloo aborted a rank torn down while its peer still wrote
+        dist.barrier()  # both ranks tear down together (CI once saw gloo abort a rank at exit)
     finally:
         dist.destroy_process_group()
 

@@ -80,13 +80,11 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     from .checkpoint import load_checkpoint
     from .data import PrepareOptions, load_dataset, prepare_dataset
     from .evaluate import format_report, score
-    from .precision import limit_onednn_cache
     from .train import TrainingInterrupted, train
     from .train.plot import plot_curves, read_metrics
     from .train.state import list_checkpoints
     from .translator import Translator
 
-    limit_onednn_cache()  # before the first product: the demo trains (aiayn.precision)
     work = Path(workdir)
     data_dir, run_dir = work / "data", work / "train"
     started = time.perf_counter()

@@ -142,9 +142,10 @@ TRAINING_ONEDNN_CACHE = 128
 
 
 def limit_onednn_cache(capacity: int = TRAINING_ONEDNN_CACHE) -> None:
-    """Bound ideep's cache of prepared oneDNN products (``LRU_CACHE_CAPACITY``, read at its first
-    use) for a training process, unless the user set it. Its effect on peak memory is measured
-    in docs/precision.md."""
+    """Bound ideep's cache of prepared oneDNN products (``LRU_CACHE_CAPACITY``) for a training
+    process, unless the user set it (`aiayn.train.train` calls it). ideep reads the variable at
+    its first product, so a process that multiplied through oneDNN before keeps the default.
+    Its effect on peak memory is measured in docs/precision.md."""
     os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))
 
 

@@ -11,11 +11,9 @@ def train(args) -> int:
     """Train; print how the run ended, the model to use and the next commands (TrainResult.next_steps).
     Ctrl-C: print what was saved and the command that continues the run, then let the CLI exit
     with status 130."""
-    from ..precision import limit_onednn_cache
     from ..train import TrainingInterrupted
     from ..train import train as run_training
 
-    limit_onednn_cache()
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         result = run_training(args.config, args.data, args.out, args.overrides, resume=args.resume, force=args.force,

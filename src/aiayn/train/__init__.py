@@ -47,9 +47,11 @@ def train(config: str | Path | dict[str, Any], data: str | Path, out: str | Path
 
     from .. import config as config_io
     from ..data import load_dataset
+    from ..precision import limit_onednn_cache
     from .advice import resume_command
     from .trainer import CONFIG_FILE
 
+    limit_onednn_cache()  # before this process's first oneDNN product, where this is the first
     if isinstance(config, dict):
         raw, where = config_io.apply_overrides(config, list(overrides)), "config"
     else:
