@@ -61,20 +61,13 @@ def _check_vocab(vocab: int, epsilon: float) -> None:
         raise ValueError("label smoothing needs a vocabulary of at least 3 classes")
 
 
-def _logit_gradient(p: Tensor, y: Tensor, smooth: float, epsilon: float, pad_id: int, dtype: torch.dtype) -> Tensor:
-    """∂H/∂z = p - q for a chunk, in ``dtype``: p - ε/(V-2) everywhere, p at pad, p - (1-ε) at
-    y. Computed in fp32 and rounded once; in fp32 in place of ``p``."""
-    if dtype == p.dtype:
-        if smooth:
-            p.sub_(smooth)
-            p[:, pad_id] += smooth
-        return p.scatter_add_(1, y, torch.full_like(y, smooth - (1.0 - epsilon), dtype=p.dtype))
-    at_y = p.gather(1, y).sub_(1.0 - epsilon).to(dtype)
-    if not smooth:
-        return p.to(dtype).scatter_(1, y, at_y)
-    g = torch.sub(p, smooth, out=torch.empty(p.shape, dtype=dtype, device=p.device))  # one pass, rounded once
-    g[:, pad_id] = p[:, pad_id]
-    return g.scatter_(1, y, at_y)
+def _logit_gradient(p: Tensor, y: Tensor, smooth: float, epsilon: float, pad_id: int) -> Tensor:
+    """∂H/∂z = p - q for a chunk, in place of the fp32 probabilities ``p``: p - ε/(V-2)
+    everywhere, p at pad, p - (1-ε) at y."""
+    if smooth:
+        p.sub_(smooth)
+        p[:, pad_id] += smooth
+    return p.scatter_add_(1, y, torch.full_like(y, smooth - (1.0 - epsilon), dtype=p.dtype))
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
@@ -98,23 +91,31 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty((n, hidden.size(1)), dtype=torch.float32, device=hidden.device) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        # ∂H/∂W accumulates as Wᵀ's (d, V) in the low-precision case: hᵀ g reads both operands in
+        # their stored order and adds contiguously (g ᵀ h, or adding a transposed view, is slower).
+        low = mm_dtype != torch.float32
+        grad_weight = (torch.zeros(weight.shape[::-1] if low else weight.shape, dtype=torch.float32, device=weight.device)
+                       if needs_grad else None)
         rows = max(MIN_ROWS, CHUNK_ELEMENTS // max(vocab, 1))
         with torch.autocast(device_type, enabled=False):
             for start in range(0, n, rows):
                 h = h_all[start:start + rows]
                 y = target[start:start + rows, None]
-                # (rows, V) logits of this chunk in the product's dtype; every reduction over
-                # them accumulates in fp32, and the softmax is taken in fp32.
-                z = mm(h, w)
-                z_y = z.gather(1, y).squeeze(1).float()
-                z_max = z.amax(dim=1).float()  # (amax is a plain vectorised reduction; max(dim) is 7x slower)
-                p = torch.softmax(z, dim=1, dtype=torch.float32)
+                # (rows, V) logits of this chunk, made fp32 once: every reduction and the
+                # softmax read the fp32 copy (reducing bf16 with fp32 accumulation, or a softmax
+                # with dtype=float32, converts internally on every call: two to three times the
+                # time of one pass over an fp32 copy).
+                z = mm(h, w).float()
+                z_y = z.gather(1, y).squeeze(1)
+                z_max = z.amax(dim=1)  # (amax is a plain vectorised reduction; max(dim) is 7x slower)
+                if smooth:
+                    others = z.sum(dim=1) - z_y - z[:, pad_id]
+                p = torch.softmax(z, dim=1)
+                del z
                 # lse = max z - log max p: max p >= 1/V, so its log never underflows.
                 lse = z_max - p.amax(dim=1).log()
                 nll_rows = lse - z_y
                 if smooth:
-                    others = z.sum(dim=1, dtype=torch.float32) - z_y - z[:, pad_id].float()
                     loss += (nll_rows + epsilon * z_y - smooth * others).sum()
                 else:
                     loss += nll_rows.sum()
@@ -124,16 +125,18 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                 correct += z_y.ge(z_max).sum()
                 if not needs_grad:
                     continue
-                del z
-                g = _logit_gradient(p, y, smooth, epsilon, pad_id, mm_dtype)
+                # The gradient in fp32, rounded once to the product's dtype.
+                g = _logit_gradient(p, y, smooth, epsilon, pad_id).to(mm_dtype)
                 grad_hidden[start:start + rows] = mm(g, w.t())
                 if mm is mkl_linear and mm_dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
                 elif mm_dtype == torch.float32:
                     grad_weight += mm(g.t(), h.t())
                 else:
-                    grad_weight += torch.mm(g.t(), h).float()
+                    grad_weight += torch.mm(h.t(), g)
         if needs_grad:
+            if low:
+                grad_weight = grad_weight.t().contiguous()
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll, correct)
