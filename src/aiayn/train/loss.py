@@ -92,7 +92,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty((n, hidden.size(1)), dtype=torch.float32, device=hidden.device) if needs_grad else None
         # ∂H/∂W accumulates as Wᵀ's (d, V) in the low-precision case: hᵀ g reads both operands in
-        # their stored order and adds contiguously (g ᵀ h, or adding a transposed view, is slower).
+        # their stored order and adds contiguously (gᵀh, or adding a transposed view, is slower).
         low = mm_dtype != torch.float32
         grad_weight = (torch.zeros(weight.shape[::-1] if low else weight.shape, dtype=torch.float32, device=weight.device)
                        if needs_grad else None)
