@@ -282,10 +282,10 @@ class Trainer:
         torch.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(tc.seed + 1_000_003 * (dist.rank + 1))
-        # PyTorch's fused Adam: the same update in one kernel over all parameters (on a CPU it
-        # otherwise loops over them, several passes each: 114 ms against 36 for `base`'s 48M
-        # parameters on 2 cores, docs/experiments.md). Its results differ from the loop's by fp32
-        # rounding only; a run and its resumption both use it, so resume stays exact.
+        # PyTorch's fused Adam: the same update in one kernel over all parameters (on a CPU the
+        # default loops over them, several passes each; measured in docs/experiments.md). Its
+        # results differ from the loop's by fp32 rounding only; a run and its resumption both
+        # use it, so resume stays exact.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2),
                                           eps=tc.adam_eps, weight_decay=tc.weight_decay,
                                           fused=self.device.type in ("cpu", "cuda"))
