@@ -29,6 +29,16 @@ def reference(small_copy, tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Python's own SIGINT handler for each test, whatever the suite was started under: a job
+    started in the background by a non-interactive shell inherits SIGINT ignored, and the
+    trainer (rightly) leaves an ignored SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def interrupt_after(monkeypatch, update: int, times: int = 1) -> None:
     """Send this process SIGINT ``times`` times right after update number ``update`` (a real signal,
     at a fixed point of the run)."""
