@@ -91,8 +91,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty((n, hidden.size(1)), dtype=torch.float32, device=hidden.device) if needs_grad else None
-        # ∂H/∂W accumulates as Wᵀ's (d, V) in the low-precision case: hᵀ g reads both operands in
-        # their stored order and adds contiguously (gᵀh, or adding a transposed view, is slower).
+        # ∂H/∂W accumulates as Wᵀ's (d, V) when the products are low-precision: hᵀg reads both
+        # operands in their stored order and adds contiguously (gᵀh, or adding a transposed view,
+        # is slower).
         low = mm_dtype != torch.float32
         grad_weight = (torch.zeros(weight.shape[::-1] if low else weight.shape, dtype=torch.float32, device=weight.device)
                        if needs_grad else None)
@@ -127,12 +128,12 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                 # The gradient in fp32, rounded once to the product's dtype.
                 g = _logit_gradient(p, y, smooth, epsilon, pad_id).to(mm_dtype)
                 grad_hidden[start:start + rows] = mm(g, w.t())
-                if mm is mkl_linear and mm_dtype == torch.float32:
-                    grad_weight.addmm_(g.t(), h)
-                elif mm_dtype == torch.float32:
-                    grad_weight += mm(g.t(), h.t())
-                else:
+                if low:
                     grad_weight += torch.mm(h.t(), g)
+                elif mm is mkl_linear:
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight += mm(g.t(), h.t())
         if needs_grad:
             if low:
                 grad_weight = grad_weight.t().contiguous()
