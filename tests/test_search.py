@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from aiayn.config import SearchConfig
-from aiayn.search import beam_search, greedy_search, greedy_search_scored, length_penalty, topk_last
+from aiayn.search import (
+    _rescore_best,
+    _top_among,
+    beam_search,
+    greedy_search,
+    greedy_search_scored,
+    length_penalty,
+    topk_last,
+)
 
 from helpers import EOS_ID, LENGTHS, batch_of, model_log_prob, toy_model
 
@@ -100,6 +108,25 @@ def test_topk_last_equals_torch_topk(vocab, k):
     ref_top, ref_index = x.topk(k, dim=-1)
     assert torch.equal(top, ref_top)
     assert torch.equal(index[torch.isfinite(top)], ref_index[torch.isfinite(ref_top)])
+
+
+def test_top_among_rescored_columns_equals_the_whole_rows_top_k():
+    """bf16 logits: the top-k taken among the rescored columns alone (`_top_among`) is the
+    whole row's top-k whenever it answers; where a logit outside could be larger (the k-th
+    best among the columns is not above the bound), it declines instead of guessing."""
+    g = torch.Generator().manual_seed(5)
+    exact = torch.randn(32, 700, generator=g) * 3
+    rounded = exact.bfloat16().float()
+    logits = rounded.clone()
+    ids, bound = _rescore_best(logits, exact, lambda states, cols: states.gather(1, cols), width=8)
+    found = _top_among(logits, ids, bound, 8)
+    assert found is not None
+    top, index = found
+    ref_top, ref_index = logits.topk(8, dim=-1)
+    assert torch.equal(top, ref_top) and torch.equal(index, ref_index)
+    # Rescored values pushed below the bound: a column outside might now be among the best.
+    logits[0, ids[0]] = bound[0, 0] - 1.0
+    assert _top_among(logits, ids, bound, 8) is None
 
 
 def test_large_vocabulary_searches_score_with_the_models_log_probs():

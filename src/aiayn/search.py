@@ -158,14 +158,30 @@ def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 RESCORE_EXTRA = 8  # bf16 logits: candidates recomputed in fp32 beyond the ``width`` a step keeps
 
 
-def _rescore_best(logits: Tensor, states: Tensor, rescore, width: int) -> None:
+def _rescore_best(logits: Tensor, states: Tensor, rescore, width: int) -> tuple[Tensor, Tensor]:
     """bf16 logits (N, V), in place: the ``width + RESCORE_EXTRA`` largest of each row replaced
     by their fp32 values, ``rescore(states, ids)``. The rounded logits only choose which tokens
     to recompute; those a step keeps are among them unless a token outside lost more than the
     gap to the extra ones to rounding. The log-probabilities then come from fp32 logits, with Z
-    differing from fp32's only in the rounded rest of the row."""
-    _, ids = topk_last(logits, min(width + RESCORE_EXTRA, logits.size(-1)))
+    differing from fp32's only in the rounded rest of the row.
+
+    Returns the rescored ids (N, m) and (N, 1) the smallest rounded logit among them: no logit
+    outside ``ids`` is larger (`_top_among`)."""
+    rounded, ids = topk_last(logits, min(width + RESCORE_EXTRA, logits.size(-1)))
     logits.scatter_(1, ids, rescore(states, ids).to(logits.dtype))
+    return ids, rounded[:, -1:]
+
+
+def _top_among(logits: Tensor, ids: Tensor, bound: Tensor, width: int) -> tuple[Tensor, Tensor] | None:
+    """The ``width`` largest logits of each row and their ids, found among the columns ``ids``
+    alone, or None where that cannot be sure. Every logit outside ``ids`` is at most ``bound``
+    (the rescored columns were the row's largest before rescoring), so if each row's
+    ``width``-th best among ``ids`` is above its bound, the row's top ``width`` are all in
+    ``ids``: the same result as a top-k over the whole row (`topk_last`), without reading it."""
+    top, pos = logits.gather(1, ids).topk(width, dim=-1)
+    if not bool((top[:, -1:] > bound).all()):
+        return None
+    return top, ids.gather(1, pos)
 
 
 def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache, force: Tensor,
@@ -187,12 +203,12 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
     if output is None:
         logits = model.generator(states).float()
         rescore = getattr(model.generator, "rescore", None)  # bf16 logits (inference.packed.RescoredLogits)
-        if rescore is not None:
-            _rescore_best(logits, states, rescore, width)
+        rescored = _rescore_best(logits, states, rescore, width) if rescore is not None else None
         specials, eos_col = [model.config.pad_id, BOS_ID], EOS_ID
     else:  # a shortlist: logits of each sentence's candidates only, and Z over them (no pad, bos)
         logits = output.logits(states)
         specials, eos_col = [], output.eos
+        rescored = None
     special = logits[:, specials] if specials else None  # a copy: their mass belongs to Z
     forced = force.nonzero().squeeze(1) if force is not None and force.any() else None
     if forced is not None:  # only EOS may follow; Z of these few rows before any masking
@@ -202,7 +218,10 @@ def _top_next(model: Transformer, tokens: Tensor, memory: Tensor, src_mask: Tens
         logits[forced, eos_col] = eos
     if specials:
         logits[:, specials] = -math.inf
-    top, index = topk_last(logits, min(width, logits.size(-1)))
+    width = min(width, logits.size(-1))
+    # bf16 logits: the best are usually among the rescored columns, a pass over the row fewer.
+    found = _top_among(logits, *rescored, width) if rescored is not None and forced is None else None
+    top, index = found if found is not None else topk_last(logits, width)
     # Z in place, shifted by the row maximum (the best token, or pad/bos if larger) so no exp
     # overflows: log Z = m + log Σ exp(logit - m).
     shift = torch.maximum(top[:, :1], special.amax(dim=-1, keepdim=True)) if specials else top[:, :1]
