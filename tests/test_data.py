@@ -159,6 +159,40 @@ def test_tokenizer_round_trip_and_special_ids(tmp_path):
     assert tok.vocab_size <= 1000
 
 
+def test_a_lowercasing_tokenizer_is_str_lower_and_nothing_else(tmp_path):
+    """--lowercase: the model lowercases what it encodes exactly as ``str.lower`` (so 'ß' and '…'
+    stay, unlike sentencepiece's nmt_nfkc_cf), and says so; the default model does not."""
+    settings = train_bpe(SENTENCES, tmp_path / "lc", vocab_size=1000, lowercase=True)
+    assert settings["normalization_rule_name"] == "lowercase"
+    assert not list(tmp_path.glob("*.tsv"))  # the rules file is not left behind
+    tok = Tokenizer.load(tmp_path / "lc.model")
+    assert tok.lowercases
+    for text in SENTENCES[:4] + ["STRASSE, Straße … ÄÖÜ Ωμέγα İstanbul 2024 ✓"]:
+        assert tok.decode(tok.encode(text)) == text.lower()
+    train_bpe(SENTENCES, tmp_path / "cased", vocab_size=1000)
+    assert not Tokenizer.load(tmp_path / "cased.model").lowercases
+
+
+def test_prepare_lowercase(tmp_path, capsys):
+    """prepare --lowercase: a lowercasing tokenizer, in the settings (a new dataset), the raw
+    references kept as given, and no round-trip failures counted for the lowercasing."""
+    src, tgt = _corpus(tmp_path, 400)
+    out = tmp_path / "out"
+    base = ["prepare", "--src", src, "--tgt", tgt, "--out", str(out), "--valid-size", "20", "--test-size", "20",
+            "--vocab-size", "200"]
+    assert main(base + ["--lowercase"]) == 0
+    data = load_dataset(out)
+    assert data.tokenizer.lowercases and data.manifest["settings"]["lowercase"] is True
+    assert data.manifest["roundtrip_failures_valid_test"] == 0
+    raw = data.raw("valid", "tgt")
+    assert any(line != line.lower() for line in raw)  # the targets are upper case, kept as given
+    assert [data.tokenizer.decode(x) for x in data.split("valid").tgt] == [line.lower() for line in raw]
+    capsys.readouterr()
+    assert main(base) == 2 and "--force" in capsys.readouterr().err  # cased is another dataset
+    assert main(base + ["--lowercase", "--tokenizer-from", str(out)]) == 2
+    assert "--lowercase does not apply with --tokenizer-from" in capsys.readouterr().err
+
+
 def test_tokenizer_load_rejects_bad_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         Tokenizer.load(tmp_path / "nope.model")

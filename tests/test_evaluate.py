@@ -14,7 +14,7 @@ from aiayn import evaluate
 from aiayn.cli import main
 from aiayn.config import SearchConfig
 from aiayn.errors import UserError
-from aiayn.evaluate import Scorer, score, split_compounds, tokenized_bleu
+from aiayn.evaluate import Scorer, format_report, score, split_compounds, tokenized_bleu
 from aiayn.translator import Translator
 
 from helpers import BYTE_PIECE_TEXT
@@ -106,6 +106,8 @@ def test_evaluate_with_a_checkpoint_translates_then_scores(random_checkpoint, tm
     hyps = Translator(random_checkpoint, search=SearchConfig(beam=2, max_len_b=4)).translate(src_lines)
     assert result["bleu"] == score(hyps, REFS[:4])["bleu"]
     assert result["beam"] == 2 and result["quantize"] is None
+    assert result["lowercased_model"] is False and "lowercased text" not in format_report(result)
+    assert "writes lowercased text" in format_report({**result, "lowercased_model": True})
 
 
 def test_evaluate_user_errors(files, tmp_path, capsys, monkeypatch):

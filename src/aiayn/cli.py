@@ -82,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", default=PREPARE.pair, help="multi30k: language pair SRC-TGT (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=PREPARE.vocab_size,
                    help="joint BPE vocabulary size (default %(default)s; smaller for a small corpus)")
+    p.add_argument("--lowercase", action="store_true",
+                   help="the BPE model lowercases every text it encodes, so the model trained on this data "
+                        "reads and writes lowercased text (the Multi30k papers' form, scored by lowercased BLEU)")
     p.add_argument("--tokenizer-from", metavar="CHECKPOINT",
                    help="encode with this checkpoint's tokenizer (to fine-tune it: train --init) instead of "
-                        "training a new BPE model; --vocab-size and --bpe-sample do not apply")
+                        "training a new BPE model; --vocab-size, --bpe-sample and --lowercase do not apply")
     p.add_argument("--bpe-sample", type=int, default=PREPARE.bpe_sample, metavar="N",
                    help="train BPE on at most N sentences of the training text, a seeded uniform sample "
                         "of both sides (default %(default)s); memory of BPE training grows with N")

@@ -161,4 +161,6 @@ def format_report(result: dict) -> str:
         f"Tokenized BLEU (paper-comparable) = {result['tokenized_bleu']:.2f}",
         f"  {result['tokenized_bleu_method']}",
         f"sentences: {result['sentences']}",
+        *(["this model writes lowercased text (its data was prepared with --lowercase): "
+           "its score is the lowercased BLEU"] if result.get("lowercased_model") else []),
     ])

@@ -75,7 +75,7 @@ def run(args) -> int:
         info.update(checkpoint=args.checkpoint, src=args.src, beam=s.beam, alpha=s.alpha,
                     max_len_a=s.max_len_a, max_len_b=s.max_len_b, quantize=args.quantize,
                     shortlist=args.shortlist, device=str(translator.device),
-                    translate_seconds=round(translating, 3))
+                    translate_seconds=round(translating, 3), lowercased_model=translator.tokenizer.lowercases)
     result = {**scorer.result(), "ref": args.ref, **info}
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -28,6 +28,7 @@ class PrepareOptions:
     path: str | None = None  # multi30k: the directory with train/val/test2016 files
     pair: str = "en-de"  # multi30k: SRC-TGT
     vocab_size: int = 8000  # joint BPE vocabulary
+    lowercase: bool = False  # the BPE model lowercases all it encodes: the model reads and writes lowercase
     bpe_sample: int = 2_000_000  # BPE is trained on at most this many sentences (a seeded sample)
     tokenizer_from: str | None = None  # a checkpoint whose tokenizer encodes the data (no BPE training)
     valid_size: int = 1000  # validation pairs drawn from the training data

@@ -131,6 +131,9 @@ def _given_tokenizer(args: PrepareOptions):
     """--tokenizer-from: the tokenizer of that checkpoint (or dataset) directory, or None."""
     if args.tokenizer_from is None:
         return None
+    if args.lowercase:
+        raise UserError("--lowercase does not apply with --tokenizer-from: the checkpoint's tokenizer decides "
+                        "whether text is lowercased")
     path = Path(args.tokenizer_from)
     if not path.is_dir():
         raise UserError("no such checkpoint directory (--tokenizer-from)", path=path)
@@ -148,6 +151,8 @@ def _settings(args: PrepareOptions, kind: str, split_off: dict[str, int], tokeni
          "seed": args.seed}
     if tokenizer is None:
         s.update(vocab_size=args.vocab_size, bpe_sample=args.bpe_sample)
+        if args.lowercase:  # only when set, so the fingerprints of existing datasets stay valid
+            s["lowercase"] = True
     else:
         s["tokenizer_sha256"] = tokenizer.sha256
     s.update({f"{split}_size": size for split, size in split_off.items()})
@@ -511,7 +516,8 @@ def _encode_and_write(pool: _Pool, labels: np.ndarray, tok: Tokenizer, tmp: Path
                         texts = {kind: [v[i] for i in where] for kind, v in texts.items()}
                         ids = {side: [v[i] for i in where] for side, v in ids.items()}
                 else:
-                    failures += sum(tok.decode(x, side) != t for side in SIDES for x, t in zip(ids[side], texts[side]))
+                    failures += sum(tok.decode(x, side) != (t.lower() if tok.lowercases else t)
+                                    for side in SIDES for x, t in zip(ids[side], texts[side]))
                 writers[name].write(texts, ids)
                 bar.update(len(rows))
     for writer in writers.values():
@@ -575,7 +581,8 @@ def _build(tmp: Path, corpus: Corpus, held_out: dict[str, tuple[Path, Path]], sp
         log(f"training a joint BPE model (vocab {args.vocab_size}) on {sample} sentences of "
             f"{int(np.sum(labels == LABELS['train']))} training pairs ...")
         spm_settings = train_bpe(sentences, tmp / "spm", args.vocab_size, in_subprocess=True,
-                                 byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample)
+                                 byte_fallback=False if corpus.identical_allowed else None, sample=args.bpe_sample,
+                                 lowercase=args.lowercase)
         tok = Tokenizer.load(tmp / SPM_MODEL)
         vocab = {"size": tok.vocab_size, "requested": args.vocab_size, "model": SPM_MODEL, "joint": True,
                  "trained_on_sentences": sample,

@@ -9,6 +9,11 @@ model uses the ``identity`` normalization (no NFKC rewriting), and for vocabular
 `BYTE_FALLBACK_MIN_VOCAB` or more, characters unseen in training are spelled as UTF-8 byte
 pieces instead of ``<unk>``. So ``decode(encode(x)) == x`` for any cleaned text.
 
+A lowercasing model (``aiayn prepare --lowercase``) is the one exception, by design: its
+normalization is a table of Python's ``str.lower`` for every character that has a lower case
+(`lowercase_rules`; no NFKC, no other rewriting), kept inside spm.model, so it lowercases every
+text it encodes, in training and in translation alike, and ``decode(encode(x)) == x.lower()``.
+
 A model imported from Marian (`aiayn.pretrained`) brings its own pair instead: a `PairTokenizer`
 (source.spm for sources, target.spm for targets, vocab.json from pieces to ids). Both kinds
 have one interface (``encode``/``encode_batch``/``decode`` with a ``side``, ``pieces``, the
@@ -99,6 +104,12 @@ class Tokenizer:
     def pieces(self, ids: Iterable[int], side: str = "tgt") -> list[str]:
         """Subword strings of ids (with the '▁' word-start mark), e.g. for attention plots."""
         return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    @cached_property
+    def lowercases(self) -> bool:
+        """Whether the model lowercases what it encodes (trained with ``aiayn prepare
+        --lowercase``): then it reads and writes lowercased text."""
+        return self.sp.normalize("A").lstrip("\u2581") == "a"  # normalize adds the word-start mark
 
 
 def _load_spm(path: Path) -> spm.SentencePieceProcessor:
@@ -229,6 +240,11 @@ class PairTokenizer:
         names = self.names[side]
         return [names.get(int(i), "<unk>") for i in ids]
 
+    @cached_property
+    def lowercases(self) -> bool:
+        """Whether the target model lowercases (as `Tokenizer.lowercases`; Marian's do not)."""
+        return self.spm["tgt"].normalize("A").lstrip("\u2581") == "a"
+
 
 def tokenizer_files(directory: str | Path) -> tuple[str, ...] | None:
     """The tokenizer files ``directory`` holds (a joint model's or a pair's), or None."""
@@ -259,8 +275,27 @@ def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
         shutil.copyfile(Path(source) / name, Path(destination) / name)
 
 
+def lowercase_rules(path: Path) -> Path:
+    """Write sentencepiece's normalization table for lowercasing to ``path`` (a TSV: a code
+    point, then the code points it becomes, in hex): Python's ``str.lower`` of every character
+    it changes. Unlike sentencepiece's own ``nmt_nfkc_cf`` this is lowercasing and nothing else
+    (no NFKC rewriting such as '…' to '...', no case folding such as 'ß' to 'ss'), so a model's
+    lowercased output matches ``str.lower`` of the references, which is what sacreBLEU's
+    ``-lc`` compares."""
+    rows = []
+    for code in range(0x110000):
+        if 0xD800 <= code < 0xE000:  # surrogates are not characters
+            continue
+        lower = chr(code).lower()
+        if lower != chr(code):
+            rows.append(f"{code:X}\t{' '.join(f'{ord(c):X}' for c in lower)}\n")
+    path.write_text("".join(rows), encoding="ascii")
+    return path
+
+
 def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
-              byte_fallback: bool | None = None, sample: int = 2_000_000, in_subprocess: bool = False) -> dict:
+              byte_fallback: bool | None = None, sample: int = 2_000_000, in_subprocess: bool = False,
+              lowercase: bool = False) -> dict:
     """Train a joint BPE model on ``texts`` -> writes PREFIX.model/.vocab; returns its settings.
 
     ``texts`` is streamed to sentencepiece (empty ones skipped), which keeps at most ``sample``
@@ -271,6 +306,9 @@ def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
     ``in_subprocess``: the texts go to PREFIX.txt and a process of its own trains on that file,
     so the trainer's memory (about 0.5 KB a sentence) is given back when it ends, instead of
     staying with this process (`prepare` then encodes the corpus in what is left).
+
+    ``lowercase``: the model's normalization is `lowercase_rules` instead of ``identity``; the
+    returned settings name it ``lowercase``.
     """
     if byte_fallback is None:
         byte_fallback = vocab_size >= BYTE_FALLBACK_MIN_VOCAB
@@ -288,16 +326,26 @@ def train_bpe(texts: Iterable[str], model_prefix: Path, vocab_size: int, *,
     if vocab_size < 8:
         raise UserError(f"--vocab-size {vocab_size} is too small (at least 8)")
     sentences = (t for t in texts if t)
-    if in_subprocess:
-        _train_bpe_in_subprocess(sentences, Path(model_prefix), settings)
-        return settings
+    trainer_settings = dict(settings)
+    if lowercase:
+        del trainer_settings["normalization_rule_name"]
+        rules = lowercase_rules(Path(str(model_prefix) + ".lowercase.tsv"))
+        trainer_settings["normalization_rule_tsv"] = str(rules)
+        settings["normalization_rule_name"] = "lowercase"
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences,
-                                       model_prefix=str(model_prefix),
-                                       minloglevel=2, **settings)
-    except RuntimeError as e:
-        raise UserError(f"sentencepiece could not train a BPE model: {e}") from None
-    return settings
+        if in_subprocess:
+            _train_bpe_in_subprocess(sentences, Path(model_prefix), trainer_settings)
+            return settings
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=sentences,
+                                           model_prefix=str(model_prefix),
+                                           minloglevel=2, **trainer_settings)
+        except RuntimeError as e:
+            raise UserError(f"sentencepiece could not train a BPE model: {e}") from None
+        return settings
+    finally:
+        if lowercase:
+            rules.unlink(missing_ok=True)
 
 
 def _train_bpe_in_subprocess(sentences: Iterable[str], model_prefix: Path, settings: dict) -> None:

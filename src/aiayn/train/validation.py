@@ -6,7 +6,9 @@ Sentences longer than the model's positions are truncated as `aiayn.translator.T
 positions end there, and a held-out set is not length-filtered like the training data.
 BLEU is sacreBLEU's corpus BLEU of greedy outputs, detokenized by the sentencepiece model,
 against the raw valid references — the same text ``aiayn evaluate`` would score, so a best
-checkpoint chosen here is chosen on the metric that is reported.
+checkpoint chosen here is chosen on the metric that is reported. A model whose tokenizer
+lowercases (``aiayn prepare --lowercase``) writes lowercased text; its BLEU is sacreBLEU's
+lowercased BLEU (``-lc``), the figure reported for such a model.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def validate(model: Transformer, data: PreparedData, *, label_smoothing: float, 
         n = len(valid) if bleu_sentences == 0 else min(bleu_sentences, len(valid))
         hyps = greedy_translate(model, data, split, n, batch_tokens, max_len_a, max_len_b, precision, device)
         refs = data.raw(split, "tgt")[:n]
-        bleu = float(sacrebleu.corpus_bleu(hyps, [refs]).score) if n else None
+        lowercase = data.tokenizer.lowercases
+        bleu = float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=lowercase).score) if n else None
         nll = nll_sum / n_tokens
         return ValidResult(loss=loss_sum / n_tokens, nll=nll, ppl=math.exp(min(nll, 700.0)),
                            accuracy=n_correct / n_tokens, bleu=bleu, n_sentences=n)
