@@ -410,7 +410,7 @@ def test_info_names_the_model_without_server_paths(client, copy_checkpoint):
     info = response.json()
     assert info["checkpoint"] == copy_checkpoint.name
     assert info["languages"] == {"src": "copy", "tgt": "copy"}
-    assert info["vocab_size"] == 45 and info["heads"] == 4 and info["layers"] == {"encoder": 2, "decoder": 2}
+    assert info["vocab_size"] == 45 and info["lowercase"] is False and info["heads"] == 4 and info["layers"] == {"encoder": 2, "decoder": 2}
     assert info["model"]["d_model"] == 64 and info["parameters"] > 0 and info["step"] > 0
     assert info["limits"]["max_lines"] == 8 and info["limits"]["max_chars"] == 200 and info["limits"]["max_beam"] == 6
     assert info["search"] == {"beam": 4, "alpha": 0.6, "max_len_a": 1.0, "max_len_b": 50, "shortlist": False}

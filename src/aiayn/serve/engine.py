@@ -241,6 +241,8 @@ class Engine:
             "valid": self.meta.get("valid"),
             "model": cfg.to_dict(), "parameters": self.parameters,
             "vocab_size": self.tokenizer.vocab_size,
+            # True for a model trained on `aiayn prepare --lowercase` data: it writes lowercase.
+            "lowercase": self.tokenizer.lowercases,
             "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers}, "heads": cfg.n_heads,
             "device": str(self.device), "quantize": s.quantize,
             # The arithmetic in use (resolved: fp32 or bf16) and what was asked for (auto, ...).
