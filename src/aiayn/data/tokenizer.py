@@ -109,7 +109,12 @@ class Tokenizer:
     def lowercases(self) -> bool:
         """Whether the model lowercases what it encodes (trained with ``aiayn prepare
         --lowercase``): then it reads and writes lowercased text."""
-        return self.sp.normalize("A").lstrip("\u2581") == "a"  # normalize adds the word-start mark
+        return _lowercases(self.sp)
+
+
+def _lowercases(processor: spm.SentencePieceProcessor) -> bool:
+    """Whether a sentencepiece model's normalization lowercases (it adds the word-start mark)."""
+    return processor.normalize("A").lstrip("\u2581") == "a"
 
 
 def _load_spm(path: Path) -> spm.SentencePieceProcessor:
@@ -243,7 +248,7 @@ class PairTokenizer:
     @cached_property
     def lowercases(self) -> bool:
         """Whether the target model lowercases (as `Tokenizer.lowercases`; Marian's do not)."""
-        return self.spm["tgt"].normalize("A").lstrip("\u2581") == "a"
+        return _lowercases(self.spm["tgt"])
 
 
 def tokenizer_files(directory: str | Path) -> tuple[str, ...] | None:

@@ -67,8 +67,7 @@ def validate(model: Transformer, data: PreparedData, *, label_smoothing: float, 
         n = len(valid) if bleu_sentences == 0 else min(bleu_sentences, len(valid))
         hyps = greedy_translate(model, data, split, n, batch_tokens, max_len_a, max_len_b, precision, device)
         refs = data.raw(split, "tgt")[:n]
-        lowercase = data.tokenizer.lowercases
-        bleu = float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=lowercase).score) if n else None
+        bleu = float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=data.tokenizer.lowercases).score) if n else None
         nll = nll_sum / n_tokens
         return ValidResult(loss=loss_sum / n_tokens, nll=nll, ppl=math.exp(min(nll, 700.0)),
                            accuracy=n_correct / n_tokens, bleu=bleu, n_sentences=n)
