@@ -28,6 +28,9 @@ def test_config_overrides_and_errors(tmp_path):
         resolve_config(load_raw_config(REPO / "configs/copy.yaml", ["model.src_vocab_size=99"]), vocab_size=45)
     with pytest.raises(UserError, match="precision"):
         resolve_config(load_raw_config(REPO / "configs/copy.yaml", ["train.precision=fp8"]), vocab_size=45)
+    with pytest.raises(UserError, match=r"override 'train.cooldown=1.5': .*cooldown must be in \[0, 1\]"):
+        resolve_config(load_raw_config(REPO / "configs/copy.yaml", ["train.cooldown=1.5"]), vocab_size=45)
+    assert TrainConfig().cooldown == 0.0  # the paper's schedule alone unless asked
     assert TrainConfig().warmup == 4000 and TrainConfig().label_smoothing == 0.1
     base = resolve_config(load_raw_config(REPO / "configs/base.yaml", []), vocab_size=37000)
     assert (base.model.d_model, base.model.n_heads, base.model.dropout) == (512, 8, 0.1)

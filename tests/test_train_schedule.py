@@ -19,3 +19,29 @@ def test_schedule_values_at_known_steps():
     assert peak == 4000
     with pytest.raises(ValueError):
         inverse_sqrt_lr(0, 512, 4000)
+
+
+def test_budget_progress_is_the_larger_fraction_spent_before_the_update():
+    from aiayn.train.schedule import budget_progress
+
+    assert budget_progress(1, 100) == 0.0
+    assert budget_progress(51, 100) == 0.5
+    assert budget_progress(100, 100) == pytest.approx(0.99)  # the last update still has a rate
+    assert budget_progress(11, 100, elapsed_s=30.0, max_minutes=1.0) == 0.5  # the clock is ahead
+    assert budget_progress(91, 100, elapsed_s=30.0, max_minutes=1.0) == 0.9  # the updates are ahead
+    assert budget_progress(11, 100, elapsed_s=30.0) == 0.1  # no wall-clock budget: updates only
+    with pytest.raises(ValueError):
+        budget_progress(0, 100)
+
+
+def test_cooldown_factor_is_one_then_falls_linearly_to_zero():
+    from aiayn.train.schedule import cooldown_factor
+
+    assert cooldown_factor(0.9, 0.0) == 1.0  # off
+    assert cooldown_factor(0.0, 0.25) == 1.0
+    assert cooldown_factor(0.75, 0.25) == 1.0  # where the cool-down begins
+    assert cooldown_factor(0.875, 0.25) == pytest.approx(0.5)
+    assert cooldown_factor(0.99, 0.25) == pytest.approx(0.04)
+    assert cooldown_factor(1.0, 0.25) == 0.0
+    assert cooldown_factor(1.2, 0.25) == 0.0  # past the budget (a last update after it): never negative
+    assert cooldown_factor(0.5, 1.0) == pytest.approx(0.5)  # the whole run: linear from the start

@@ -131,9 +131,10 @@ sys.exit(main(sys.argv[1:]))
 
 def test_killed_and_resumed_run_ends_bitwise_equal(copy_dataset, tmp_path):
     # Dropout on, so the RNG state must be restored too; several validations and checkpoints.
-    overrides = TINY + ["model.dropout=0.1", "train.max_updates=120", "train.save_every=20", "train.valid_every=40",
-                        "train.valid_bleu_sentences=10", "train.batch_tokens=400", "train.log_every=10",
-                        "train.keep_last=10", "train.average_last=0"]
+    # A cool-down over the second half of the run: its rate follows the update count, so it resumes exactly.
+    overrides = TINY + ["model.dropout=0.1", "train.max_updates=120", "train.cooldown=0.5", "train.save_every=20",
+                        "train.valid_every=40", "train.valid_bleu_sentences=10", "train.batch_tokens=400",
+                        "train.log_every=10", "train.keep_last=10", "train.average_last=0"]
     config = REPO / "configs/copy.yaml"
     reference = train(config, copy_dataset, tmp_path / "reference", overrides)
     assert reference.step == 120
@@ -289,6 +290,47 @@ def test_time_cadence_saves_and_validates_by_the_clock(copy_dataset, tmp_path, m
     assert [r["step"] for r in records if r["kind"] == "valid"] == [6, 10]
     meta = json.loads((tmp_path / "run/averaged/meta.json").read_text())
     assert meta["averaged_from"] == ["step_0000006", "step_0000009", "step_0000010"]
+
+
+def _train_lrs(out) -> list[float]:
+    return [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_cooldown_takes_the_rate_linearly_to_zero_at_the_end_of_either_budget(copy_dataset, tmp_path, monkeypatch,
+                                                                             capsys):
+    """train.cooldown=0.5: §5.3's rate until half the budget is spent, then times (1 - progress) / 0.5,
+    where progress counts the updates (max_updates) or the clock (max_minutes), whichever is ahead.
+    The fake clock makes every update take one second; copy.yaml has lr_factor 0.5."""
+    from aiayn.train import inverse_sqrt_lr
+
+    one_second_updates(monkeypatch)
+    base = TINY + ["train.log_every=1", "train.valid_every=0", "train.average_last=0", "train.warmup=4",
+                   "train.cooldown=0.5"]
+
+    def expected(steps: int) -> list[float]:
+        return [inverse_sqrt_lr(s, 32, 4, 0.5) * min(1.0, (1 - (s - 1) / steps) / 0.5) for s in range(1, steps + 1)]
+
+    result = train(COPY_CONFIG, copy_dataset, tmp_path / "updates", base + ["train.max_updates=10"])
+    assert result.step == 10
+    lrs = _train_lrs(tmp_path / "updates")
+    assert lrs == pytest.approx(expected(10), rel=1e-12)
+    assert lrs[:6] == pytest.approx([inverse_sqrt_lr(s, 32, 4, 0.5) for s in range(1, 7)], rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.2 * inverse_sqrt_lr(10, 32, 4, 0.5), rel=1e-12)  # (1 - 9/10) / 0.5
+    err = capsys.readouterr().err
+    assert "the learning rate falls linearly to zero over the last 50% of the budget (update 10" in err
+
+    # A 12-second budget and no update limit to speak of: the clock sets the schedule.
+    result = train(COPY_CONFIG, copy_dataset, tmp_path / "minutes", base + ["train.max_minutes=0.2"])
+    assert (result.step, result.stop_reason) == (12, "max_minutes")
+    assert _train_lrs(tmp_path / "minutes") == pytest.approx(expected(12), rel=1e-12)
+
+
+def test_cooldown_warns_when_max_epochs_ends_the_run_first(copy_dataset, tmp_path, capsys):
+    train(COPY_CONFIG, copy_dataset, tmp_path / "run", TINY + ["train.max_epochs=1", "train.max_updates=100000",
+                                                               "train.cooldown=0.2", "train.valid_every=0"])
+    err = capsys.readouterr().err
+    assert "aiayn: warning: max_epochs ends the run near update" in err
+    assert "before the cool-down" in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
     config.py       TrainConfig (the ``train:`` section) and config resolution
     loss.py         label-smoothed cross-entropy (§5.4)
-    schedule.py     lr = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3)
+    schedule.py     lr = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3); the cool-down
     step.py         one update: token-normalised gradient accumulation, DDP, clipping, skips
     trainer.py      the loop: validation, checkpoints, exact resume, logs, the report at the end
     interrupt.py    Ctrl-C: stop after the update in progress with a checkpoint (TrainingInterrupted)
-    advice.py       which limit stops a run; warnings (vocabulary, warm-up); the command to resume
+    advice.py       which limit stops a run; warnings (vocabulary, warm-up, cool-down); the command to resume
     state.py        resume state beside the weights (safetensors + JSON, no pickle)
     distributed.py  torchrun / DistributedDataParallel (NCCL on GPU, gloo on CPU)
     average.py      checkpoint averaging (§6.1)

@@ -69,6 +69,20 @@ def stop_limits(tc: TrainConfig, *, epochs_end: int | None = None, elapsed_s: fl
     return f"stops {', '.join(parts[:-1])} or {parts[-1]}, whichever comes first"
 
 
+def cooldown_line(tc: TrainConfig, *, epochs_end: int | None = None) -> tuple[str, str | None]:
+    """What train.cooldown does in this run (``tc.cooldown`` > 0): the line that says it, and a
+    warning when max_epochs ends the run before the rate reaches zero (None otherwise)."""
+    budgets = f"update {tc.max_updates}" + (f" or {_plural(tc.max_minutes, 'minute')}" if tc.max_minutes > 0 else "")
+    line = (f"the learning rate falls linearly to zero over the last {tc.cooldown:.0%} of the budget "
+            f"({budgets}, whichever ends first; train.cooldown={tc.cooldown:g})")
+    warning = None
+    if epochs_end is not None and epochs_end <= 0.95 * tc.max_updates and tc.max_minutes <= 0:
+        warning = (f"max_epochs ends the run near update {epochs_end}, before the cool-down (which counts "
+                   f"max_updates={tc.max_updates}) brings the rate to zero; set train.max_updates to the run's "
+                   "length instead")
+    return line, warning
+
+
 def vocabulary_warning(vocab_size: int, train_tokens: int) -> str | None:
     """The warning for a vocabulary with fewer than `MIN_TOKENS_PER_SUBWORD` training tokens
     (both sides) per entry, else None."""

@@ -47,6 +47,9 @@ class TrainConfig:
     # -- optimizer and schedule (§5.3) ---------------------------------------------------------
     lr_factor: float = 1.0  # lr = lr_factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)
     warmup: int = 4000
+    # The last fraction of the budget (max_updates, or max_minutes when that ends first) over
+    # which the rate falls linearly to zero (aiayn.train.schedule); 0: the paper's schedule alone
+    cooldown: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-9
@@ -94,6 +97,8 @@ class TrainConfig:
                      "valid_bleu_sentences", "num_threads", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not 0.0 <= self.cooldown <= 1.0:
+            raise ValueError("cooldown must be in [0, 1] (a fraction of the budget)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):

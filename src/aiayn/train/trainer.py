@@ -66,12 +66,21 @@ from ..precision import (
     resolve_precision,
 )
 from . import distributed
-from .advice import PACE_SECONDS, PACE_SHARE, PACE_UPDATES, stop_limits, vocabulary_warning, warmup_warning, warn
+from .advice import (
+    PACE_SECONDS,
+    PACE_SHARE,
+    PACE_UPDATES,
+    cooldown_line,
+    stop_limits,
+    vocabulary_warning,
+    warmup_warning,
+    warn,
+)
 from .config import RunConfig
 from .dropout import use_fast_dropout
 from .interrupt import StopRequest, TrainingInterrupted
 from .products import Fp32Products, choose_fp32_products, mkl_linear, use_linear_library
-from .schedule import inverse_sqrt_lr
+from .schedule import budget_progress, cooldown_factor, inverse_sqrt_lr
 from .state import (
     RNG,
     TRAINER_STATE,
@@ -317,10 +326,25 @@ class Trainer:
         self.bar = None  # the progress display (rank 0, train.progress)
         self._postfix: dict[str, str] = {}  # what the progress bar shows after it
         self._projected = False  # the time budget's end was estimated (once a session)
+        self.last_lr = 0.0  # the rate of the latest update
 
     # -- learning rate ----------------------------------------------------------------------------
-    def lr(self, step: int) -> float:
-        return inverse_sqrt_lr(step, self.cfg.model.d_model, self.tcfg.warmup, self.tcfg.lr_factor)
+    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
+        """The rate of update ``step`` (1-based), begun ``elapsed_s`` into the run: §5.3's
+        schedule, times the cool-down's factor when train.cooldown is set."""
+        tc = self.tcfg
+        rate = inverse_sqrt_lr(step, self.cfg.model.d_model, tc.warmup, tc.lr_factor)
+        if tc.cooldown > 0:
+            rate *= cooldown_factor(budget_progress(step, tc.max_updates, elapsed_s, tc.max_minutes), tc.cooldown)
+        return rate
+
+    def _next_lr(self, elapsed_s: float) -> float:
+        """The rate of the next update. Under a cool-down with a wall-clock budget the ranks'
+        clocks differ a little, so they agree on the mean of their elapsed times first."""
+        if self.tcfg.cooldown > 0 and self.tcfg.max_minutes > 0 and self.dist.distributed:
+            elapsed_s = self.dist.all_reduce_sum([elapsed_s])[0] / self.dist.world_size
+        self.last_lr = self.lr(self.progress.step + 1, elapsed_s)
+        return self.last_lr
 
     # -- data ---------------------------------------------------------------------------------
     def batch_stream(self) -> Iterator[tuple[int, list[int]]]:
@@ -527,7 +551,8 @@ class Trainer:
                         self.sampler.load_state_dict(position)
                         stop_reason = "max_epochs"
                         break
-                    res = train_update(self.criterion, self.optimizer, batches, self.lr(p.step + 1), self.step_ctx)
+                    lr = self._next_lr(time.perf_counter() - started)
+                    res = train_update(self.criterion, self.optimizer, batches, lr, self.step_ctx)
                     p.elapsed_s = time.perf_counter() - started
                     if res.skipped:
                         self._count_skip(res)
@@ -620,6 +645,10 @@ class Trainer:
         epochs_end = self._epochs_end()
         print(f"aiayn train: {stop_limits(tc, epochs_end=epochs_end, elapsed_s=p.elapsed_s)}", file=sys.stderr,
               flush=True)
+        if tc.cooldown > 0:
+            line, warning = cooldown_line(tc, epochs_end=epochs_end)
+            print(f"aiayn train: {line}", file=sys.stderr, flush=True)
+            warn(warning)
         print(f"aiayn train: {describe_precision(self.precision, tc.precision, self.device)}", file=sys.stderr,
               flush=True)
         if self.fp32_products is not None:
@@ -706,7 +735,7 @@ class Trainer:
         tokens = max(window["tokens"], 1)
         nll = window["nll"] / tokens
         rec = {"kind": "train", "step": p.step, "loss": window["loss"] / tokens, "nll": nll,
-               "ppl": math.exp(min(nll, 700.0)), "accuracy": window["correct"] / tokens, "lr": self.lr(p.step),
+               "ppl": math.exp(min(nll, 700.0)), "accuracy": window["correct"] / tokens, "lr": self.last_lr,
                "tgt_tokens_per_s": window["tokens"] / seconds,
                "src_tokens_per_s": window["src_tokens"] / seconds,
                "tgt_tokens_per_update": window["tokens"] / max(window["updates"], 1),
