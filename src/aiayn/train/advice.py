@@ -72,9 +72,11 @@ def stop_limits(tc: TrainConfig, *, epochs_end: int | None = None, elapsed_s: fl
 def cooldown_line(tc: TrainConfig, *, epochs_end: int | None = None) -> tuple[str, str | None]:
     """What train.cooldown does in this run (``tc.cooldown`` > 0): the line that says it, and a
     warning when max_epochs ends the run before the rate reaches zero (None otherwise)."""
-    budgets = f"update {tc.max_updates}" + (f" or {_plural(tc.max_minutes, 'minute')}" if tc.max_minutes > 0 else "")
+    budget = f"update {tc.max_updates}"
+    if tc.max_minutes > 0:
+        budget += f" or {_plural(tc.max_minutes, 'minute')}, whichever ends first"
     line = (f"the learning rate falls linearly to zero over the last {tc.cooldown:.0%} of the budget "
-            f"({budgets}, whichever ends first; train.cooldown={tc.cooldown:g})")
+            f"({budget}; train.cooldown={tc.cooldown:g})")
     warning = None
     if epochs_end is not None and epochs_end <= 0.95 * tc.max_updates and tc.max_minutes <= 0:
         warning = (f"max_epochs ends the run near update {epochs_end}, before the cool-down (which counts "
