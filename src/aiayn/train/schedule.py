@@ -9,8 +9,8 @@ optimizer updates from 1 (not micro-batches: with gradient accumulation the sche
 moves once per update).
 
 Not in the paper, off by default: a **cool-down** (``train.cooldown``). The inverse square root
-never reaches zero, so a run stopped by its budget ends at a sizeable rate (0.7e-3 for the
-Multi30k recipe after its hour). With ``cooldown = c > 0`` the paper's rate is multiplied by
+never reaches zero, so a run stopped by its budget ends at a sizeable rate (step 16·warmup
+still has a quarter of the peak). With ``cooldown = c > 0`` the paper's rate is multiplied by
 
     min(1, (1 - progress) / c)
 
