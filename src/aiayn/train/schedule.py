@@ -18,8 +18,8 @@ so it follows §5.3 until the last fraction c of the budget and then falls linea
 its end (the "warmup-stable-decay" form: Zhai et al., 2022; Hägele et al., 2024). ``progress``
 is the larger of the two budgets' fractions spent before the update: (step - 1) / max_updates
 and, under a wall-clock budget, elapsed seconds / (max_minutes · 60). The last update of a run
-therefore still has a small positive rate. Stops that cannot be foreseen (max_epochs, patience,
-Ctrl-C) do not enter it.
+therefore still has a small positive rate. Other stops (max_epochs, patience, Ctrl-C) do not
+enter it.
 """
 
 from __future__ import annotations
