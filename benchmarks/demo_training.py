@@ -12,6 +12,9 @@ the allocator can differ between them (it must be chosen before a process starts
     before   (commit BASELINE_COMMIT, fast allocator) the allocator alone
     now      (glibc malloc)                            the code alone
     now      (fast allocator)                          what users run now in fp32
+    now      (fast allocator, fp32 through oneDNN)    fp32 with every product through oneDNN, as
+                                                       `train.fp32_products` onednn runs it (what
+                                                       its auto picks where MKL is the slower)
     now      (fast allocator, bf16)                    where the CPU has native bf16: what users run
                                                        there (precision auto: autocast, explicit
                                                        attention, as the trainer does)
@@ -40,12 +43,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BASELINE_COMMIT = "b6a27a9"  # main before the training-speed work (issue: training at the machine's limit)
 SYSTEMS = [("before", "system", "fp32"), ("before", "fast", "fp32"), ("now", "system", "fp32"), ("now", "fast", "fp32"),
-           ("now", "fast", "bf16")]
+           ("now", "fast", "fp32-onednn"), ("now", "fast", "bf16")]
+ONEDNN_SUFFIX = ", fp32 through oneDNN"
 
 
 def label(code: str, alloc: str, fast_name: str, precision: str = "fp32") -> str:
     name = f"{'commit ' + BASELINE_COMMIT if code == 'before' else 'now'}, {fast_name if alloc == 'fast' else 'glibc malloc'}"
-    return name + (", bf16" if precision == "bf16" else "")
+    return name + {"bf16": ", bf16", "fp32-onednn": ONEDNN_SUFFIX}.get(precision, "")
 
 
 def unpack_baseline(directory: Path) -> Path:
@@ -66,6 +70,9 @@ def unpack_baseline(directory: Path) -> Path:
 
 def worker(code: str, data_dir: str, config: str, batches: int, seed: int, precision: str = "fp32") -> None:
     import torch
+
+    library = "onednn" if precision == "fp32-onednn" else "mkl"
+    precision = precision.removesuffix("-onednn")
 
     if code == "before":
         from aiayn_baseline.data.batching import collate
@@ -89,7 +96,7 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int, preci
     plan = [i for i, _ in zip(sampler, range(batches))]
     batch_list = [collate([train.src[j] for j in i], [train.tgt[j] for j in i]) for i in plan]
     torch.manual_seed(seed)
-    model = Transformer(TransformerConfig(**cfg.model.to_dict()))
+    model = Transformer(TransformerConfig(**_known_fields(TransformerConfig, cfg.model.to_dict())))
     if code != "before":
         from aiayn.train.dropout import use_fast_dropout
 
@@ -97,12 +104,16 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int, preci
         from aiayn.precision import for_training
 
         for_training(model, precision, torch.device("cpu"))
+        from aiayn.train.products import mkl_linear, onednn_mm_linear, use_linear_library
+
+        use_linear_library(model, library)  # as the trainer does with that library chosen
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
     # The baseline's StepContext still has pad_id (unused there too); today's has none.
     extra = {"pad_id": cfg.model.pad_id} if code == "before" else {"precision": precision}
     ctx = StepContext(label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm, **extra)
-    unit = model if code == "before" else Criterion(model, tc.label_smoothing)
+    unit = model if code == "before" else Criterion(model, tc.label_smoothing,
+                                                    onednn_mm_linear if library == "onednn" else mkl_linear)
     step = 0
 
     def run(k: int) -> dict:
@@ -125,6 +136,21 @@ def worker(code: str, data_dir: str, config: str, batches: int, seed: int, preci
         if request.get("stop"):
             break
         print(json.dumps(run(int(request["updates"]))), flush=True)
+
+
+def _known_fields(config_class, values: dict) -> dict:
+    """``values`` without the options ``config_class`` (the baseline's older config) lacks, each of
+    which must be at today's default: options added since then that the recipe does not use."""
+    import dataclasses
+
+    from aiayn.model import TransformerConfig as Today
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Today)}
+    for name in values.keys() - known:
+        if values[name] != defaults.get(name, dataclasses.MISSING):
+            raise ValueError(f"the baseline cannot run model.{name}={values[name]!r} (added after it)")
+    return {k: v for k, v in values.items() if k in known}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,10 +184,13 @@ def run_demo_training(data_dir: Path, config: Path, rounds: int, updates: int, l
             result.error = f"could not unpack commit {BASELINE_COMMIT} with git ({e}); section skipped"
             return result
         procs = {}
+        from aiayn.train.products import onednn_fp32_available
+
         from common import bf16_supported
 
         for code, alloc, precision in SYSTEMS:
-            if (alloc == "fast" and fast is None) or (precision == "bf16" and not bf16_supported()):
+            if ((alloc == "fast" and fast is None) or (precision == "bf16" and not bf16_supported())
+                    or (precision == "fp32-onednn" and not onednn_fp32_available())):
                 continue
             env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "AIAYN_ALLOCATOR_REEXEC")}
             env["PYTHONPATH"] = os.pathsep.join([tmp, str(REPO / "src"), env.get("PYTHONPATH", "")])
@@ -212,7 +241,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "fp32-onednn", "bf16"], default="fp32")
     args = parser.parse_args()
     worker(args.worker, args.data, args.config, args.batches, args.seed, args.precision)
 
