@@ -269,6 +269,33 @@ def test_embeddings_scaled_by_sqrt_d_model_plus_positions():
     assert model.src_embed(long).shape == (1, 1100, 32)
 
 
+def test_word_dropout_drops_whole_token_vectors_in_training_only():
+    model = small_model(source_word_dropout=0.25)
+    assert model.src_embed.word_dropout == 0.25 and model.tgt_embed.word_dropout == 0.0
+    embed = model.src_embed
+    embed.dropout.p = 0.0  # residual dropout off: only the word dropout acts
+    ids = random_ids(64, 50)
+    words = embed.token.weight[ids] * math.sqrt(32)
+    positions = sinusoidal_table(50, 32)
+    embed.eval()
+    torch.testing.assert_close(embed(ids), words + positions)  # eval: the identity
+    embed.train()
+    torch.manual_seed(0)
+    got = embed(ids) - positions  # positions are always added
+    dropped = got.abs().amax(-1) == 0
+    kept = ~dropped
+    torch.testing.assert_close(got[kept], words[kept] / 0.75)  # the rest scaled by 1/(1-w)
+    rate = dropped.float().mean().item()
+    assert 0.2 < rate < 0.3, rate  # 3,200 tokens: 0.25 ± 6 standard deviations
+    # the target side has its own rate; at 0 training mode drops no word
+    target = model.tgt_embed
+    target.dropout.p = 0.0
+    target.train()
+    torch.testing.assert_close(target(ids), words + positions)
+    with pytest.raises(ValueError, match="target_word_dropout"):
+        small_config(target_word_dropout=1.0)
+
+
 def test_weight_tying_options():
     all_tied = small_model()
     assert all_tied.src_embed.token.weight is all_tied.tgt_embed.token.weight is all_tied.generator.weight

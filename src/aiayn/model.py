@@ -76,6 +76,10 @@ class TransformerConfig:
     dropout: float = 0.1  # P_drop: on every sublayer output and on the embedding sums (§5.4)
     attention_dropout: float = 0.0  # on attention probabilities; the paper uses none
     activation_dropout: float = 0.0  # after the FFN's ReLU; the paper uses none
+    # Word dropout (not in the paper; Sennrich et al. 2016, as Marian's --dropout-src/--dropout-trg):
+    # in training, each source / target-input token's whole embedding is dropped (`Embeddings`).
+    source_word_dropout: float = 0.0
+    target_word_dropout: float = 0.0
     norm_first: bool = False  # False: post-LN as in the paper; True: pre-LN + a final LayerNorm
     positions: Literal["sinusoidal", "learned", "none"] = "sinusoidal"  # Table 3 row (E); none: an ablation
     max_positions: int = 1024  # size of the learned table; sinusoids extend beyond it on demand
@@ -106,7 +110,7 @@ class TransformerConfig:
             )
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout", "source_word_dropout", "target_word_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
         for name, allowed in (("activation", ACTIVATIONS), ("sinusoid_layout", ("interleaved", "concatenated")),
@@ -355,17 +359,26 @@ class LearnedPositionalEmbedding(nn.Module):
 class Embeddings(nn.Module):
     """Token embedding multiplied by √d_model (§3.4), plus the positional encoding (§3.5),
     then dropout (§5.4). ``weight`` may be shared with the other embedding and the output layer.
-    ``positions`` None (``positions: none``, an ablation): no positional encoding at all."""
+    ``positions`` None (``positions: none``, an ablation): no positional encoding at all.
 
-    def __init__(self, token: nn.Embedding, positions: nn.Module | None, dropout: float):
+    ``word_dropout`` w (a deviation, 0 in the paper): in training, each token's whole embedding
+    vector is zeroed with probability w and the kept ones are scaled by 1/(1-w), before the
+    positions are added, so the model sees the position but not the word. At w = 0 and in eval
+    mode it is the identity."""
+
+    def __init__(self, token: nn.Embedding, positions: nn.Module | None, dropout: float, word_dropout: float = 0.0):
         super().__init__()
         self.token = token
         self.positions = positions
         self.scale = math.sqrt(token.embedding_dim)
         self.dropout = nn.Dropout(dropout)
+        self.word_dropout = word_dropout
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         x = self.token(ids) * self.scale
+        if self.training and self.word_dropout > 0:
+            keep = torch.rand(ids.shape, device=ids.device) >= self.word_dropout
+            x = x * keep.unsqueeze(-1).to(x.dtype).mul_(1.0 / (1.0 - self.word_dropout))
         if self.positions is not None:
             x = x + self.positions(ids.size(1), offset)
         return self.dropout(x)
@@ -489,8 +502,8 @@ class Transformer(nn.Module):
         self.config = cfg = config
         src_tok = nn.Embedding(cfg.src_vocab_size, cfg.d_model, padding_idx=None)
         tgt_tok = src_tok if cfg.tie_embeddings == "all" else nn.Embedding(cfg.tgt_vocab_size, cfg.d_model)
-        self.src_embed = Embeddings(src_tok, self._positions(cfg), cfg.dropout)
-        self.tgt_embed = Embeddings(tgt_tok, self._positions(cfg), cfg.dropout)
+        self.src_embed = Embeddings(src_tok, self._positions(cfg), cfg.dropout, cfg.source_word_dropout)
+        self.tgt_embed = Embeddings(tgt_tok, self._positions(cfg), cfg.dropout, cfg.target_word_dropout)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.logits_bias)

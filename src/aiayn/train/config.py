@@ -182,7 +182,8 @@ def load_raw_config(path: str | Path, overrides: list[str]) -> config_io.ConfigD
 
 # What a fine-tuning run may set differently from the checkpoint it starts from: regularisation,
 # not architecture.
-FINE_TUNING_MAY_CHANGE = ("dropout", "attention_dropout", "activation_dropout")
+FINE_TUNING_MAY_CHANGE = ("dropout", "attention_dropout", "activation_dropout", "source_word_dropout",
+                          "target_word_dropout")
 
 
 def init_from_checkpoint(raw: dict[str, Any], checkpoint: str | Path, dataset, where: str = "config") -> dict[str, Any]:
