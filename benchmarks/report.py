@@ -61,6 +61,9 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         ]
         for r in train:
             lines.append(f"| fp32, n = 2048, during `{r.config}` training | {fmt(r.peak_gflops.median, 4)} | {r.peak_gflops.spread()} |")
+            if r.peak_onednn_gflops.values:
+                lines.append(f"| fp32 (oneDNN), 4096 × 512 × 2048, during `{r.config}` training | "
+                             f"{fmt(r.peak_onednn_gflops.median, 4)} | {r.peak_onednn_gflops.spread()} |")
             if r.peak_bf16_gflops.values:
                 lines.append(f"| bf16 (oneDNN), 4096 × 512 × 2048, during `{r.config}` training | "
                              f"{fmt(r.peak_bf16_gflops.median, 4)} | {r.peak_bf16_gflops.spread()} |")
@@ -100,8 +103,9 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
         lines += ["## 2. Training throughput", "",
                   "One step = forward, label-smoothed cross-entropy, backward, Adam, dropout 0.1 on; the same random",
                   "batch for every system. MFU = model FLOPs per second (formula in `benchmarks/training.py`)",
-                  "over the matmul probe of the system's precision measured in the same rounds (fp32: n = 2048;",
-                  "bf16: 4096 × 512 × 2048 through oneDNN). HF Marian runs the aiayn weights (exported);",
+                  "over the best matmul probe of the system's precision measured in the same rounds (fp32: the",
+                  "faster of n = 2048 through MKL and 4096 × 512 × 2048 through oneDNN; bf16: 4096 × 512 × 2048",
+                  "through oneDNN). HF Marian runs the aiayn weights (exported);",
                   "nn.Transformer has its own initialisation and the same sizes. The bf16 rows (where the CPU has",
                   "native bf16): aiayn as `aiayn train` runs under `precision: auto` (autocast, fp32 master weights,",
                   "explicit attention), HF Marian under the same autocast.", ""]
@@ -123,7 +127,7 @@ def write(out: Path, machine: dict, probes: dict[str, Series], bf16_native: bool
                           f"{'met' if r.mfu('aiayn bf16') >= 0.5 else 'not met'})"]
             lines += ["", f"- aiayn vs Hugging Face Marian: {_verdict(r.ratio('aiayn', 'HF Marian'), TRAIN_PEER_TARGET)}",
                       f"- aiayn vs nn.Transformer: {_verdict(r.ratio('aiayn', 'nn.Transformer'), TRAIN_PEER_TARGET)}",
-                      f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run matmul probe"
+                      f"- aiayn MFU: **{r.mfu('aiayn'):.2f}** of the same-run best fp32 probe"
                       + (f" (target ≥ {MFU_TARGET[r.config]}: {'met' if r.mfu('aiayn') >= MFU_TARGET[r.config] else 'not met'})"
                          if r.config in MFU_TARGET else "")]
             if r.fp32_products:
@@ -312,7 +316,7 @@ def _summary(demo: DemoTrainingResult | None, train: list[TrainingResult], infer
         rows.append(f"| training `{r.config}`, target tokens/s | HF Marian | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'HF Marian'))} |")
         rows.append(f"| training `{r.config}`, target tokens/s | nn.Transformer | ≥ {TRAIN_PEER_TARGET:g} | {fmt(r.ratio('aiayn', 'nn.Transformer'))} |")
         if r.config in MFU_TARGET:
-            rows.append(f"| training `{r.config}`, MFU | the matmul probe | ≥ {MFU_TARGET[r.config]:g} | {r.mfu('aiayn'):.2f} |")
+            rows.append(f"| training `{r.config}`, MFU | the best fp32 probe | ≥ {MFU_TARGET[r.config]:g} | {r.mfu('aiayn'):.2f} |")
         if "aiayn bf16" in r.tokens_per_s:
             rows.append(f"| training `{r.config}`, bf16, target tokens/s | aiayn fp32 | ≥ 2 | {fmt(r.ratio('aiayn bf16', 'aiayn'))} |")
             rows.append(f"| training `{r.config}`, bf16, target tokens/s | HF Marian bf16 | ≥ 1.5 | "

@@ -21,8 +21,8 @@ vocabulary V:
 and training costs 3× the forward pass (the backward pass computes two products per forward
 one). The output term counts real tokens only: projecting padding is work no system needs,
 so a system that does it spends time the formula does not credit. MFU = (model FLOPs / step
-time) / (the matmul probe's GFLOP/s of the precision the system runs in, measured in the same
-rounds). The same formula serves all systems, so within a precision their MFU ratios equal their
+time) / (the best matmul probe's GFLOP/s of the precision the system runs in, measured in the same
+rounds: in fp32 the faster of MKL and oneDNN). The same formula serves all systems, so within a precision their MFU ratios equal their
 throughput ratios.
 
 bf16, where the CPU does it natively (`aiayn.precision`): "aiayn bf16" is what ``aiayn train``
@@ -137,16 +137,23 @@ class TrainingResult:
     target_tokens: int
     flops_per_step: float
     tokens_per_s: dict[str, Series] = field(default_factory=dict)
-    peak_gflops: Series = field(default_factory=Series)  # fp32 probe, each round
+    peak_gflops: Series = field(default_factory=Series)  # fp32 probe through MKL (n = 2048), each round
+    peak_onednn_gflops: Series = field(default_factory=Series)  # fp32 through oneDNN, each round (where it runs)
     peak_bf16_gflops: Series = field(default_factory=Series)  # bf16 probe, each round (native bf16 only)
     loss: dict[str, float] = field(default_factory=dict)
     fp32_products: str | None = None  # MKL or oneDNN for aiayn's fp32 step, as aiayn train chooses
 
     def mfu(self, system: str) -> float:
-        """Model FLOPs utilisation against the probe of the system's own precision."""
+        """Model FLOPs utilisation against the best probe of the system's own precision (fp32: the
+        faster of MKL and oneDNN, whichever library the system itself multiplies through)."""
         step_s = self.target_tokens / self.tokens_per_s[system].median
-        peak = self.peak_bf16_gflops if system.endswith("bf16") else self.peak_gflops
-        return self.flops_per_step / step_s / (peak.median * 1e9)
+        return self.flops_per_step / step_s / (self.peak(system.endswith("bf16")) * 1e9)
+
+    def peak(self, bf16: bool) -> float:
+        """GFLOP/s of the best probe of a precision, the median over this section's rounds."""
+        if bf16:
+            return self.peak_bf16_gflops.median
+        return max(self.peak_gflops.median, self.peak_onednn_gflops.median if self.peak_onednn_gflops.values else 0.0)
 
     def ratio(self, a: str, b: str) -> float:
         return paired_ratio(self.tokens_per_s[a], self.tokens_per_s[b])
@@ -154,6 +161,8 @@ class TrainingResult:
 
 def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: int, workdir, log) -> TrainingResult:
     """Time one training step of each system per round, the systems alternating."""
+    from aiayn.train.products import onednn_fp32_available
+
     cfg = peers.config(name)
     v = cfg.tgt_vocab_size
     src = peers.random_batch(v, sentences, min_len, max_len, seed=1)
@@ -196,6 +205,8 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
     order = list(steps)
     for r in range(rounds):
         result.peak_gflops.add(matmul_gflops(2048, torch.float32, repeats=5))
+        if onednn_fp32_available():
+            result.peak_onednn_gflops.add(linear_gflops(4096, 512, 2048, "onednn-fp32", repeats=5))
         if bf16:
             result.peak_bf16_gflops.add(linear_gflops(4096, 512, 2048, "onednn-bf16", repeats=5))
         for system in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
@@ -205,5 +216,6 @@ def run_training(name: str, sentences: int, min_len: int, max_len: int, rounds: 
         log(f"training {name} round {r + 1}/{rounds}: "
             + ", ".join(f"{s} {result.tokens_per_s[s].values[-1]:.0f} tok/s" for s in order)
             + f"; matmul {result.peak_gflops.values[-1]:.0f} GFLOP/s"
+            + (f", oneDNN fp32 {result.peak_onednn_gflops.values[-1]:.0f}" if result.peak_onednn_gflops.values else "")
             + (f", bf16 {result.peak_bf16_gflops.values[-1]:.0f}" if bf16 else ""))
     return result  # the models are freed with this frame
