@@ -10,6 +10,7 @@ Every comparison is against the plain path on the same machine and instruction s
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import pytest
@@ -60,8 +61,10 @@ def test_packing_replaces_every_linear_and_leaves_the_original_alone():
                                                           ((3, 5, 32), 32, 48, False), ((80, 256), 256, 512, True),
                                                           ((2, 40, 256), 256, 512, True)])
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_packed_linear_equals_linear(shape, d_in, d_out, packed_call, activation):
-    """Both of its paths: MKL on the plain weight for small products, the packed oneDNN call otherwise."""
+@pytest.mark.parametrize("mkl_slow", [False, True])
+def test_packed_linear_equals_linear(shape, d_in, d_out, packed_call, activation, mkl_slow):
+    """Both of its paths: MKL on the plain weight for small products, the packed oneDNN call
+    otherwise; and the packed call for every size where it beats MKL even at one row."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(d_in, d_out)
     x = torch.randn(*shape)
@@ -69,9 +72,35 @@ def test_packed_linear_equals_linear(shape, d_in, d_out, packed_call, activation
     if activation == "relu":
         expected = expected.relu()
     packed = PackedLinear(linear, activation)
-    assert packed.plain_is_faster(x.numel() // d_in) is not packed_call
+    packed.packed_single_row = packed.packed_few_rows = mkl_slow  # what `packed_wins` measured on this CPU
+    assert packed.plain_is_faster(x.numel() // d_in) is not (packed_call or mkl_slow)
     with torch.inference_mode():
         torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_takes_small_products_only_where_measured_clearly_faster(monkeypatch):
+    """`packed_wins` times both products: a slow MKL hands the packed call single rows and few
+    rows; a margin no product can meet keeps the rules. Measured once per shape and row count."""
+    packed.packed_wins.cache_clear()
+    plain = packed.F.linear
+
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(packed.F, "linear", slow)
+    layer = PackedLinear(torch.nn.Linear(32, 48))
+    assert layer.packed_single_row and layer.packed_few_rows
+    assert not any(layer.plain_is_faster(rows) for rows in (1, 2, 4, 64))
+    if packed.onednn_available(torch.bfloat16):  # bf16 takes the packed product at every size anyway
+        assert not PackedLinear(torch.nn.Linear(32, 48), dtype=torch.bfloat16).packed_single_row
+    monkeypatch.setattr(packed, "PACKED_MARGIN", 0.0)
+    assert packed.packed_wins(32, 49, 1) is False
+    assert packed.packed_wins(32, 48, 1) is True  # the cached measurement
+    layer = PackedLinear(torch.nn.Linear(32, 49))
+    assert layer.plain_is_faster(1) and layer.plain_is_faster(4)  # the rules: small products take MKL
+    packed.packed_wins.cache_clear()  # later tests measure for themselves
 
 
 def _torch_ao_int8(model):

@@ -6,7 +6,10 @@ step) that repacking is a large share of the call. oneDNN can reorder a weight i
 layout once (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly
 (``torch.ops.mkldnn._linear_pointwise``), optionally with the ReLU fused into the same kernel.
 Small products are the exception (`PackedLinear.forward`): there the packed call's fixed cost
-dominates and MKL on the plain weight is faster. Measured speed-ups: benchmarks/RESULTS.md.
+dominates and MKL on the plain weight is faster, unless MKL is slow on this CPU: where oneDNN's
+packed product is measured clearly faster than MKL's at one row or at a few (`packed_wins`, as
+on AMD CPUs, where MKL takes slower code paths), the packed call takes those sizes too. Measured
+speed-ups: benchmarks/RESULTS.md and docs/precision.md.
 
 The packed model computes the same function: only the summation order inside each dot product
 differs, so logits agree to ~1e-5 and searches agree except at exact near-ties.
@@ -62,6 +65,38 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 
 SMALL_PRODUCT = 1_500_000  # multiply-adds (rows × in × out) up to which MKL's plain product is faster
 SMALL_WEIGHT = 65_536  # weight entries up to which MKL is faster at up to 64 rows
+# The packed product must take at most this share of MKL's time to take over the products the
+# rules give MKL (`packed_wins`): near a tie MKL stays, so the choice does not flip between runs.
+PACKED_MARGIN = 0.7
+FEW_ROWS = 4  # a beam-4 step of one sentence
+
+
+@functools.cache
+def packed_wins(in_features: int, out_features: int, rows: int, repeats: int = 5) -> bool:
+    """Whether oneDNN's packed fp32 product of ``rows`` rows beats MKL's on the plain weight by
+    `PACKED_MARGIN`, for a weight of this shape: measured once per shape, row count and process
+    (the best of ``repeats`` interleaved calls each, after a warm-up). `PackedLinear` asks at 1
+    and at `FEW_ROWS` rows: where MKL is fast (Intel CPUs) its rules hold; where it is not (AMD
+    CPUs), the packed product takes single rows, or every size from `FEW_ROWS` down to 2 rows,
+    as measured (the packed call's cost is nearly flat in the rows, MKL's grows with them)."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    calls = {"mkl": lambda: F.linear(x, w),
+             "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    best = dict.fromkeys(calls, float("inf"))
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["onednn"] <= PACKED_MARGIN * best["mkl"]
 
 
 class PackedLinear(nn.Module):
@@ -80,6 +115,10 @@ class PackedLinear(nn.Module):
             self.weight = linear.weight.detach().to(dtype)
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous())
             self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
+        # Where MKL is slow on this CPU (fp32 only: bf16 always takes the packed product)
+        fp32 = dtype == torch.float32
+        self.packed_single_row = fp32 and packed_wins(self.in_features, self.out_features, 1)
+        self.packed_few_rows = fp32 and packed_wins(self.in_features, self.out_features, FEW_ROWS)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dtype != torch.float32:
@@ -100,6 +139,10 @@ class PackedLinear(nn.Module):
         return y.to(x.dtype)
 
     def plain_is_faster(self, rows: int) -> bool:
+        if rows == 1:
+            return not self.packed_single_row
+        if self.packed_few_rows:
+            return False
         size = self.weight.numel()
         return rows == 1 or rows * size <= SMALL_PRODUCT or (size <= SMALL_WEIGHT and rows <= 64)
 
