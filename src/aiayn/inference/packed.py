@@ -72,10 +72,11 @@ FEW_ROWS = 4  # a beam-4 step of one sentence
 
 
 @functools.cache
-def packed_wins(in_features: int, out_features: int, rows: int, repeats: int = 5) -> bool:
+def packed_wins(in_features: int, out_features: int, rows: int, repeats: int = 5, budget_s: float = 0.005) -> bool:
     """Whether oneDNN's packed fp32 product of ``rows`` rows beats MKL's on the plain weight by
     `PACKED_MARGIN`, for a weight of this shape: measured once per shape, row count and process
-    (the best of ``repeats`` interleaved calls each, after a warm-up). `PackedLinear` asks at 1
+    (the best of at least ``repeats`` interleaved calls each, after a warm-up, and of more while
+    the two have spent under ``budget_s``, up to 100: a product of microseconds is timed often). `PackedLinear` asks at 1
     and at `FEW_ROWS` rows: where MKL is fast (Intel CPUs) its rules hold; where it is not (AMD
     CPUs), the packed product takes single rows, or every size from `FEW_ROWS` down to 2 rows,
     as measured (the packed call's cost is nearly flat in the rows, MKL's grows with them)."""
@@ -91,11 +92,14 @@ def packed_wins(in_features: int, out_features: int, rows: int, repeats: int = 5
     with torch.inference_mode():
         for call in calls.values():
             call()
-        for _ in range(repeats):
+        spent, done = 0.0, 0
+        while done < repeats or (spent < budget_s and done < 100):
             for name, call in calls.items():
                 start = time.perf_counter()
                 call()
-                best[name] = min(best[name], time.perf_counter() - start)
+                took = time.perf_counter() - start
+                best[name], spent = min(best[name], took), spent + took
+            done += 1
     return best["onednn"] <= PACKED_MARGIN * best["mkl"]
 
 
