@@ -22,8 +22,8 @@ and training costs 3× the forward pass (the backward pass computes two products
 one). The output term counts real tokens only: projecting padding is work no system needs,
 so a system that does it spends time the formula does not credit. MFU = (model FLOPs / step
 time) / (the best matmul probe's GFLOP/s of the precision the system runs in, measured in the same
-rounds: in fp32 the faster of MKL and oneDNN). The same formula serves all systems, so within a precision their MFU ratios equal their
-throughput ratios.
+rounds: in fp32 the faster of MKL and oneDNN). The same formula serves all systems, so within a
+precision their MFU ratios equal their throughput ratios.
 
 bf16, where the CPU does it natively (`aiayn.precision`): "aiayn bf16" is what ``aiayn train``
 runs under ``precision: auto`` there (autocast to bf16, fp32 master weights, the explicit

@@ -76,10 +76,12 @@ def packed_wins(in_features: int, out_features: int, rows: int, repeats: int = 5
     """Whether oneDNN's packed fp32 product of ``rows`` rows beats MKL's on the plain weight by
     `PACKED_MARGIN`, for a weight of this shape: measured once per shape, row count and process
     (the best of at least ``repeats`` interleaved calls each, after a warm-up, and of more while
-    the two have spent under ``budget_s``, up to 100: a product of microseconds is timed often). `PackedLinear` asks at 1
-    and at `FEW_ROWS` rows: where MKL is fast (Intel CPUs) its rules hold; where it is not (AMD
-    CPUs), the packed product takes single rows, or every size from `FEW_ROWS` down to 2 rows,
-    as measured (the packed call's cost is nearly flat in the rows, MKL's grows with them)."""
+    the two have spent under ``budget_s``, up to 100: a product of microseconds is timed often).
+
+    `PackedLinear` asks at 1 and at `FEW_ROWS` rows. Where MKL is fast (Intel CPUs) its rules
+    hold; where it is not (AMD CPUs), the packed product takes single rows if it wins there, and
+    every product of 2 or more rows if it wins at `FEW_ROWS` (its cost is nearly flat in the
+    rows at these sizes, MKL's grows with them)."""
     import time
 
     gen = torch.Generator().manual_seed(0)
@@ -131,7 +133,8 @@ class PackedLinear(nn.Module):
             # Small products take MKL on the plain weight: oneDNN's packed call has a fixed cost
             # whatever the size, MKL's grows with it, so single rows (matrix-vector products,
             # bound by reading the weight), small products and a small model's weights at up to
-            # 64 rows are faster there (the thresholds: benchmarks/RESULTS.md).
+            # 64 rows are faster there (the thresholds: benchmarks/RESULTS.md), on CPUs where MKL
+            # is fast (`packed_wins` decides the others).
             y = F.linear(x, self.weight, self.bias)
             return F.relu(y) if self.activation == "relu" else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], "")
@@ -148,7 +151,7 @@ class PackedLinear(nn.Module):
         if self.packed_few_rows:
             return False
         size = self.weight.numel()
-        return rows == 1 or rows * size <= SMALL_PRODUCT or (size <= SMALL_WEIGHT and rows <= 64)
+        return rows * size <= SMALL_PRODUCT or (size <= SMALL_WEIGHT and rows <= 64)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
