@@ -45,6 +45,10 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, out: str) -> Non
         dist.barrier()  # both ranks tear down together (CI once saw gloo abort a rank at exit)
     finally:
         dist.destroy_process_group()
+    # As `aiayn train` ends a torchrun worker (aiayn.commands.train._exit_worker): without C++
+    # static destructors, where gloo could abort the finished process.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_ddp_update_on_two_ranks_equals_one_rank_with_both_batches(copy_dataset, tmp_path):
